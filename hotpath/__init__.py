@@ -1,0 +1,1 @@
+"""HTTP hot path: parse, authenticate, validate, one Lua call, respond."""

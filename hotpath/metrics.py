@@ -1,0 +1,67 @@
+"""Prometheus metrics. No per-user labels: a user's numbers are served by the API.
+
+With several workers, PROMETHEUS_MULTIPROC_DIR (set by ``quota-gateway serve``) makes every
+worker write its samples to files that /metrics aggregates.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+REQUEST_SECONDS = Histogram(
+    "quota_http_request_duration_seconds", "HTTP request latency by route and status class",
+    ["route", "status"], buckets=_BUCKETS,
+)
+DEBITS = Counter(
+    "quota_debits_total", "Debit outcomes by meter and result", ["meter", "result"],
+)
+CREDITS = Counter("quota_credits_total", "Credits applied by meter", ["meter"])
+DEPENDENCY_ERRORS = Counter(
+    "quota_dependency_errors_total", "Redis and PostgreSQL failures seen by the hot path",
+    ["dependency"],
+)
+USER_LOADS = Counter("quota_user_loads_total", "User states rebuilt from PostgreSQL")
+BACKLOG_REFUSALS = Counter(
+    "quota_backlog_refusals_total", "Debits refused because the unflushed ledger is too long",
+)
+FLUSHED_EVENTS = Counter("quota_flushed_events_total", "Ledger events written to PostgreSQL")
+FLUSH_BATCH_SIZE = Histogram(
+    "quota_flush_batch_size_events", "Events per flushed batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+)
+FLUSH_SECONDS = Histogram(
+    "quota_flush_batch_duration_seconds", "Time to write one batch to PostgreSQL",
+    buckets=_BUCKETS,
+)
+FLUSH_LAG_SECONDS = Gauge(
+    "quota_flush_lag_seconds", "Age of the oldest unflushed ledger event per shard",
+    ["shard"], multiprocess_mode="max",
+)
+FLUSH_LAG_ENTRIES = Gauge(
+    "quota_flush_lag_entries", "Unflushed ledger entries per shard", ["shard"],
+    multiprocess_mode="max",
+)
+POISON_EVENTS = Counter("quota_poison_events_total", "Ledger entries moved to the poison table")
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for /metrics (aggregated across workers when multiprocess)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,77 @@
+"""The OpenAPI 3.1 document, generated from the route table and the msgspec models."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from hotpath.schemas import ErrorOut
+from hotpath.settings import Settings
+
+if TYPE_CHECKING:
+    from hotpath.app import Operation
+
+_STATUS_TEXT = {
+    401: "Missing or invalid X-Internal-Key",
+    403: "Insufficient quota, or the caller lacks the scope",
+    404: "Unknown plan",
+    409: "Duplicate ref: the body carries the original tx_id and balance",
+    413: "Body over the size limit",
+    415: "Body is not application/json",
+    422: "Invalid input; error.field names the field (ref_reused: same ref, other request)",
+    503: "Redis or PostgreSQL unavailable, or the ledger backlog is full; retry",
+}
+
+
+def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any]:
+    """Paths from the route table, components from the request and response models."""
+    models: set[type] = {ErrorOut}
+    for op in operations:
+        models |= {m for m in (op.body, op.result) if m is not None}
+    ordered = sorted(models, key=lambda m: m.__name__)
+    refs, components = msgspec.json.schema_components(
+        ordered, ref_template="#/components/schemas/{name}"
+    )
+    ref_of = dict(zip(ordered, refs, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for op in operations:
+        entry: dict[str, Any] = {"operationId": op.name, "summary": op.summary,
+                                 "responses": {}}
+        if op.scope is not None:
+            entry["security"] = [{"internalKey": []}]
+            entry["description"] = f"Needs a caller with the `{op.scope}` scope."
+        params = [{"name": name[1:-1], "in": "path", "required": True,
+                   "schema": {"type": "string"}}
+                  for name in op.path.split("/") if name.startswith("{")]
+        if op.name == "balance":
+            params.append({"name": "user_id", "in": "query", "required": True,
+                           "schema": {"type": "string"}})
+        if params:
+            entry["parameters"] = params
+        if op.body is not None:
+            entry["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": ref_of[op.body]}}}
+        ok: dict[str, Any] = {"description": "OK"}
+        if op.result is not None:
+            ok["content"] = {"application/json": {"schema": ref_of[op.result]}}
+        entry["responses"]["200"] = ok
+        for status in op.errors:
+            entry["responses"][str(status)] = {
+                "description": _STATUS_TEXT[status],
+                "content": {"application/json": {"schema": ref_of[ErrorOut]}},
+            }
+        paths.setdefault(op.path, {})[op.method.lower()] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Quota gateway", "version": settings.service_version,
+                 "description": "Billing and quota service: atomic Redis hot path, "
+                                "PostgreSQL source of truth. Amounts are exact decimals "
+                                "with at most 6 places."},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"internalKey": {"type": "apiKey", "in": "header",
+                                                "name": "X-Internal-Key"}},
+        },
+    }

@@ -1,0 +1,297 @@
+"""The quota engine: one script call per operation, loading from PostgreSQL when told to.
+
+The decision logic lives in the Lua scripts (atomic in Redis); this module builds their
+keys and arguments, reacts to "not loaded" and "stale window" answers, and writes
+plan assignments through PostgreSQL first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hotpath.clock import Clock, new_tx_id
+from hotpath.errors import DependencyUnavailable, InvariantBroken, NotFound, invariant
+from hotpath.settings import Settings
+from lua import SCRIPTS, CheckReply, DebitReply, Keys, Script, Status
+from lua.connection import PipelinedRedis, RedisReplyError
+from lua.periods import Calendar, Windows
+from persistence.db import Database
+from persistence.plans import Plan, catalog_fields, list_plans
+from persistence.queries import QUERIES
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: The user id /ready checks: it proves a script runs by EVALSHA end to end.
+READY_PROBE_USER = "~ready-probe"
+_RETRYABLE = (Status.NOT_LOADED, Status.STALE_WINDOW, Status.NEED_METERS)
+
+
+def to_ms(moment: datetime) -> int:
+    """An aware datetime as exact epoch milliseconds."""
+    return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+def from_ms(ms: int) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime."""
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def fingerprint(meter: str, amount: int, reason: str) -> str:
+    """What makes two debits with one ref "the same request"."""
+    digest = hashlib.blake2b(reason.encode(), digest_size=8).hexdigest() if reason else ""
+    return f"{meter}:{amount}:{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanAssignment:
+    """The result of applying a plan to a user."""
+
+    user_id: str
+    plan_code: str
+    expires_ms: int
+    version: int
+    tx_id: str
+    applied_in_redis: bool
+
+
+class Engine:
+    """Runs the quota scripts for one process; stateless apart from small caches."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: PipelinedRedis,
+        db: Database,
+        clock: Clock,
+        new_id: Callable[[int | None], str] = new_tx_id,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.db = db
+        self.clock = clock
+        self.new_id = new_id
+        self.keys = Keys(settings.key_prefix, settings.n_shards)
+        self.calendar = Calendar(settings.timezone)
+        self.action_meters = dict(settings.action_meters)
+        # Meters a full check asks for; grows when a plan names more (NEED_METERS).
+        self.known_meters: tuple[str, ...] = tuple(
+            sorted({"chat", "template", settings.balance_meter, *self.action_meters.values()})
+        )
+        s = settings
+        self._debit_tail = (
+            s.idempotency_ttl_seconds * 1000, s.counter_grace_seconds * 1000,
+            s.user_state_ttl_seconds * 1000, s.max_backlog_entries, s.default_plan,
+        )
+
+    # -- script calls ----------------------------------------------------------------------
+    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        try:
+            return await self.redis.run_script(script, keys, args)
+        except RedisReplyError as exc:
+            message = str(exc)
+            if "qg:" in message:  # a script's own argument check: our bug, not the caller's
+                raise InvariantBroken(f"{script.name}: {message}") from None
+            raise DependencyUnavailable("redis", f"Redis refused {script.name}: {message}") \
+                from None
+
+    def _windows(self) -> Windows:
+        return self.calendar.windows(self.clock.now_ms())
+
+    async def debit(
+        self, user_id: str, meter: str, amount: int, ref: str, *,
+        reason: str = "", caller: str = "", action: str = "",
+    ) -> DebitReply:
+        """Debit ``amount`` micro-units of ``meter`` once per (user, ref)."""
+        invariant(amount > 0, "debit amounts are positive")
+        keys = self.keys
+        shard = keys.shard(user_id)
+        user_key = keys.user(user_id)
+        fp = fingerprint(meter, amount, reason)
+        windows = self._windows()
+        tx_id = self.new_id(None)
+        for _ in range(self.settings.load_retries + 2):
+            day_key, month_key = keys.counters(user_id, meter, windows)
+            reply = DebitReply.decode(await self._run(
+                SCRIPTS["debit"],
+                (user_key, keys.idempotency(user_id, ref), keys.plans(shard), day_key, month_key,
+                 keys.ledger(shard)),
+                (user_id, meter, amount, ref, fp, reason, caller, tx_id, self.clock.script_now(),
+                 windows.day_id, windows.day_start_ms, windows.day_end_ms, windows.month_id,
+                 windows.month_start_ms, windows.month_end_ms, *self._debit_tail, action),
+            ))
+            if reply.status is Status.STALE_WINDOW:
+                windows = self.calendar.windows(reply.now_ms)
+            elif reply.status is Status.NOT_LOADED:
+                await self._load(reply.detail, user_id, windows)
+            else:
+                return reply
+        raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")
+
+    async def check(self, user_id: str, meters: Sequence[str] | None = None) -> CheckReply:
+        """Remaining amounts of ``meters`` (or of every meter of the user's plan)."""
+        keys = self.keys
+        shard = keys.shard(user_id)
+        windows = self._windows()
+        every = meters is None
+        asked = list(self.known_meters if meters is None else meters)
+        for _ in range(self.settings.load_retries + 3):
+            counter_keys = [k for m in asked for k in keys.counters(user_id, m, windows)]
+            reply = CheckReply.decode(await self._run(
+                SCRIPTS["check"],
+                (keys.user(user_id), keys.plans(shard), *counter_keys),
+                (self.clock.script_now(), windows.day_start_ms, windows.day_end_ms,
+                 windows.month_start_ms, windows.month_end_ms, self.settings.default_plan,
+                 "1" if every else "0", *asked),
+            ))
+            if reply.status not in _RETRYABLE:
+                return reply
+            if reply.status is Status.STALE_WINDOW:
+                windows = self.calendar.windows(reply.now_ms)
+            elif reply.status is Status.NEED_METERS:
+                wanted = set(reply.detail.split(",")) | set(asked)
+                self.known_meters = tuple(sorted(wanted | set(self.known_meters)))
+                asked = sorted(wanted)
+            else:
+                await self._load(reply.detail, user_id, windows)
+        raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")
+
+    # -- loading from PostgreSQL -----------------------------------------------------------
+    async def _load(self, what: str, user_id: str, windows: Windows) -> None:
+        if what == "catalog":
+            await self.sync_catalog([self.keys.shard(user_id)])
+        else:
+            await self.load_user(user_id, windows)
+
+    async def sync_catalog(self, shards: Sequence[int] | None = None) -> int:
+        """Copy the plan catalog from PostgreSQL into the given shards (default: all)."""
+        plans = await list_plans(self.db)
+        if not any(p.plan_code == self.settings.default_plan for p in plans):
+            raise InvariantBroken(
+                f"the default plan {self.settings.default_plan!r} is not in the catalog: "
+                "run `quota-gateway migrate`"
+            )
+        self.known_meters = tuple(
+            sorted(set(self.known_meters) | {m for p in plans for m in p.meters})
+        )
+        version = max(p.version for p in plans)
+        fields = catalog_fields(plans)
+        targets = range(self.settings.n_shards) if shards is None else shards
+        results = await asyncio.gather(*(
+            self._run(SCRIPTS["load_catalog"], (self.keys.plans(s),), (version, *fields))
+            for s in targets
+        ))
+        return sum(results)
+
+    async def load_user(self, user_id: str, windows: Windows) -> None:
+        """Write the user's PostgreSQL state into Redis where Redis lacks it."""
+        keys = self.keys
+        user_key = keys.user(user_id)
+        grace_ms = self.settings.counter_grace_seconds * 1000
+        for _ in range(self.settings.load_retries):
+            generation = await self.redis.execute("HGET", user_key, "wg") or "0"
+            periods = [windows.period_id("d"), windows.period_id("m"), "n"]
+            async with self.db.connection() as conn:
+                plan = await conn.fetchrow(QUERIES["get_user_plan"], user_id)
+                credits = await conn.fetch(QUERIES["user_credits"], user_id)
+                usage = await conn.fetch(QUERIES["user_usage"], user_id, periods)
+            counter_keys: list[str] = []
+            counter_args: list[int] = []
+            lifetime: list[str | int] = []
+            for row in usage:
+                kind, _, period = row["period_id"].partition(":")
+                if kind == "n":
+                    lifetime += [row["meter"], row["used_micro"]]
+                    continue
+                kind_window = "d" if kind == "d" else "m"
+                counter_keys.append(keys.counter(user_id, row["meter"], kind, period))
+                counter_args += [row["used_micro"], windows.period_end_ms(kind_window) + grace_ms]
+            credit_args: list[str | int] = [
+                v for r in credits for v in (r["meter"], max(0, r["balance_micro"]))
+            ]
+            code = plan["plan_code"] if plan else self.settings.default_plan
+            expires = to_ms(plan["expires_at"]) if plan and plan["expires_at"] else 0
+            version = plan["version"] if plan else 0
+            reply = await self._run(
+                SCRIPTS["load_user"], (user_key, *counter_keys),
+                (generation, code, expires, version, self.settings.user_state_ttl_seconds * 1000,
+                 len(credits), *credit_args, len(lifetime) // 2, *lifetime, *counter_args),
+            )
+            if reply[0] != -1:
+                return
+        raise DependencyUnavailable("redis", f"user {user_id!r} kept changing while loading")
+
+    # -- plans -----------------------------------------------------------------------------
+    async def apply_plan(
+        self, user_id: str, plan_code: str, expires_ms: int | None, caller: str
+    ) -> PlanAssignment:
+        """Assign a plan: committed in PostgreSQL (with its ledger event), then in Redis."""
+        now_ms = self.clock.now_ms()
+        tx_id = self.new_id(now_ms)
+        async with self.db.transaction() as conn:
+            plan = await conn.fetchrow(QUERIES["get_plan_row"], plan_code)
+            if plan is None:
+                raise NotFound(f"unknown plan {plan_code!r}", field="plan_code")
+            if expires_ms is None and plan["duration_days"]:
+                expires_ms = now_ms + plan["duration_days"] * 86_400_000
+            expires_at = from_ms(expires_ms) if expires_ms else None
+            row = await conn.fetchrow(QUERIES["set_user_plan"], user_id, plan_code, expires_at)
+            assert row is not None
+            await conn.execute(QUERIES["insert_plan_event"], tx_id, user_id, plan_code, caller,
+                               None, from_ms(now_ms))
+            payload = {"plan_code": plan_code, "expires_ms": expires_ms or 0,
+                       "version": row["version"]}
+            outbox_id = await conn.fetchval(QUERIES["insert_outbox"], user_id, "plan", payload)
+        applied = await self.apply_outbox(outbox_id, user_id, "plan", payload, quiet=True)
+        return PlanAssignment(user_id, plan_code, expires_ms or 0, row["version"], tx_id, applied)
+
+    async def apply_outbox(
+        self, outbox_id: int, user_id: str, op: str, payload: dict[str, Any], *, quiet: bool
+    ) -> bool:
+        """Apply one committed write-through change to Redis and mark it applied.
+
+        With ``quiet``, a Redis or PostgreSQL failure returns False: the change is durable
+        in PostgreSQL and the reconciler applies it later.
+        """
+        try:
+            if op == "plan":
+                await self._run(
+                    SCRIPTS["set_plan"], (self.keys.user(user_id),),
+                    (payload["plan_code"], payload["expires_ms"], payload["version"],
+                     self.settings.user_state_ttl_seconds * 1000),
+                )
+            else:
+                raise InvariantBroken(f"unknown outbox operation {op!r}")
+            async with self.db.connection() as conn:
+                await conn.execute(QUERIES["mark_outbox_applied"], outbox_id)
+        except DependencyUnavailable:
+            if not quiet:
+                raise
+            return False
+        return True
+
+    async def put_plan_and_sync(self, plan: Plan) -> Plan:
+        """Write a plan to PostgreSQL, then push the new catalog to every shard."""
+        from persistence.plans import put_plan
+
+        stored = await put_plan(self.db, plan)
+        await self.sync_catalog()
+        return stored
+
+    # -- readiness -------------------------------------------------------------------------
+    async def ready(self) -> dict[str, str]:
+        """Prove the real path: a script by EVALSHA in Redis and a query in PostgreSQL."""
+        status = {"redis": "ok", "postgres": "ok"}
+        try:
+            await self.check(READY_PROBE_USER, [self.settings.balance_meter])
+        except DependencyUnavailable as exc:
+            # A probe user is "not loaded"; loading it needs PostgreSQL, so tell them apart.
+            status["redis" if exc.dependency == "redis" else "postgres"] = exc.message
+        try:
+            await self.db.fetchval("ping")
+        except DependencyUnavailable as exc:
+            status["postgres"] = exc.message
+        return status

@@ -1,0 +1,194 @@
+"""Request and response models: validated by msgspec, and the source of the OpenAPI spec.
+
+Amounts arrive as JSON numbers (or decimal strings) and are parsed into ``Decimal`` from
+their text, then into micro-units by ``hotpath.amounts``: never through a float.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from hotpath.amounts import AmountError, to_micro
+from hotpath.errors import InvalidInput
+
+#: Named limits on identifiers (bytes of UTF-8 are bounded by the body limit too).
+MAX_USER_ID = 128
+MAX_REF = 128
+MAX_REASON = 256
+MAX_ACTION = 64
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+
+UserId = Annotated[str, Meta(min_length=1, max_length=MAX_USER_ID, pattern=_PRINTABLE,
+                             description="The user's id (no control characters)")]
+Ref = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=_PRINTABLE,
+                          description="The caller's idempotency key for this debit")]
+Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Action = Annotated[str, Meta(min_length=1, max_length=MAX_ACTION, pattern=r"^[a-z][a-z0-9_]*$")]
+PlanCode = Annotated[str, Meta(min_length=1, max_length=64,
+                               pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+#: An exact amount: a JSON number with at most 6 decimal places.
+Amount = Annotated[Decimal, Meta(extra_json_schema={"type": "number", "format": "decimal"})]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True):
+    """Request bodies: unknown fields are an error."""
+
+
+class QuotaDebitIn(Strict):
+    """Seed 000 debit: an action (mapped to a meter) and a number of units."""
+
+    user_id: UserId
+    action: Action
+    units: Amount
+    ref: Ref
+
+
+class BalanceCheckIn(Strict):
+    """Seed 002 pre-check."""
+
+    user_id: UserId
+    units: Amount
+
+
+class BalanceDebitIn(Strict):
+    """Seed 002 debit of the balance meter."""
+
+    user_id: UserId
+    units: Amount
+    ref: Ref
+    reason: Reason = ""
+
+
+class PlanApplyIn(Strict):
+    """Assign a plan; without expires_at the plan's duration decides."""
+
+    user_id: UserId
+    plan_code: PlanCode
+    expires_at: datetime | None = None
+
+
+class MeterOut(msgspec.Struct):
+    """One meter of a user: allowance, usage, credits and what remains."""
+
+    limit: Amount
+    used: Amount
+    credits: Amount
+    remaining: Amount
+    period: str
+    resets_at: str | None
+
+
+class QuotaCheckOut(msgspec.Struct):
+    """Seed 000 check, with per-meter detail."""
+
+    remain_chat: Amount
+    remain_tpl: Amount
+    plan_code: str
+    plan_status: str
+    assigned_plan: str
+    expires_at: str | None
+    meters: dict[str, MeterOut]
+
+
+class QuotaDebitOut(msgspec.Struct):
+    """The result of an accepted debit."""
+
+    tx_id: str
+    meter: str
+    remaining: Amount
+    from_allowance: Amount
+    from_credits: Amount
+    plan_code: str
+
+
+class BalanceCheckOut(msgspec.Struct):
+    """Seed 002 pre-check answer."""
+
+    allowed: bool
+    balance: Amount
+
+
+class BalanceDebitOut(msgspec.Struct):
+    """Seed 002 debit answer."""
+
+    balance: Amount
+    tx_id: str
+
+
+class PlanStateOut(msgspec.Struct):
+    """A user's plan as the balance answer shows it."""
+
+    plan_code: str
+    expires_at: str | None
+    status: str
+
+
+class BalanceOut(msgspec.Struct):
+    """Seed 002 balance answer."""
+
+    balance: Amount
+    plan: PlanStateOut
+    resets_at: str | None
+
+
+class PlanApplyOut(msgspec.Struct):
+    """The plan now assigned to the user."""
+
+    user_id: str
+    plan_code: str
+    expires_at: str | None
+    status: str
+    tx_id: str
+    applied: bool
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error: a machine code, a message, and the offending field if any."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorOut(msgspec.Struct):
+    """The envelope of every error answer."""
+
+    error: ErrorBody
+
+
+T = TypeVar("T")
+_decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+_FIELD = re.compile(r"`\$\.([A-Za-z0-9_.\[\]]+)`")
+_NAMED = re.compile(r"field `([^`]+)`")
+
+
+def decode(body: bytes, model: type[T]) -> T:
+    """Parse and validate a JSON body; InvalidInput names the field at fault."""
+    decoder = _decoders.get(model)
+    if decoder is None:
+        decoder = _decoders[model] = msgspec.json.Decoder(model)
+    try:
+        return decoder.decode(body)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _FIELD.search(text) or _NAMED.search(text)
+        raise InvalidInput(text, field=match[1] if match else None) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"malformed JSON: {exc}", code="malformed_json") from None
+
+
+def micro(value: Decimal, field: str) -> int:
+    """An API amount as micro-units, or InvalidInput naming ``field``."""
+    try:
+        return to_micro(value)
+    except AmountError as exc:
+        raise InvalidInput(str(exc), field=field) from None
+
+
+ENCODER = msgspec.json.Encoder(decimal_format="number")

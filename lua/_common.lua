@@ -1,0 +1,54 @@
+-- _common.lua: helpers prepended to every operation script when it is registered.
+-- It defines functions and constants only; it never touches a key by itself.
+--
+-- Reply status codes (mirrored by lua.Status in Python):
+local OK, DUPLICATE, REF_REUSED, INSUFFICIENT, NOT_LOADED, STALE_WINDOW, BACKLOG, STALE,
+  NEED_METERS = 1, 2, 3, 4, 5, 6, 7, 8, 9
+
+-- Integers travel as decimal strings; Lua numbers are doubles, exact below 2^53.
+local EXACT = 9007199254740992
+
+local function int_arg(value, name)
+  local n = tonumber(value)
+  if n == nil or n ~= math.floor(n) or n < 0 or n >= EXACT then
+    error('qg: ' .. name .. ' is not a non-negative integer: ' .. tostring(value))
+  end
+  return n
+end
+
+-- An exact integer as text ('..' would format large numbers as 1e+15).
+local function istr(n)
+  return string.format('%.0f', n)
+end
+
+local function int_or_zero(value)
+  if not value then return 0 end
+  return tonumber(value)
+end
+
+-- "Now" in milliseconds: the caller's pinned time (tests, simulations) or Redis TIME.
+local function clock(override)
+  local pinned = int_arg(override, 'now')
+  if pinned > 0 then return pinned end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The plan in force: the assigned one, or the default once the assigned one expired.
+-- Returns code, status ('active'|'expired'), assigned code, expiry ms (0 = none).
+local function plan_in_force(user_fields_plan, user_fields_exp, now, default_code)
+  local assigned = user_fields_plan or default_code
+  local exp = int_or_zero(user_fields_exp)
+  if exp > 0 and now >= exp then
+    return default_code, 'expired', assigned, exp
+  end
+  return assigned, 'active', assigned, exp
+end
+
+-- A meter's rule in a plan: period ('d', 'm' or 'n') and allowance in micro-units.
+-- A meter the plan does not name has no allowance (credits can still pay for it).
+local function meter_rule(plans_key, code, meter)
+  local rule = redis.call('HGET', plans_key, code .. '|' .. meter)
+  if not rule then return 'n', 0 end
+  return string.sub(rule, 1, 1), tonumber(string.sub(rule, 3))
+end

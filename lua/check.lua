@@ -1,0 +1,59 @@
+-- check.lua: read-only view of a user's plan and the remaining amount of some meters.
+--
+-- KEYS[1]          user state hash           <prefix>:{shard}:u:<user>
+-- KEYS[2]          shard plan catalog hash   <prefix>:{shard}:plans
+-- KEYS[1+2i]       day counter of meter i    <prefix>:{shard}:u:<user>:c:<meter>:d:<day id>
+-- KEYS[2+2i]       month counter of meter i  <prefix>:{shard}:u:<user>:c:<meter>:m:<month id>
+-- ARGV[1]          now, ms since epoch; 0 = use Redis TIME
+-- ARGV[2], ARGV[3] day start and end ms      ARGV[4], ARGV[5] month start and end ms
+-- ARGV[6]          default plan code
+-- ARGV[7]          '1': every meter of the plan must be among the ones asked for
+-- ARGV[7+i]        meter i (i = 1..n, n = #ARGV - 7, KEYS hold 2 + 2n keys)
+--
+-- Replies:
+--   {OK, plan_code, plan_status, assigned_code, expires_ms, n,
+--    then n times: meter, period, limit, used, credits, remaining, period_end_ms}
+--   {NOT_LOADED, 'user'|'catalog'}
+--   {STALE_WINDOW, now}
+--   {NEED_METERS, 'a,b,c'}   the plan names meters that were not asked for
+local now = clock(ARGV[1])
+local day_end, month_end = int_arg(ARGV[3], 'day end'), int_arg(ARGV[5], 'month end')
+if now < int_arg(ARGV[2], 'day start') or now >= day_end
+    or now < int_arg(ARGV[4], 'month start') or now >= month_end then
+  return {STALE_WINDOW, now}
+end
+local n = #ARGV - 7
+if #KEYS ~= 2 + 2 * n then error('qg: check needs two counter keys per meter') end
+
+local user = redis.call('HMGET', KEYS[1], 'loaded', 'plan', 'exp')
+if not user[1] then return {NOT_LOADED, 'user'} end
+local code, status, assigned, exp = plan_in_force(user[2], user[3], now, ARGV[6])
+local plan_meters = redis.call('HGET', KEYS[2], code)
+if not plan_meters then return {NOT_LOADED, 'catalog'} end
+if ARGV[7] == '1' then
+  local asked = {}
+  for i = 1, n do asked[ARGV[7 + i]] = true end
+  for meter in string.gmatch(plan_meters, '[^,]+') do
+    if not asked[meter] then return {NEED_METERS, plan_meters} end
+  end
+end
+
+local reply = {OK, code, status, assigned, exp, n}
+for i = 1, n do
+  local meter = ARGV[7 + i]
+  local period, limit = meter_rule(KEYS[2], code, meter)
+  local used, period_end
+  if period == 'd' then
+    used, period_end = int_or_zero(redis.call('GET', KEYS[1 + 2 * i])), day_end
+  elseif period == 'm' then
+    used, period_end = int_or_zero(redis.call('GET', KEYS[2 + 2 * i])), month_end
+  else
+    used, period_end = int_or_zero(redis.call('HGET', KEYS[1], 'n:' .. meter)), 0
+  end
+  local credits = int_or_zero(redis.call('HGET', KEYS[1], 'cr:' .. meter))
+  local allowance = limit - used
+  if allowance < 0 then allowance = 0 end
+  local row = {meter, period, limit, used, credits, allowance + credits, period_end}
+  for _, v in ipairs(row) do reply[#reply + 1] = v end
+end
+return reply

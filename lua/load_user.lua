@@ -1,0 +1,61 @@
+-- load_user.lua: write a user's state read from PostgreSQL, only where Redis lacks it.
+-- Missing state is not zero usage: the hot path calls this after a NOT_LOADED answer.
+--
+-- KEYS[1]     user state hash                    <prefix>:{shard}:u:<user>
+-- KEYS[1+i]   period counter i (day or month)    <prefix>:{shard}:u:<user>:c:<meter>:<kind>:<id>
+-- ARGV[1]     write generation seen before PostgreSQL was read ('0' when none)
+-- ARGV[2]     assigned plan code      ARGV[3] plan expiry ms (0 = none)
+-- ARGV[4]     plan version in PostgreSQL (user_plans.version, 0 = default plan)
+-- ARGV[5]     user state TTL, ms
+-- ARGV[6]     c = number of credit balances, then c pairs: meter, micro-units
+-- then        u = number of lifetime ('none' period) usages, then u pairs: meter, micro-units
+-- then        for each KEYS[1+i]: used micro-units, expire-at ms
+--
+-- Reply: {1} loaded; {0} already loaded (nothing written); {-1} a write-through changed the
+-- user since ARGV[1] was read: read PostgreSQL again and retry.
+local state = redis.call('HMGET', KEYS[1], 'loaded', 'wg', 'pv')
+if state[1] then return {0} end
+if (state[2] or '0') ~= ARGV[1] then return {-1} end
+
+local ttl = int_arg(ARGV[5], 'user ttl')
+local i = 6
+local fields = {'loaded', '1'}
+-- A plan written through after our read carries a newer version: keep it.
+if int_or_zero(state[3]) <= int_arg(ARGV[4], 'plan version') then
+  for _, v in ipairs({'plan', ARGV[2], 'exp', ARGV[3], 'pv', ARGV[4]}) do
+    fields[#fields + 1] = v
+  end
+end
+local c = int_arg(ARGV[i], 'credit count'); i = i + 1
+for _ = 1, c do
+  fields[#fields + 1] = 'cr:' .. ARGV[i]
+  fields[#fields + 1] = istr(int_arg(ARGV[i + 1], 'credits'))
+  i = i + 2
+end
+local u = int_arg(ARGV[i], 'usage count'); i = i + 1
+local lifetime = {}
+for _ = 1, u do
+  lifetime[#lifetime + 1] = {ARGV[i], int_arg(ARGV[i + 1], 'usage')}
+  i = i + 2
+end
+if #ARGV ~= i - 1 + 2 * (#KEYS - 1) then error('qg: load_user needs two values per counter') end
+
+-- Validate before the first write: Lua in Redis has no rollback.
+for k = 2, #KEYS do
+  int_arg(ARGV[i + 2 * (k - 2)], 'counter'); int_arg(ARGV[i + 2 * (k - 2) + 1], 'expire-at')
+end
+
+redis.call('HSET', KEYS[1], unpack(fields))
+for _, pair in ipairs(lifetime) do
+  -- Usage in Redis may be ahead of PostgreSQL (events not flushed yet): keep the larger.
+  local have = int_or_zero(redis.call('HGET', KEYS[1], 'n:' .. pair[1]))
+  if pair[2] > have then redis.call('HSET', KEYS[1], 'n:' .. pair[1], istr(pair[2])) end
+end
+for k = 2, #KEYS do
+  local used = tonumber(ARGV[i]); local expire_at = tonumber(ARGV[i + 1]); i = i + 2
+  local have = int_or_zero(redis.call('GET', KEYS[k]))
+  if used > have then redis.call('SET', KEYS[k], istr(used)) end
+  if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('PEXPIREAT', KEYS[k], expire_at) end
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {1}

@@ -1,0 +1,1 @@
+"""PostgreSQL, the source of truth: schema migrations, named queries, the pool."""

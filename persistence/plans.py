@@ -1,0 +1,175 @@
+"""The plan catalog: its wire format, its validation, and its rows in PostgreSQL.
+
+A plan reads and writes as ``{"plan_code": "pro_month", "meters": {"chat": {"limit":
+10000, "period": "month"}}, "duration_days": 30, "price": "990.00", "currency": "RUB"}``.
+Meters are data: any name matching ``METER_PATTERN``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from importlib import resources
+from typing import Any, Literal
+
+import msgspec
+
+from hotpath.amounts import AmountError, from_micro, to_micro
+from hotpath.errors import InvalidInput
+from persistence.db import Database
+from persistence.queries import QUERIES
+
+PLAN_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+METER_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+PERIOD_CODES = {"day": "d", "month": "m", "none": "n"}
+MAX_METERS = 32
+MAX_PRICE = Decimal("100000000")
+
+
+class MeterBody(msgspec.Struct, forbid_unknown_fields=True):
+    """One meter of a plan on the wire."""
+
+    limit: Decimal
+    period: Literal["day", "month", "none"]
+
+
+class PlanBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A plan on the wire (PUT body, catalog file); plan_code is optional in a PUT body."""
+
+    meters: dict[str, MeterBody]
+    plan_code: str | None = None
+    duration_days: int | None = None
+    price: Decimal = Decimal(0)
+    currency: str = "RUB"
+
+
+@dataclass(frozen=True, slots=True)
+class MeterRule:
+    """A meter's allowance in micro-units and its period ('day', 'month', 'none')."""
+
+    period: str
+    limit_micro: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated plan."""
+
+    plan_code: str
+    meters: dict[str, MeterRule]
+    duration_days: int | None
+    price: str
+    currency: str
+    version: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire format (amounts exact)."""
+        return {
+            "plan_code": self.plan_code,
+            "meters": {
+                name: {"limit": from_micro(rule.limit_micro), "period": rule.period}
+                for name, rule in sorted(self.meters.items())
+            },
+            "duration_days": self.duration_days,
+            "price": self.price,
+            "currency": self.currency,
+            "version": self.version,
+        }
+
+
+def validate_plan(code: str, body: PlanBody) -> Plan:
+    """Check a plan's values; raise InvalidInput naming the field at fault."""
+    if not PLAN_PATTERN.match(code):
+        raise InvalidInput("must match ^[a-z0-9][a-z0-9_.-]{0,63}$", field="plan_code")
+    if body.plan_code is not None and body.plan_code != code:
+        raise InvalidInput("differs from the plan code in the path", field="plan_code")
+    if len(body.meters) > MAX_METERS:
+        raise InvalidInput(f"at most {MAX_METERS} meters", field="meters")
+    meters = {}
+    for name, meter in body.meters.items():
+        if not METER_PATTERN.match(name):
+            raise InvalidInput("meter names must match ^[a-z][a-z0-9_]{0,31}$", field="meters")
+        try:
+            limit = to_micro(meter.limit, allow_zero=True)
+        except AmountError as exc:
+            raise InvalidInput(str(exc), field=f"meters.{name}.limit") from None
+        meters[name] = MeterRule(meter.period, limit)
+    if body.duration_days is not None and not 1 <= body.duration_days <= 3660:
+        raise InvalidInput("must be between 1 and 3660, or null", field="duration_days")
+    price = body.price
+    if not price.is_finite() or price < 0 or price > MAX_PRICE:
+        raise InvalidInput(f"must be between 0 and {MAX_PRICE}", field="price")
+    if price != price.quantize(Decimal("0.01")):
+        raise InvalidInput("must have at most 2 decimal places", field="price")
+    if not re.fullmatch(r"[A-Z]{3}", body.currency):
+        raise InvalidInput("must be an ISO 4217 code such as RUB", field="currency")
+    return Plan(code, meters, body.duration_days, f"{price.quantize(Decimal('0.01'))}",
+                body.currency)
+
+
+def read_catalog_file(text: bytes | None = None) -> list[Plan]:
+    """The plans of the catalog file shipped in the repository (or of ``text``)."""
+    if text is None:
+        text = (resources.files(__package__) / "plans.json").read_bytes()
+    decoded = msgspec.json.decode(text, type=dict[str, Any])
+    plans = msgspec.convert(decoded["plans"], type=list[PlanBody])
+    return [validate_plan(body.plan_code or "", body) for body in plans]
+
+
+def _from_row(row: Any, meters: list[dict[str, str]]) -> Plan:
+    return Plan(
+        plan_code=row["plan_code"],
+        meters={
+            m["meter"]: MeterRule(m["period"], int(m["limit_micro"])) for m in meters
+        },
+        duration_days=row["duration_days"],
+        price=row["price"],
+        currency=row["currency"],
+        version=row["version"],
+    )
+
+
+async def list_plans(db: Database) -> list[Plan]:
+    """Every plan in the catalog."""
+    rows = await db.fetch("list_plans")
+    return [_from_row(row, row["meters"]) for row in rows]
+
+
+async def put_plan(db: Database, plan: Plan) -> Plan:
+    """Create or replace a plan; returns it with its new catalog version."""
+    async with db.transaction() as conn:
+        await conn.execute(QUERIES["lock_catalog"])
+        version = await conn.fetchval(
+            QUERIES["upsert_plan"], plan.plan_code, plan.duration_days, plan.price, plan.currency
+        )
+        await conn.execute(QUERIES["delete_plan_meters"], plan.plan_code)
+        names = sorted(plan.meters)
+        await conn.execute(
+            QUERIES["insert_plan_meters"], plan.plan_code, names,
+            [plan.meters[n].period for n in names], [plan.meters[n].limit_micro for n in names],
+        )
+    return Plan(plan.plan_code, plan.meters, plan.duration_days, plan.price, plan.currency,
+                version)
+
+
+async def seed_missing(db: Database, plans: list[Plan]) -> list[str]:
+    """Insert the catalog file's plans that PostgreSQL does not have yet."""
+    existing = {p.plan_code for p in await list_plans(db)}
+    added = []
+    for plan in plans:
+        if plan.plan_code not in existing:
+            await put_plan(db, plan)
+            added.append(plan.plan_code)
+    return added
+
+
+def catalog_fields(plans: list[Plan]) -> list[str]:
+    """The field/value pairs of a shard's catalog hash (see lua/load_catalog.lua)."""
+    fields: list[str] = []
+    for plan in plans:
+        fields += [plan.plan_code, ",".join(sorted(plan.meters))]
+        for name, rule in plan.meters.items():
+            rule_text = f"{PERIOD_CODES[rule.period]}:{rule.limit_micro}"
+            fields += [f"{plan.plan_code}|{name}", rule_text]
+    return fields

@@ -1,0 +1,104 @@
+-- Every SQL statement of the service, each under a `-- name: <name> --` header followed by
+-- a description that names its parameters ($1..$n). Parsed once at import by queries.py.
+
+-- name: catalog_version --
+-- The catalog's version: the highest version of any plan (0 when there is none).
+SELECT coalesce(max(version), 0) AS version FROM plans;
+
+-- name: list_plans --
+-- Every plan with its meters as JSON rows, ordered by code.
+SELECT p.plan_code, p.duration_days, p.price::text AS price, p.currency, p.version,
+       coalesce(
+           jsonb_agg(jsonb_build_object('meter', m.meter, 'period', m.period,
+                                        'limit_micro', m.limit_micro::text)
+                     ORDER BY m.meter) FILTER (WHERE m.meter IS NOT NULL),
+           '[]'::jsonb) AS meters
+FROM plans p
+LEFT JOIN plan_meters m ON m.plan_code = p.plan_code
+GROUP BY p.plan_code
+ORDER BY p.plan_code;
+
+-- name: get_plan_row --
+-- One plan's header row; $1 plan_code.
+SELECT plan_code, duration_days, price::text AS price, currency, version
+FROM plans WHERE plan_code = $1;
+
+-- name: upsert_plan --
+-- Create or replace a plan header and give it a new catalog version;
+-- $1 plan_code, $2 duration_days (NULL = no expiry), $3 price (text), $4 currency.
+INSERT INTO plans (plan_code, duration_days, price, currency)
+VALUES ($1, $2, $3::numeric, $4)
+ON CONFLICT (plan_code) DO UPDATE
+SET duration_days = EXCLUDED.duration_days, price = EXCLUDED.price,
+    currency = EXCLUDED.currency, version = nextval('catalog_version_seq'), updated_at = now()
+RETURNING version;
+
+-- name: delete_plan_meters --
+-- Remove a plan's meters before writing its new set; $1 plan_code.
+DELETE FROM plan_meters WHERE plan_code = $1;
+
+-- name: insert_plan_meters --
+-- Write a plan's meters; $1 plan_code, $2 meters[], $3 periods[], $4 limits (micro)[].
+INSERT INTO plan_meters (plan_code, meter, period, limit_micro)
+SELECT $1, m, p, l FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t (m, p, l);
+
+-- name: lock_catalog --
+-- Serialize catalog writers so versions are committed in order (transaction-scoped).
+SELECT pg_advisory_xact_lock(7311001);
+
+-- name: get_user_plan --
+-- A user's assigned plan, or no row for a user on the default plan; $1 user_id.
+SELECT plan_code, started_at, expires_at, version FROM user_plans WHERE user_id = $1;
+
+-- name: set_user_plan --
+-- Assign a plan; $1 user_id, $2 plan_code, $3 expires_at (NULL = never). Returns the version.
+INSERT INTO user_plans (user_id, plan_code, expires_at)
+VALUES ($1, $2, $3)
+ON CONFLICT (user_id) DO UPDATE
+SET plan_code = EXCLUDED.plan_code, expires_at = EXCLUDED.expires_at, started_at = now(),
+    version = nextval('user_plan_version_seq'), updated_at = now()
+RETURNING version, started_at, expires_at;
+
+-- name: insert_plan_event --
+-- Record a plan assignment in the ledger; $1 tx_id, $2 user_id, $3 plan_code, $4 caller,
+-- $5 reason (e.g. the expiry), $6 occurred_at.
+INSERT INTO ledger (tx_id, kind, user_id, plan_code, caller, reason, occurred_at)
+VALUES ($1, 'plan', $2, $3, $4, $5, $6);
+
+-- name: user_credits --
+-- A user's credit balances; $1 user_id.
+SELECT meter, balance_micro FROM credit_balances WHERE user_id = $1;
+
+-- name: user_usage --
+-- A user's flushed usage in the given periods; $1 user_id, $2 period ids[].
+SELECT meter, period_id, used_micro FROM usage_counters
+WHERE user_id = $1 AND period_id = ANY($2::text[]);
+
+-- name: user_transactions --
+-- A user's ledger, newest first; $1 user_id, $2 before (occurred_at, exclusive; NULL = now),
+-- $3 before tx_id (tie-breaker, NULL = none), $4 limit.
+SELECT tx_id, kind, meter, amount_micro, from_allowance_micro, from_credits_micro, period_id,
+       ref, reason, caller, action, plan_code, occurred_at
+FROM ledger
+WHERE user_id = $1
+  AND ($2::timestamptz IS NULL OR (occurred_at, tx_id) < ($2, coalesce($3, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)))
+ORDER BY occurred_at DESC, tx_id DESC
+LIMIT $4;
+
+-- name: ping --
+-- Readiness: proves a pooled connection can run a query against our schema.
+SELECT count(*) AS plans FROM plans;
+
+-- name: insert_outbox --
+-- Queue a write-through change for Redis; $1 user_id, $2 op, $3 payload (jsonb). Returns id.
+INSERT INTO redis_outbox (user_id, op, payload) VALUES ($1, $2, $3) RETURNING id;
+
+-- name: mark_outbox_applied --
+-- A queued change reached Redis; $1 id.
+UPDATE redis_outbox SET applied_at = now() WHERE id = $1 AND applied_at IS NULL;
+
+-- name: pending_outbox --
+-- Queued changes not applied yet and older than $1 (interval), oldest first; $2 limit.
+SELECT id, user_id, op, payload FROM redis_outbox
+WHERE applied_at IS NULL AND created_at < now() - $1::interval
+ORDER BY id LIMIT $2;

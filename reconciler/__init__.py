@@ -1,0 +1,1 @@
+"""Write-behind: ledger streams to PostgreSQL, rehydration, reports."""
