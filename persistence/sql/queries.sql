@@ -102,3 +102,49 @@ UPDATE redis_outbox SET applied_at = now() WHERE id = $1 AND applied_at IS NULL;
 SELECT id, user_id, op, payload FROM redis_outbox
 WHERE applied_at IS NULL AND created_at < now() - $1::interval
 ORDER BY id LIMIT $2;
+
+-- name: flush_events --
+-- Write a batch of ledger events in one statement, idempotent on tx_id, and advance usage
+-- and credit counters by the rows really inserted (a redelivered event inserts nothing).
+-- Counter rows are upserted in key order so concurrent reconcilers cannot deadlock.
+-- $1 tx_id[], $2 kind[], $3 user_id[], $4 meter[], $5 amount_micro[],
+-- $6 from_allowance_micro[], $7 from_credits_micro[], $8 period_id[], $9 ref[], $10 reason[],
+-- $11 caller[], $12 action[], $13 plan_code[], $14 shard[], $15 stream_id[], $16 occurred_at[].
+WITH inserted AS (
+    INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, from_allowance_micro,
+                        from_credits_micro, period_id, ref, reason, caller, action, plan_code,
+                        shard, stream_id, occurred_at)
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                         $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[],
+                         $11::text[], $12::text[], $13::text[], $14::int[], $15::text[],
+                         $16::timestamptz[])
+    ON CONFLICT (tx_id) DO NOTHING
+    RETURNING kind, user_id, meter, period_id, from_allowance_micro, from_credits_micro
+), usage AS (
+    INSERT INTO usage_counters AS u (user_id, meter, period_id, used_micro)
+    SELECT user_id, meter, period_id, sum(from_allowance_micro)
+    FROM inserted WHERE kind = 'debit' AND from_allowance_micro > 0
+    GROUP BY user_id, meter, period_id
+    ORDER BY user_id, meter, period_id
+    ON CONFLICT (user_id, meter, period_id)
+    DO UPDATE SET used_micro = u.used_micro + EXCLUDED.used_micro, updated_at = now()
+), spent AS (
+    INSERT INTO credit_balances AS c (user_id, meter, balance_micro)
+    SELECT user_id, meter, -sum(from_credits_micro)
+    FROM inserted WHERE kind = 'debit' AND from_credits_micro > 0
+    GROUP BY user_id, meter
+    ORDER BY user_id, meter
+    ON CONFLICT (user_id, meter)
+    DO UPDATE SET balance_micro = c.balance_micro + EXCLUDED.balance_micro, updated_at = now()
+)
+SELECT count(*) AS inserted FROM inserted;
+
+-- name: insert_poison --
+-- Keep a stream entry that cannot be written; $1 shard, $2 stream_id, $3 fields (jsonb),
+-- $4 error. A second attempt for the same entry keeps the first row.
+INSERT INTO poison_events (shard, stream_id, fields, error) VALUES ($1, $2, $3, $4)
+ON CONFLICT (shard, stream_id) DO NOTHING;
+
+-- name: poison_count --
+-- How many entries were set aside.
+SELECT count(*) FROM poison_events;

@@ -1,0 +1,150 @@
+"""The shard streams as a work queue: XREADGROUP, XACK + XDEL, XAUTOCLAIM, lag.
+
+Group ``reconciler``, one consumer name per process. An entry is acknowledged and deleted
+only after its batch committed in PostgreSQL; entries of a consumer that died are taken
+over with XAUTOCLAIM once idle long enough. The streams are never trimmed by length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from lua import Keys
+
+GROUP = "reconciler"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry: where it is and what it holds."""
+
+    shard: int
+    stream_id: str
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """The unflushed part of one shard's stream."""
+
+    shard: int
+    entries: int
+    oldest_ms: int  # 0 when empty
+
+
+class StreamConsumer:
+    """Reads, acknowledges and reclaims ledger entries for one reconciler process."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, name: str, *, per_stream_count: int,
+                 block_ms: int, claim_idle_ms: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.name = name
+        self.streams = keys.all_ledgers()
+        self.per_stream_count = per_stream_count
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+
+    async def ensure_groups(self) -> None:
+        """Create the group on every shard stream (from the start: id 0), once."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        for result in await pipe.execute(raise_on_error=False):
+            if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
+                raise result
+
+    def _entries(self, reply: Any) -> list[Entry]:
+        """RESP2 XREADGROUP reply: [[stream, [(id, fields), ...]], ...]."""
+        out = []
+        for stream, items in reply:
+            shard = self.keys_shard(stream)
+            for stream_id, fields in items:
+                if fields:  # a deleted entry comes back without fields
+                    out.append(Entry(shard, stream_id, fields))
+        return out
+
+    def keys_shard(self, stream: str) -> int:
+        """The shard number of a stream key."""
+        tag = stream[stream.index("{") + 1 : stream.index("}")]
+        return int(tag)
+
+    async def read(self) -> list[Entry]:
+        """New entries across every shard, waiting up to BLOCK ms when there are none."""
+        try:
+            reply = await self.redis.xreadgroup(
+                GROUP, self.name, dict.fromkeys(self.streams, ">"),
+                count=self.per_stream_count, block=self.block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_groups()  # Redis lost its data: the groups start again
+            return []
+        return self._entries(reply or [])
+
+    async def claim(self) -> list[Entry]:
+        """Take over entries other consumers left pending longer than the claim idle time."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xautoclaim(stream, GROUP, self.name, self.claim_idle_ms, "0-0",
+                            count=self.per_stream_count)
+        out: list[Entry] = []
+        stale: list[tuple[str, str]] = []
+        for stream, result in zip(self.streams, await pipe.execute(raise_on_error=False),
+                                  strict=True):
+            if isinstance(result, Exception):
+                if "NOGROUP" in str(result):
+                    continue
+                raise result
+            shard = self.keys_shard(stream)
+            for stream_id, fields in result[1]:
+                if fields:
+                    out.append(Entry(shard, stream_id, fields))
+                else:
+                    stale.append((stream, stream_id))
+            stale += [(stream, sid) for sid in (result[2] if len(result) > 2 else [])]
+        if stale:  # entries deleted after their flush but never acknowledged
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, stream_id in stale:
+                pipe.xack(stream, GROUP, stream_id)
+            await pipe.execute()
+        return out
+
+    async def done(self, entries: Sequence[Entry]) -> None:
+        """Acknowledge and delete entries whose batch committed."""
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(self.keys.ledger(entry.shard), []).append(entry.stream_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, GROUP, *ids)
+            pipe.xdel(stream, *ids)
+        await pipe.execute()
+
+    async def lag(self) -> list[Lag]:
+        """Unflushed entries and the age of the oldest, per shard."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xlen(stream)
+            pipe.xrange(stream, count=1)
+        replies = await pipe.execute()
+        lags = []
+        for shard in range(len(self.streams)):
+            length, first = replies[2 * shard], replies[2 * shard + 1]
+            oldest = int(first[0][0].split("-")[0]) if first else 0
+            lags.append(Lag(shard, length, oldest))
+        return lags
+
+
+def lag_seconds(lags: Sequence[Lag], now_ms: int | None = None) -> float:
+    """Age of the oldest unflushed entry across shards, in seconds (0 when none)."""
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    oldest = [lag.oldest_ms for lag in lags if lag.oldest_ms]
+    return max(0.0, (now - min(oldest)) / 1000) if oldest else 0.0

@@ -1,0 +1,94 @@
+"""The ledger event as the scripts write it to a shard stream, checked again on read.
+
+debit.lua validates before it writes; this module validates what it reads, so a corrupt
+or foreign entry is set aside (poison) instead of reaching the ledger.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+KINDS = frozenset({"debit", "credit", "refund", "hold", "commit", "release", "expiry"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX = 2**53
+
+
+class BadEvent(ValueError):
+    """A stream entry that is not a valid ledger event."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEvent:
+    """One accepted state change, ready for the ledger table."""
+
+    tx_id: uuid.UUID
+    kind: str
+    user_id: str
+    meter: str
+    amount: int
+    from_allowance: int
+    from_credits: int
+    period_id: str
+    ref: str | None
+    reason: str | None
+    caller: str
+    action: str | None
+    plan_code: str | None
+    occurred_at: datetime
+    shard: int
+    stream_id: str
+
+
+def _int(fields: dict[str, str], name: str, *, signed: bool = False) -> int:
+    raw = fields.get(name)
+    if raw is None:
+        raise BadEvent(f"missing field {name!r}")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadEvent(f"field {name!r} is not an integer: {raw!r}") from None
+    if abs(value) >= _MAX or (value < 0 and not signed):
+        raise BadEvent(f"field {name!r} out of range: {value}")
+    return value
+
+
+def decode(shard: int, stream_id: str, fields: dict[str, str]) -> LedgerEvent:
+    """Check and convert one stream entry; BadEvent says what is wrong."""
+    kind = fields.get("k", "")
+    if kind not in KINDS:
+        raise BadEvent(f"unknown event kind {kind!r}")
+    try:
+        tx_id = uuid.UUID(fields.get("tx", ""))
+    except ValueError:
+        raise BadEvent(f"invalid tx id {fields.get('tx')!r}") from None
+    user = fields.get("u", "")
+    if not user:
+        raise BadEvent("missing user")
+    amount = _int(fields, "a", signed=True)
+    allowance, credits = _int(fields, "al"), _int(fields, "cr")
+    if kind == "debit" and (amount >= 0 or -amount != allowance + credits):
+        raise BadEvent(f"debit split does not add up: {amount} != -({allowance} + {credits})")
+    return LedgerEvent(
+        tx_id=tx_id, kind=kind, user_id=user, meter=fields.get("m", ""), amount=amount,
+        from_allowance=allowance, from_credits=credits, period_id=fields.get("p", ""),
+        ref=fields.get("ref") or None, reason=fields.get("rs") or None,
+        caller=fields.get("c", ""), action=fields.get("ac") or None,
+        plan_code=fields.get("pl") or None,
+        occurred_at=_EPOCH + timedelta(milliseconds=_int(fields, "ts")),
+        shard=shard, stream_id=stream_id,
+    )
+
+
+def columns(events: list[LedgerEvent]) -> tuple[list[object], ...]:
+    """The batch as the 16 arrays of the flush_events query, in its parameter order."""
+    return (
+        [e.tx_id for e in events], [e.kind for e in events], [e.user_id for e in events],
+        [e.meter for e in events], [e.amount for e in events],
+        [e.from_allowance for e in events], [e.from_credits for e in events],
+        [e.period_id for e in events], [e.ref for e in events], [e.reason for e in events],
+        [e.caller for e in events], [e.action for e in events],
+        [e.plan_code for e in events], [e.shard for e in events],
+        [e.stream_id for e in events], [e.occurred_at for e in events],
+    )

