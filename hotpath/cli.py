@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,11 +90,43 @@ def main(log_level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @main.command()
 def migrate() -> None:
     """Apply the schema migrations and seed the plan catalog."""
     settings = ensure_servers(_settings())
     asyncio.run(_migrate(settings))
+
+
+async def _reconcile(settings: Settings) -> None:
+    import redis.asyncio as aioredis
+
+    from hotpath.app import make_engine
+    from reconciler.main import serve_forever
+
+    assert settings.redis_url is not None
+    engine = make_engine(settings)
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                     socket_timeout=max(5.0, settings.flush_block_ms / 500),
+                                     socket_connect_timeout=settings.redis_timeout_seconds)
+    try:
+        await serve_forever(engine, client)
+    finally:
+        await client.aclose()
+        await engine.redis.close()
+        await engine.db.close()
+
+
+@main.command()
+def reconcile() -> None:
+    """Run the write-behind reconciler: shard streams -> PostgreSQL ledger."""
+    settings = _settings()
+    if not settings.redis_url or not settings.db_dsn:
+        raise click.ClickException("reconcile needs REDIS_URL and DB_DSN")
+    asyncio.run(_reconcile(settings))
 
 
 @main.command()
@@ -122,6 +155,10 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
         click.echo(f"reconciler started (pid {reconciler.pid})")
     click.echo(f"serving on http://{settings.host}:{settings.port} "
                f"with {settings.workers} worker(s)")
+    # uvicorn shuts down gracefully, then re-raises SIGTERM/SIGINT with the handler it found:
+    # make that handler an exit, so the reconciler and embedded servers are stopped below.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     try:
         uvicorn.run(
             "hotpath.app:create_app", factory=True, host=settings.host, port=settings.port,

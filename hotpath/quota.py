@@ -107,18 +107,12 @@ class Engine:
     ) -> DebitReply:
         """Debit ``amount`` micro-units of ``meter`` once per (user, ref)."""
         invariant(amount > 0, "debit amounts are positive")
-        keys = self.keys
-        shard = keys.shard(user_id)
-        user_key = keys.user(user_id)
         fp = fingerprint(meter, amount, reason)
         windows = self._windows()
         tx_id = self.new_id(None)
         for _ in range(self.settings.load_retries + 2):
-            day_key, month_key = keys.counters(user_id, meter, windows)
             reply = DebitReply.decode(await self._run(
-                SCRIPTS["debit"],
-                (user_key, keys.idempotency(user_id, ref), keys.plans(shard), day_key, month_key,
-                 keys.ledger(shard)),
+                SCRIPTS["debit"], self.keys.debit_keys(user_id, ref, meter, windows),
                 (user_id, meter, amount, ref, fp, reason, caller, tx_id, self.clock.script_now(),
                  windows.day_id, windows.day_start_ms, windows.day_end_ms, windows.month_id,
                  windows.month_start_ms, windows.month_end_ms, *self._debit_tail, action),

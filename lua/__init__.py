@@ -85,6 +85,7 @@ class Keys:
         self.prefix = prefix
         self.n_shards = n_shards
         self._width = max(3, len(str(n_shards - 1)))
+        self._tags = [self.tag(s) for s in range(n_shards)]
 
     def shard(self, user_id: str) -> int:
         """The user's virtual shard: crc32 of the id, modulo the shard count."""
@@ -115,6 +116,16 @@ class Keys:
         base = f"{self.user_base(user_id)}:c:{meter}"
         return f"{base}:d:{windows.day_id}", f"{base}:m:{windows.month_id}"
 
+    def debit_keys(self, user_id: str, ref: str, meter: str, windows: Windows
+                   ) -> tuple[str, str, str, str, str, str]:
+        """KEYS of debit.lua, with the shard computed once (the hot path's only keys)."""
+        shard = self.shard(user_id)
+        tag = self._tags[shard]
+        base = f"{tag}:u:{user_id}"
+        counter = f"{base}:c:{meter}"
+        return (base, f"{base}:r:{ref}", f"{tag}:plans", f"{counter}:d:{windows.day_id}",
+                f"{counter}:m:{windows.month_id}", f"{tag}:ledger")
+
     def plans(self, shard: int) -> str:
         """A shard's copy of the plan catalog."""
         return f"{self.tag(shard)}:plans"
@@ -132,7 +143,7 @@ class Keys:
         return f"{self.prefix}:{{*"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DebitReply:
     """The decoded reply of debit.lua (fields unused by a status are zero or empty)."""
 

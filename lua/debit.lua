@@ -58,8 +58,11 @@ local meter = ARGV[2]
 local user = redis.call('HMGET', KEYS[1], 'loaded', 'plan', 'exp', 'cr:' .. meter, 'n:' .. meter)
 if not user[1] then return {NOT_LOADED, 'user'} end
 local code, status = plan_in_force(user[2], user[3], now, ARGV[20])
-if redis.call('HEXISTS', KEYS[3], code) == 0 then return {NOT_LOADED, 'catalog'} end
-local period, limit = meter_rule(KEYS[3], code, meter)
+-- One read for both: the plan's presence in the catalog copy and the meter's rule.
+local plan = redis.call('HMGET', KEYS[3], code, code .. '|' .. meter)
+if not plan[1] then return {NOT_LOADED, 'catalog'} end
+local period, limit = 'n', 0  -- a meter the plan does not name: credits only
+if plan[2] then period, limit = string.sub(plan[2], 1, 1), tonumber(string.sub(plan[2], 3)) end
 
 local counter, period_id, period_end = nil, 'n', 0
 local used
@@ -84,8 +87,10 @@ local from_allowance = math.min(amount, allowance)
 local from_credits = amount - from_allowance
 if from_allowance > 0 then
   if counter then
-    redis.call('INCRBY', counter, from_allowance)
-    redis.call('PEXPIREAT', counter, period_end + int_arg(ARGV[17], 'grace'))
+    -- A counter that did not exist gets its expiry now; one that existed already has it.
+    if redis.call('INCRBY', counter, from_allowance) == from_allowance then
+      redis.call('PEXPIREAT', counter, period_end + int_arg(ARGV[17], 'grace'))
+    end
   else
     redis.call('HINCRBY', KEYS[1], 'n:' .. meter, from_allowance)
   end

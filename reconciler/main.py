@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -28,7 +29,7 @@ log = logging.getLogger("quota_gateway.reconciler")
 
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 MAX_BACKOFF_SECONDS = 5.0
-OUTBOX_MIN_AGE = "2 seconds"  # let the request apply its own change first
+OUTBOX_MIN_AGE = timedelta(seconds=2)  # let the request apply its own change first
 OUTBOX_BATCH = 100
 
 

@@ -1,0 +1,122 @@
+"""Bad input gets a clear 4xx naming the field and changes nothing."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.support import debit, new_ref, new_user
+
+URL = "/internal/billing/quota/debit"
+
+
+def body(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {"user_id": new_user(), "action": "chat_tokens", "units": 1,
+                               "ref": new_ref()}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+BAD_BODIES = [
+    ({"units": -1}, "units"), ({"units": 0}, "units"), ({"units": "NaN"}, "units"),
+    ({"units": "Infinity"}, "units"), ({"units": 1.0000001}, "units"),
+    ({"units": 10**10}, "units"), ({"units": "abc"}, "units"), ({"units": True}, "units"),
+    ({"units": None}, "units"), ({"units": ...}, "units"),
+    ({"user_id": ""}, "user_id"), ({"user_id": "x" * 129}, "user_id"),
+    ({"user_id": "bad\nid"}, "user_id"), ({"user_id": 5}, "user_id"),
+    ({"ref": ""}, "ref"), ({"ref": "r" * 129}, "ref"), ({"ref": "a\x00b"}, "ref"),
+    ({"action": "mine_bitcoin"}, "action"), ({"action": ...}, "action"),
+    ({"extra": 1}, "extra"),
+]
+
+
+@pytest.mark.parametrize(("changes", "field"), BAD_BODIES)
+async def test_bad_debit_bodies_are_422_naming_the_field(
+    client: httpx.AsyncClient, changes: dict[str, object], field: str
+) -> None:
+    """Each invalid field answers 422 with error.field set, and debits nothing."""
+    payload = body(**changes)
+    response = await client.post(URL, json=payload)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == field
+    user = payload.get("user_id")
+    if isinstance(user, str) and 0 < len(user) <= 128 and "\n" not in user:
+        check = await client.get(f"/internal/billing/quota/check/{user}")
+        assert check.json()["remain_chat"] == 50
+
+
+async def test_exponent_1e400_is_refused(client: httpx.AsyncClient) -> None:
+    """A raw JSON 1e400 (no float can hold it) is 422, not a crash."""
+    raw = b'{"user_id":"u-1e400","action":"chat_tokens","units":1e400,"ref":"r"}'
+    response = await client.post(URL, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "units"
+
+
+@pytest.mark.parametrize(("content", "ctype", "status", "code"), [
+    (b'{"user_id": ', "application/json", 422, "malformed_json"),
+    (b"user_id=1", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+    (b'{"user_id": "u"}', "", 415, "unsupported_media_type"),
+    (b"[1, 2]", "application/json", 422, "invalid"),
+    (b'{"user_id":"' + b"x" * 70_000 + b'"}', "application/json", 413, "payload_too_large"),
+])
+async def test_malformed_requests(client: httpx.AsyncClient, content: bytes, ctype: str,
+                                  status: int, code: str) -> None:
+    """Broken JSON, wrong content types, non-objects and huge bodies get their 4xx."""
+    headers = {"content-type": ctype} if ctype else {}
+    response = await client.post(URL, content=content, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+async def test_missing_or_wrong_key_is_401(client: httpx.AsyncClient) -> None:
+    """No key and a wrong key are both 401 with the error envelope."""
+    for headers in ({"X-Internal-Key": ""}, {"X-Internal-Key": "nope"}):
+        response = await client.get("/internal/billing/quota/check/u", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+
+
+async def test_unknown_plan_is_404_and_bad_expiry_is_422(client: httpx.AsyncClient) -> None:
+    """Applying an unknown plan is 404; a past or naive expires_at is 422."""
+    apply = "/internal/billing/plan/apply"
+    missing = await client.post(apply, json={"user_id": "u", "plan_code": "no_such_plan"})
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "plan_code"
+    for expires in ("2020-01-01T00:00:00Z", "2030-01-01T00:00:00"):
+        bad = await client.post(apply, json={"user_id": "u", "plan_code": "pro_month",
+                                             "expires_at": expires})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "expires_at"
+
+
+async def test_bad_plan_definitions_are_422(client: httpx.AsyncClient) -> None:
+    """A plan with a bad meter name, limit, period or price is refused, naming the field."""
+    url = "/internal/billing/plans/tbad"
+    cases = [
+        ({"meters": {"Chat!": {"limit": 1, "period": "day"}}}, "meters"),
+        ({"meters": {"chat": {"limit": -1, "period": "day"}}}, "meters.chat.limit"),
+        ({"meters": {"chat": {"limit": 1, "period": "week"}}}, "meters[...].period"),
+        ({"meters": {}, "price": "1.005"}, "price"),
+        ({"meters": {}, "currency": "rub"}, "currency"),
+    ]
+    for payload, field in cases:
+        response = await client.put(url, json=payload)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["field"] == field
+    assert (await client.get(url)).status_code == 404
+
+
+async def test_balance_needs_user_id(client: httpx.AsyncClient) -> None:
+    """GET /balance without user_id is 422 naming it."""
+    response = await client.get("/internal/billing/balance")
+    assert response.status_code == 422 and response.json()["error"]["field"] == "user_id"
+
+
+async def test_unknown_route_uses_the_error_envelope(client: httpx.AsyncClient) -> None:
+    """404 and 405 from routing carry the same error shape."""
+    assert (await client.get("/nope")).json()["error"]["code"] == "not_found"
+    assert (await client.get(URL)).json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_debit_still_works_after_bad_requests(client: httpx.AsyncClient) -> None:
+    """Sanity: a valid debit right after is accepted."""
+    assert (await debit(client, new_user(), 1)).status_code == 200

@@ -1,0 +1,141 @@
+"""Pure logic, no network: amounts, calendar windows, ids, settings, queries, auth."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from hotpath.amounts import MAX_UNITS, AmountError, format_micro, from_micro, to_micro
+from hotpath.auth import Authenticator
+from hotpath.clock import new_tx_id
+from hotpath.errors import Forbidden, Unauthorized
+from hotpath.settings import Caller, SettingsError, load_settings
+from lua import Keys
+from lua.periods import Calendar
+from persistence.plans import read_catalog_file
+from persistence.queries import QUERIES, parse
+
+
+def ms(*args: int, tz: object = UTC) -> int:
+    return int(datetime(*args, tzinfo=tz).timestamp() * 1000)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("text", "micro"), [
+    ("2", 2_000_000), ("2.0", 2_000_000), ("2.5", 2_500_000), ("0.000001", 1),
+    ("2.500000000", 2_500_000), (str(MAX_UNITS), MAX_UNITS * 1_000_000),
+])
+def test_amounts_accepted_exactly(text: str, micro: int) -> None:
+    """Valid amounts convert to exact micro-units and back to the same decimal."""
+    assert to_micro(Decimal(text)) == micro
+    assert from_micro(micro) == Decimal(text)
+
+
+@pytest.mark.parametrize("text", [
+    "0", "-1", "0.0000001", "NaN", "Infinity", "-Infinity", "1E+400", str(MAX_UNITS + 1),
+    "sNaN",
+])
+def test_amounts_rejected(text: str) -> None:
+    """Zero, negatives, NaN, infinities, too many decimals and absurd sizes are refused."""
+    with pytest.raises(AmountError):
+        to_micro(Decimal(text))
+
+
+def test_amount_formatting() -> None:
+    """Micro-units print as plain decimals, signed, without trailing zeros."""
+    assert format_micro(-2_500_000) == "-2.5"
+    assert format_micro(3) == "0.000003"
+    assert str(from_micro(300_000)) == "0.3"
+
+
+def test_day_and_month_windows_in_a_time_zone() -> None:
+    """Moscow's day starts at 21:00 UTC the day before; months follow local dates."""
+    cal = Calendar("Europe/Moscow")
+    w = cal.compute(ms(2026, 11, 30, 21, 30))  # 00:30 on 1 December in Moscow
+    assert (w.day_id, w.month_id) == ("2026-12-01", "2026-12")
+    assert w.day_start_ms == ms(2026, 11, 30, 21, 0)
+    assert w.month_end_ms == ms(2026, 12, 31, 21, 0)
+    assert w.contains(ms(2026, 11, 30, 21, 30)) and not w.contains(ms(2026, 12, 1, 21, 0))
+
+
+def test_windows_across_daylight_saving_are_23_hours() -> None:
+    """A DST change makes a 23-hour day; the window follows local midnights."""
+    w = Calendar("Europe/Berlin").compute(ms(2026, 3, 29, 12, 0))
+    assert w.day_end_ms - w.day_start_ms == 23 * 3_600_000
+
+
+def test_calendar_cache_recomputes_after_the_boundary() -> None:
+    """The cached windows are reused inside the day and replaced after it."""
+    cal = Calendar("UTC")
+    first = cal.windows(ms(2026, 11, 23, 1, 0))
+    assert cal.windows(ms(2026, 11, 23, 23, 59)) is first
+    assert cal.windows(ms(2026, 11, 24, 0, 0)).day_id == "2026-11-24"
+
+
+def test_tx_ids_are_uuid7_time_ordered_and_unique() -> None:
+    """Ids carry the millisecond first, version 7, and do not repeat."""
+    ids = [new_tx_id(1_700_000_000_000 + i // 10) for i in range(1000)]
+    assert len(set(ids)) == 1000
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 for u in parsed)
+    assert [u.int >> 80 for u in parsed] == sorted(u.int >> 80 for u in parsed)
+
+
+def test_keys_share_one_hash_tag_per_user() -> None:
+    """Every key of a user carries the same {shard} tag; the shard is crc32 mod N."""
+    keys = Keys("qg", 256)
+    cal = Calendar("UTC").compute(ms(2026, 11, 23))
+    built = keys.debit_keys("user-1", "ref-1", "chat", cal)
+    tags = {k[k.index("{") : k.index("}") + 1] for k in built}
+    assert len(tags) == 1
+    assert built[3].endswith(":c:chat:d:2026-11-23") and built[4].endswith(":c:chat:m:2026-11")
+    assert built[0] == keys.user("user-1") and built[5] == keys.ledger(keys.shard("user-1"))
+
+
+def test_settings_refuse_development_shortcuts_in_production() -> None:
+    """ENV=production stops on the dev token or without real servers, naming the variable."""
+    with pytest.raises(SettingsError, match="SERVICE_TOKEN"):
+        load_settings({"ENV": "production", "REDIS_URL": "redis://x", "DB_DSN": "postgresql://x"})
+    with pytest.raises(SettingsError, match="REDIS_URL"):
+        load_settings({"ENV": "production", "SERVICE_TOKEN": "a-long-production-token"})
+    with pytest.raises(SettingsError, match="TIMEZONE"):
+        load_settings({"TIMEZONE": "Mars/Olympus"})
+    with pytest.raises(SettingsError, match="PORT"):
+        load_settings({"PORT": "eighty"})
+    ok = load_settings({"CALLER_KEYS": '{"chat-svc": {"key": "chat-key-0123456789", '
+                                       '"scopes": ["debit", "read"]}}'})
+    assert ok.callers[0].scopes == frozenset({"debit", "read"})
+
+
+def test_authenticator_names_callers_and_checks_scopes() -> None:
+    """A known key yields its caller; an unknown or missing one is 401; scopes are enforced."""
+    auth = Authenticator((Caller("chat", "k" * 20, frozenset({"debit"})),))
+    caller = auth.authenticate("k" * 20)
+    assert caller.name == "chat"
+    auth.require(caller, "debit")
+    with pytest.raises(Forbidden):
+        auth.require(caller, "plans")
+    for bad in (None, "", "k" * 19):
+        with pytest.raises(Unauthorized):
+            auth.authenticate(bad)
+
+
+def test_queries_file_parses_and_names_every_statement() -> None:
+    """Each statement has a name and SQL; duplicates and empty bodies are refused."""
+    assert "flush_events" in QUERIES and QUERIES["ping"].startswith("SELECT")
+    with pytest.raises(ValueError, match="twice"):
+        parse("-- name: a --\nSELECT 1;\n-- name: a --\nSELECT 2;\n")
+    with pytest.raises(ValueError, match="no SQL"):
+        parse("-- name: a --\n-- only a comment\n")
+
+
+def test_catalog_file_has_the_required_plans() -> None:
+    """free, base750 (750 units a month) and pro_month (10000 chat, 200 template)."""
+    plans = {p.plan_code: p for p in read_catalog_file()}
+    assert plans["base750"].meters["units"].limit_micro == 750_000_000
+    assert plans["base750"].meters["units"].period == "month"
+    assert plans["pro_month"].meters["chat"].limit_micro == 10_000_000_000
+    assert plans["pro_month"].meters["template"].limit_micro == 200_000_000
+    assert "free" in plans
