@@ -41,6 +41,22 @@ class LedgerEvent:
     stream_id: str
 
 
+#: The values of an event's single stream field ``e``, in order, after the version ``v1``.
+LAYOUT = ("k", "tx", "u", "m", "a", "al", "cr", "p", "ref", "rs", "c", "ac", "pl", "ts")
+SEPARATOR = "\x1f"
+
+
+def unpack(fields: dict[str, str]) -> dict[str, str]:
+    """The named values of a stream entry (``{"e": "v1\x1f..."}``)."""
+    packed = fields.get("e")
+    if packed is None:
+        raise BadEvent("missing field 'e'")
+    version, *values = packed.split(SEPARATOR)
+    if version != "v1" or len(values) != len(LAYOUT):
+        raise BadEvent(f"unknown event layout {version!r} with {len(values)} values")
+    return dict(zip(LAYOUT, values, strict=True))
+
+
 def _int(fields: dict[str, str], name: str, *, signed: bool = False) -> int:
     raw = fields.get(name)
     if raw is None:
@@ -54,8 +70,9 @@ def _int(fields: dict[str, str], name: str, *, signed: bool = False) -> int:
     return value
 
 
-def decode(shard: int, stream_id: str, fields: dict[str, str]) -> LedgerEvent:
+def decode(shard: int, stream_id: str, entry_fields: dict[str, str]) -> LedgerEvent:
     """Check and convert one stream entry; BadEvent says what is wrong."""
+    fields = unpack(entry_fields)
     kind = fields.get("k", "")
     if kind not in KINDS:
         raise BadEvent(f"unknown event kind {kind!r}")

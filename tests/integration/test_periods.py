@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 
 from hotpath.clock import FixedClock
 from hotpath.settings import Settings
+from reconciler.events import unpack
 from tests.support import (
     DAY_MS,
     HOUR_MS,
@@ -103,7 +104,8 @@ async def test_named_callers_are_limited_to_their_scopes(
             assert denied.status_code == 403 and denied.json()["error"]["code"] == "forbidden"
         stream = engine.keys.ledger(engine.keys.shard(user))
         entries = await raw_redis.xrange(stream)
-        assert [e[1]["c"] for e in entries if e[1]["u"] == user] == ["chat-svc"]
+        events = [unpack(e[1]) for e in entries]
+        assert [e["c"] for e in events if e["u"] == user] == ["chat-svc"]
     finally:
         await engine.redis.close()
         await engine.db.close()

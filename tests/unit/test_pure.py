@@ -139,3 +139,26 @@ def test_catalog_file_has_the_required_plans() -> None:
     assert plans["pro_month"].meters["chat"].limit_micro == 10_000_000_000
     assert plans["pro_month"].meters["template"].limit_micro == 200_000_000
     assert "free" in plans
+
+
+def test_stream_events_are_checked_when_read() -> None:
+    """A well-formed entry decodes; a wrong layout, kind or split goes to poison (BadEvent)."""
+    from reconciler.events import BadEvent, decode
+
+    tx = new_tx_id()
+    values = ["v1", "debit", tx, "u1", "chat", "-2500000", "2000000", "500000", "d:2026-11-23",
+              "ref-1", "", "chat-svc", "chat_tokens", "free", "1763899200000"]
+    event = decode(3, "1-0", {"e": "\x1f".join(values)})
+    assert (event.amount, event.from_allowance, event.from_credits) == (-2_500_000, 2_000_000,
+                                                                       500_000)
+    assert event.reason is None and event.caller == "chat-svc" and event.shard == 3
+    broken = [
+        {"e": "\x1f".join(values[:-1])},
+        {"e": "\x1f".join(["v1", "gift", *values[2:]])},
+        {"e": "\x1f".join([*values[:5], "-2500001", *values[6:]])},
+        {"e": "\x1f".join([*values[:2], "not-a-uuid", *values[3:]])},
+        {"k": "debit"},
+    ]
+    for fields in broken:
+        with pytest.raises(BadEvent):
+            decode(3, "1-0", fields)
