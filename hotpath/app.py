@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from starlette.applications import Starlette
@@ -36,7 +38,7 @@ from hotpath.errors import (
     RefReused,
     UnsupportedMediaType,
 )
-from hotpath.quota import Engine, to_ms
+from hotpath.quota import Engine, from_ms, to_ms
 from hotpath.schemas import (
     ENCODER,
     MAX_USER_ID,
@@ -54,6 +56,8 @@ from hotpath.schemas import (
     QuotaCheckOut,
     QuotaDebitIn,
     QuotaDebitOut,
+    TransactionOut,
+    TransactionsOut,
     decode,
     micro,
 )
@@ -96,6 +100,27 @@ def error_response(exc: QuotaError) -> Response:
     headers = {"Retry-After": "1"} if isinstance(exc, DependencyUnavailable) else None
     return Response(ENCODER.encode(body), status_code=exc.status, media_type=_JSON,
                     headers=headers)
+
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+
+
+def signed_micro(micro: int) -> Decimal:
+    """A signed amount in micro-units as an exact Decimal."""
+    return -from_micro(-micro) if micro < 0 else from_micro(micro)
+
+
+def _parse_cursor(cursor: str | None) -> tuple[datetime | None, uuid.UUID | None]:
+    """``before`` as handed out in next_before: ``<epoch ms>_<tx id>``."""
+    if not cursor:
+        return None, None
+    ms, _, tx = cursor.partition("_")
+    try:
+        return from_ms(int(ms)), uuid.UUID(tx)
+    except ValueError:
+        raise InvalidInput("must be a next_before value from a previous page",
+                           field="before") from None
 
 
 def _check_user_id(user_id: str | None, field: str = "user_id") -> str:
@@ -311,6 +336,29 @@ class Api:
             applied=done.applied_in_redis,
         ))
 
+    async def transactions(self, request: Request, caller: Caller | None) -> Response:
+        params = request.query_params
+        user_id = _check_user_id(params.get("user_id"))
+        raw_limit = params.get("limit", str(DEFAULT_PAGE))
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
+            raise InvalidInput(f"must be an integer from 1 to {MAX_PAGE}", field="limit")
+        before_at, before_tx = _parse_cursor(params.get("before"))
+        rows = await self.engine.db.fetch("user_transactions", user_id, before_at, before_tx,
+                                          int(raw_limit))
+        items = [TransactionOut(
+            tx_id=str(r["tx_id"]), kind=r["kind"], meter=r["meter"],
+            amount=signed_micro(r["amount_micro"]),
+            from_allowance=from_micro(r["from_allowance_micro"]),
+            from_credits=from_micro(r["from_credits_micro"]), period=r["period_id"],
+            ref=r["ref"], reason=r["reason"], caller=r["caller"], action=r["action"],
+            plan_code=r["plan_code"], occurred_at=r["occurred_at"].isoformat(),
+        ) for r in rows]
+        cursor = None
+        if len(rows) == int(raw_limit):
+            last = rows[-1]
+            cursor = f"{to_ms(last['occurred_at'])}_{last['tx_id']}"
+        return json_response(TransactionsOut(items, cursor))
+
     # -- operations ------------------------------------------------------------------------
     async def health(self, request: Request, caller: Caller | None) -> Response:
         return json_response({"status": "ok", "service": self.settings.service_name,
@@ -360,6 +408,9 @@ class Api:
             Operation("POST", f"{b}/plan/apply", "plan_apply", "Assign a plan to a user",
                       "plans", self.plan_apply, PlanApplyIn, PlanApplyOut,
                       (401, 403, 404, 413, 415, 422, 503)),
+            Operation("GET", f"{b}/transactions", "transactions",
+                      "A user's ledger from PostgreSQL, newest first, paginated", "read",
+                      self.transactions, None, TransactionsOut, (401, 403, 422, 503)),
             Operation("GET", "/health", "health", "Liveness", None, self.health),
             Operation("GET", "/ready", "ready",
                       "Readiness: a script by EVALSHA and a PostgreSQL query", None, self.ready,

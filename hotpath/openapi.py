@@ -44,9 +44,14 @@ def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any
         params = [{"name": name[1:-1], "in": "path", "required": True,
                    "schema": {"type": "string"}}
                   for name in op.path.split("/") if name.startswith("{")]
-        if op.name == "balance":
+        if op.name in ("balance", "transactions"):
             params.append({"name": "user_id", "in": "query", "required": True,
                            "schema": {"type": "string"}})
+        if op.name == "transactions":
+            params += [{"name": "limit", "in": "query", "schema": {"type": "integer",
+                        "minimum": 1, "maximum": 500, "default": 50}},
+                       {"name": "before", "in": "query", "schema": {"type": "string"},
+                        "description": "next_before of the previous page"}]
         if params:
             entry["parameters"] = params
         if op.body is not None:

@@ -148,6 +148,31 @@ class PlanApplyOut(msgspec.Struct):
     applied: bool
 
 
+class TransactionOut(msgspec.Struct):
+    """One ledger row: amounts signed (debits negative), split between allowance and credits."""
+
+    tx_id: str
+    kind: str
+    meter: str
+    amount: Amount
+    from_allowance: Amount
+    from_credits: Amount
+    period: str
+    ref: str | None
+    reason: str | None
+    caller: str
+    action: str | None
+    plan_code: str | None
+    occurred_at: str
+
+
+class TransactionsOut(msgspec.Struct):
+    """A page of a user's ledger, newest first; pass next_before to get the next page."""
+
+    transactions: list[TransactionOut]
+    next_before: str | None
+
+
 class ErrorBody(msgspec.Struct):
     """Every error: a machine code, a message, and the offending field if any."""
 
