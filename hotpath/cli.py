@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -127,6 +128,42 @@ def reconcile() -> None:
     if not settings.redis_url or not settings.db_dsn:
         raise click.ClickException("reconcile needs REDIS_URL and DB_DSN")
     asyncio.run(_reconcile(settings))
+
+
+async def _report(settings: Settings, day: date, out: Path) -> int:
+    import redis.asyncio as aioredis
+
+    from hotpath.app import make_engine
+    from reconciler.report import run
+
+    assert settings.redis_url is not None
+    engine = make_engine(settings)
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        report = await run(engine, client, day, out)
+    finally:
+        await client.aclose()
+        await engine.redis.close()
+        await engine.db.close()
+    click.echo(f"report {day}: {len(report.totals)} plan/meter totals, "
+               f"{report.counters_checked} counters checked, {report.drift_count} drifting, "
+               f"flush lag {report.flush_lag_seconds}s; files in {out}")
+    return 1 if report.drift_count else 0
+
+
+@main.command()
+@click.option("--date", "day", type=click.DateTime(["%Y-%m-%d"]), default=None,
+              help="The day to total (default: yesterday in TIMEZONE).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write JSON, CSV and HTML [env REPORT_DIR].")
+def report(day: datetime | None, out: Path | None) -> None:
+    """Nightly reconciliation; exits 1 when Redis and the ledger disagree."""
+    settings = _settings()
+    if not settings.redis_url or not settings.db_dsn:
+        raise click.ClickException("report needs REDIS_URL and DB_DSN")
+    if day is None:
+        day = datetime.now(tz=UTC) - timedelta(days=1)
+    sys.exit(asyncio.run(_report(settings, day.date(), out or Path(settings.report_dir))))
 
 
 @main.command()

@@ -148,3 +148,43 @@ ON CONFLICT (shard, stream_id) DO NOTHING;
 -- name: poison_count --
 -- How many entries were set aside.
 SELECT count(*) FROM poison_events;
+
+-- name: day_totals --
+-- Debits per plan and meter in [$1, $2) (the report day in TIMEZONE, as UTC instants).
+SELECT coalesce(plan_code, '') AS plan_code, meter, count(*) AS debits,
+       (-sum(amount_micro))::bigint AS amount_micro,
+       sum(from_allowance_micro)::bigint AS allowance_micro,
+       sum(from_credits_micro)::bigint AS credits_micro
+FROM ledger
+WHERE kind = 'debit' AND occurred_at >= $1 AND occurred_at < $2
+GROUP BY 1, 2 ORDER BY 1, 2;
+
+-- name: day_hourly --
+-- Debited amount per meter and hour of [$1, $2), hours counted from $1.
+SELECT meter, floor(extract(epoch FROM occurred_at - $1) / 3600)::int AS hour,
+       (-sum(amount_micro))::bigint AS amount_micro
+FROM ledger
+WHERE kind = 'debit' AND occurred_at >= $1 AND occurred_at < $2
+GROUP BY 1, 2 ORDER BY 1, 2;
+
+-- name: usage_in_periods --
+-- Flushed usage of every user in the given periods; $1 period ids[].
+SELECT user_id, meter, period_id, used_micro FROM usage_counters
+WHERE period_id = ANY($1::text[]);
+
+-- name: insert_report --
+-- Store a report's summary; $1 report_date, $2 drift_count, $3 summary (jsonb).
+INSERT INTO reconciliation_reports (report_date, drift_count, summary) VALUES ($1, $2, $3)
+RETURNING id;
+
+-- name: try_report_lock --
+-- One scheduled report at a time across reconcilers (session-level advisory lock).
+SELECT pg_try_advisory_lock(7311002) AS locked;
+
+-- name: report_unlock --
+-- Release the report lock.
+SELECT pg_advisory_unlock(7311002);
+
+-- name: report_exists --
+-- Whether a report for day $1 was already stored.
+SELECT exists(SELECT 1 FROM reconciliation_reports WHERE report_date = $1);

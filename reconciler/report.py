@@ -1,0 +1,234 @@
+"""The nightly reconciliation: day totals, Redis-vs-ledger drift, flush lag.
+
+Drift is judged per (user, meter, open period): Redis' counter must equal the usage flushed
+to PostgreSQL plus the allowance part of the events still in the shard streams. Counters
+are read after the streams and the ledger, and a user showing drift is read again (the
+reconciler may have flushed in between) before it is reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from hotpath.amounts import format_micro
+from hotpath.quota import Engine, from_ms, to_ms
+from reconciler.consumer import StreamConsumer, lag_seconds
+from reconciler.events import BadEvent, unpack
+
+CounterKey = tuple[str, str, str]  # user, meter, period id
+RECHECKS = 3
+
+
+@dataclass
+class Report:
+    """Everything the report files and the summary row are made of."""
+
+    report_date: str
+    generated_at: str
+    time_zone: str
+    totals: list[dict[str, Any]] = field(default_factory=list)
+    hourly: dict[str, list[str]] = field(default_factory=dict)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    open_periods: list[str] = field(default_factory=list)
+    counters_checked: int = 0
+    unflushed_entries: int = 0
+    flush_lag_seconds: float = 0.0
+
+    @property
+    def drift_count(self) -> int:
+        """How many (user, meter, period) disagree."""
+        return len(self.drift)
+
+
+async def _redis_counters(redis: aioredis.Redis, engine: Engine, periods: set[str]
+                          ) -> dict[CounterKey, int]:
+    """Every period counter and lifetime usage of the open periods, from Redis."""
+    prefix = engine.settings.key_prefix
+    found: dict[CounterKey, int] = {}
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:{{*}}:u:*:c:*", count=1000)]
+    values = await redis.mget(keys) if keys else []
+    for key, value in zip(keys, values, strict=True):
+        rest = key.split("}:u:", 1)[1]
+        head, meter, kind, period = rest.rsplit(":", 3)
+        period_id = f"{kind}:{period}"
+        if value is not None and head.endswith(":c") and period_id in periods:
+            found[(head[:-2], meter, period_id)] = int(value)
+    async for key in redis.scan_iter(match=f"{prefix}:{{*}}:u:*", count=1000, _type="hash"):
+        user = key.split("}:u:", 1)[1]
+        state: dict[str, str] = await redis.hgetall(key)  # type: ignore[assignment]
+        for name, value in state.items():
+            if name.startswith("n:"):
+                found[(user, name[2:], "n")] = int(value)
+    return found
+
+
+async def _unflushed(consumer: StreamConsumer) -> tuple[dict[CounterKey, int], int]:
+    """Allowance usage still in the streams, per counter; and the entry count."""
+    pending: dict[CounterKey, int] = defaultdict(int)
+    count = 0
+    for stream in consumer.streams:
+        start = "-"
+        while True:
+            entries: Any = await consumer.redis.xrange(stream, min=start, count=1000)
+            for _, fields in entries:
+                count += 1
+                try:
+                    values = unpack(fields)
+                except BadEvent:
+                    continue
+                if values["k"] == "debit":
+                    pending[(values["u"], values["m"], values["p"])] += int(values["al"])
+            if len(entries) < 1000:
+                break
+            start = f"({entries[-1][0]}"
+    return pending, count
+
+
+async def build(engine: Engine, redis: aioredis.Redis, day: date) -> Report:
+    """Compute the report for ``day`` (drift is always about the periods open now)."""
+    zone = engine.calendar.zone
+    start = datetime(day.year, day.month, day.day, tzinfo=zone)
+    end = start + timedelta(days=1)
+    report = Report(day.isoformat(), datetime.now(tz=zone).isoformat(timespec="seconds"),
+                    engine.settings.timezone)
+    rows = await engine.db.fetch("day_totals", start, end)
+    report.totals = [
+        {"plan_code": r["plan_code"], "meter": r["meter"], "debits": r["debits"],
+         "amount": format_micro(r["amount_micro"]),
+         "from_allowance": format_micro(r["allowance_micro"]),
+         "from_credits": format_micro(r["credits_micro"])} for r in rows
+    ]
+    hourly: dict[str, list[int]] = defaultdict(lambda: [0] * 25)
+    for r in await engine.db.fetch("day_hourly", start, end):
+        hourly[r["meter"]][min(r["hour"], 24)] += r["amount_micro"]
+    report.hourly = {m: [format_micro(v) for v in hours[:24]] for m, hours in hourly.items()}
+
+    windows = engine.calendar.windows(engine.clock.now_ms())
+    periods = {windows.period_id("d"), windows.period_id("m"), "n"}
+    report.open_periods = sorted(periods)
+    consumer = StreamConsumer(redis, engine.keys, "report", per_stream_count=1000,
+                              block_ms=1, claim_idle_ms=1)
+    suspects: set[CounterKey] | None = None
+    for _ in range(RECHECKS):
+        pending, report.unflushed_entries = await _unflushed(consumer)
+        flushed = {(r["user_id"], r["meter"], r["period_id"]): r["used_micro"]
+                   for r in await engine.db.fetch("usage_in_periods", sorted(periods))}
+        live = await _redis_counters(redis, engine, periods)
+        keys = set(live) | set(flushed)
+        if suspects is not None:
+            keys &= suspects
+        report.counters_checked = max(report.counters_checked, len(keys))
+        drift = [
+            {"user_id": k[0], "meter": k[1], "period": k[2],
+             "redis": format_micro(live.get(k, 0)), "ledger": format_micro(flushed.get(k, 0)),
+             "unflushed": format_micro(pending.get(k, 0)),
+             "difference": format_micro(live.get(k, 0) - flushed.get(k, 0) - pending.get(k, 0))}
+            for k in sorted(keys)
+            # A counter absent from Redis (expired user state) is not drift: it reloads.
+            if k in live and live[k] != flushed.get(k, 0) + pending.get(k, 0)
+        ]
+        suspects = {(d["user_id"], d["meter"], d["period"]) for d in drift}
+        report.drift = drift
+        if not drift:
+            break
+    report.flush_lag_seconds = round(lag_seconds(await consumer.lag()), 3)
+    return report
+
+
+def _svg_chart(hourly: dict[str, list[str]]) -> str:
+    """Stacked-free grouped bars: usage per meter and hour, scaled per meter."""
+    width, height, pad = 760, 40, 4
+    rows = []
+    for i, (meter, hours) in enumerate(sorted(hourly.items())):
+        values = [float(v) for v in hours]  # display only: the exact figures are in the CSV
+        top = max(values) or 1.0
+        y0 = i * (height + 24) + 20
+        rows.append(f'<text x="0" y="{y0 - 6}" font-size="12">{html.escape(meter)} '
+                    f'(max {html.escape(max(hours, key=float))} per hour)</text>')
+        for hour, value in enumerate(values):
+            bar = value / top * height
+            rows.append(f'<rect x="{hour * (width // 24) + pad}" y="{y0 + height - bar:.1f}" '
+                        f'width="{width // 24 - 2 * pad}" height="{bar:.1f}" fill="#3b6ea5">'
+                        f"<title>{hour:02d}:00 {html.escape(hours[hour])}</title></rect>")
+    total_height = max(1, len(hourly)) * (height + 24) + 20
+    axis = "".join(f'<text x="{h * (width // 24) + pad}" y="{total_height}" font-size="9">'
+                   f"{h:02d}</text>" for h in range(24))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
+            f'height="{total_height + 12}">{"".join(rows)}{axis}</svg>')
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values())
+                   + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_files(report: Report, out: Path) -> list[Path]:
+    """JSON, CSV (totals and drift) and a one-page HTML with the hourly chart."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"reconciliation-{report.report_date}"
+    data = asdict(report) | {"drift_count": report.drift_count}
+    paths = [stem.with_suffix(".json"), stem.with_name(stem.name + "-totals.csv"),
+             stem.with_name(stem.name + "-drift.csv"), stem.with_suffix(".html")]
+    paths[0].write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    for path, rows, columns in (
+        (paths[1], report.totals, ["plan_code", "meter", "debits", "amount", "from_allowance",
+                                   "from_credits"]),
+        (paths[2], report.drift, ["user_id", "meter", "period", "redis", "ledger", "unflushed",
+                                  "difference"]),
+    ):
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        path.write_text(buffer.getvalue(), encoding="utf-8")
+    verdict = ("no drift" if not report.drift_count
+               else f"{report.drift_count} counters drift")
+    periods = html.escape(", ".join(report.open_periods))
+    paths[3].write_text(f"""<!doctype html><html><head><meta charset="utf-8">
+<title>Reconciliation {report.report_date}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{border:1px solid #ccc;padding:2px 6px}}
+table{{border-collapse:collapse}} .bad{{color:#b00}} .ok{{color:#070}}</style></head><body>
+<h1>Reconciliation {report.report_date} ({html.escape(report.time_zone)})</h1>
+<p class="{'bad' if report.drift_count else 'ok'}"><b>{verdict}</b> among
+{report.counters_checked} counters of the open periods {periods};
+{report.unflushed_entries} ledger entries not flushed yet, flush lag
+{report.flush_lag_seconds} s. Generated {html.escape(report.generated_at)}.</p>
+<h2>Usage per hour</h2>{_svg_chart(report.hourly)}
+<h2>Totals per plan and meter</h2>{_table(report.totals)}
+<h2>Drift</h2>{_table(report.drift)}
+</body></html>""", encoding="utf-8")
+    return paths
+
+
+async def run(engine: Engine, redis: aioredis.Redis, day: date, out: Path) -> Report:
+    """Build, write and record one report."""
+    report = await build(engine, redis, day)
+    write_files(report, out)
+    summary = {"drift_count": report.drift_count, "totals": report.totals,
+               "unflushed_entries": report.unflushed_entries,
+               "flush_lag_seconds": report.flush_lag_seconds, "out": str(out)}
+    await engine.db.fetchval("insert_report", day, report.drift_count, summary)
+    return report
+
+
+def previous_day(engine: Engine) -> date:
+    """Yesterday in the configured time zone."""
+    now = from_ms(engine.clock.now_ms()).astimezone(engine.calendar.zone)
+    return (now - timedelta(days=1)).date()
+
+
+__all__ = ["Report", "build", "previous_day", "run", "to_ms", "write_files"]

@@ -1,0 +1,50 @@
+"""The nightly report: clean after a normal run, non-zero on injected drift."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import httpx
+import orjson
+import redis.asyncio as aioredis
+
+from hotpath.quota import Engine
+from reconciler.main import Reconciler
+from reconciler.report import run
+from tests.support import apply_plan, balance_debit, debit, new_user
+
+
+async def test_report_is_clean_then_finds_injected_drift(
+    client: httpx.AsyncClient, engine: Engine, raw_redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Totals match the debits; a counter nudged in Redis is reported as drift."""
+    user, other = new_user(), new_user()
+    await apply_plan(client, other, "base750", expires_at="2027-01-01T00:00:00Z")
+    for _ in range(3):
+        assert (await debit(client, user, 2)).status_code == 200
+    assert (await balance_debit(client, other, 0.5)).status_code == 200
+    await Reconciler(engine, raw_redis, name="report-test").drain()
+    assert (await debit(client, user, 1)).status_code == 200  # left unflushed on purpose
+
+    clean = await run(engine, raw_redis, date(2026, 11, 23), tmp_path / "clean")
+    assert clean.drift_count == 0, clean.drift
+    assert clean.unflushed_entries >= 1
+    totals = {(t["plan_code"], t["meter"]): t for t in clean.totals}
+    assert totals[("free", "chat")]["debits"] >= 3
+    assert totals[("base750", "units")]["amount"] != "0"
+    files = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert files == ["reconciliation-2026-11-23-drift.csv", "reconciliation-2026-11-23-totals.csv",
+                     "reconciliation-2026-11-23.html", "reconciliation-2026-11-23.json"]
+    page = (tmp_path / "clean" / "reconciliation-2026-11-23.html").read_text()
+    assert "<svg" in page and "no drift" in page
+
+    day_key, _ = engine.keys.counters(user, "chat", engine.calendar.windows(engine.clock.now_ms()))
+    await raw_redis.incrby(day_key, 5_000_000)
+    drifted = await run(engine, raw_redis, date(2026, 11, 23), tmp_path / "drift")
+    assert [(d["user_id"], d["meter"], d["difference"]) for d in drifted.drift] == [
+        (user, "chat", "5")]
+    saved = orjson.loads((tmp_path / "drift" / "reconciliation-2026-11-23.json").read_bytes())
+    assert saved["drift_count"] == 1
+    count = await engine.db.fetchval("report_exists", date(2026, 11, 23))
+    assert count is True
