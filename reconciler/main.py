@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -22,6 +22,7 @@ import redis.exceptions
 from hotpath import metrics
 from hotpath.errors import DependencyUnavailable
 from hotpath.quota import Engine
+from persistence.queries import QUERIES
 from reconciler.consumer import Entry, StreamConsumer
 from reconciler.writer import LedgerWriter
 
@@ -125,6 +126,33 @@ class Reconciler:
             age = (time.time_ns() // 1_000_000 - lag.oldest_ms) / 1000 if lag.oldest_ms else 0
             metrics.FLUSH_LAG_SECONDS.labels(shard).set(max(0.0, age))
         await self.apply_pending_outbox()
+        if self.settings.report_at:
+            await self.scheduled_report()
+
+    async def scheduled_report(self) -> bool:
+        """After REPORT_AT (local time), yesterday's report once, by one reconciler only."""
+        from pathlib import Path
+
+        from reconciler.report import previous_day, run
+
+        zone = self.engine.calendar.zone
+        now = datetime.fromtimestamp(self.engine.clock.now_ms() / 1000, tz=zone)
+        if now.strftime("%H:%M") < self.settings.report_at:
+            return False
+        day = previous_day(self.engine)
+        async with self.engine.db.connection() as conn:
+            if await conn.fetchval(QUERIES["report_exists"], day):
+                return False
+            if not await conn.fetchval(QUERIES["try_report_lock"]):
+                return False  # another reconciler is writing it
+            try:
+                if await conn.fetchval(QUERIES["report_exists"], day):
+                    return False
+                report = await run(self.engine, self.redis, day, Path(self.settings.report_dir))
+                log.info("nightly report for %s: %d drifting counters", day, report.drift_count)
+            finally:
+                await conn.fetchval(QUERIES["report_unlock"])
+        return True
 
     async def apply_pending_outbox(self) -> int:
         """Apply committed plan/credit changes that never reached Redis."""

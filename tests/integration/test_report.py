@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from hotpath.quota import Engine
 from reconciler.main import Reconciler
 from reconciler.report import run
-from tests.support import apply_plan, balance_debit, debit, new_user
+from tests.support import DAY_MS, HOUR_MS, T0, apply_plan, balance_debit, debit, new_user
 
 
 async def test_report_is_clean_then_finds_injected_drift(
@@ -48,3 +48,23 @@ async def test_report_is_clean_then_finds_injected_drift(
     assert saved["drift_count"] == 1
     count = await engine.db.fetchval("report_exists", date(2026, 11, 23))
     assert count is True
+
+
+async def test_scheduled_report_runs_once_after_its_time(
+    engine: Engine, raw_redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """With REPORT_AT 03:00, nothing before it; after it yesterday's report, only once."""
+    from hotpath.clock import FixedClock
+
+    settings = engine.settings.with_overrides(report_at="03:00", report_dir=str(tmp_path))
+    engine.settings = settings
+    clock = engine.clock
+    assert isinstance(clock, FixedClock)
+    clock.set(T0 + DAY_MS + 15 * HOUR_MS)  # 2026-11-25 03:00 UTC -> reports 2026-11-24
+    reconciler = Reconciler(engine, raw_redis, name="sched-test")
+    clock.advance(-60_000)
+    assert await reconciler.scheduled_report() is False
+    clock.advance(60_000)
+    assert await reconciler.scheduled_report() is True
+    assert await reconciler.scheduled_report() is False
+    assert (tmp_path / "reconciliation-2026-11-24.html").exists()
