@@ -87,14 +87,10 @@ class PythonWorkEngine(Engine):
         self, user_id: str, meter: str, amount: int, ref: str, *,
         reason: str = "", caller: str = "", action: str = "",
     ) -> DebitReply:
-        keys = self.keys
-        shard = keys.shard(user_id)
         windows = self._windows()
-        day_key, month_key = keys.counters(user_id, meter, windows)
         script = SCRIPTS["debit"]
         packed = hiredis.pack_command((
-            "EVALSHA", script.sha, 6, keys.user(user_id), keys.idempotency(user_id, ref),
-            keys.plans(shard), day_key, month_key, keys.ledger(shard),
+            "EVALSHA", script.sha, 6, *self.keys.debit_keys(user_id, ref, meter, windows),
             user_id, meter, amount, ref, fingerprint(meter, amount, reason), reason, caller,
             self.new_id(None), self.clock.script_now(), windows.day_id,
             windows.day_start_ms, windows.day_end_ms, windows.month_id,

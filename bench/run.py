@@ -415,11 +415,9 @@ def evalsha_benchmark(redis_url: str, env: dict[str, str], args: argparse.Namesp
     asyncio.run(prepare())
     keys, s = engine.keys, settings
     windows = engine.calendar.windows(int(time.time() * 1000))
-    shard = keys.shard(user)
-    day_key, month_key = keys.counters(user, "chat", windows)
     ref = "rb-__rand_int__"
-    key_args = [keys.user(user), keys.idempotency(user, ref), keys.plans(shard), day_key,
-                month_key, keys.ledger(shard)]
+    key_args = list(keys.debit_keys(user, ref, "chat", windows))  # what Engine.debit passes
+    month_key = key_args[4]
     argv = [user, "chat", "1000000", ref, "chat:1000000:", "", "service",
             "019ab0c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d", "0",
             windows.day_id, str(windows.day_start_ms), str(windows.day_end_ms),
