@@ -21,7 +21,7 @@ from lua import SCRIPTS, CheckReply, DebitReply, Keys, Script, Status
 from lua.connection import PipelinedRedis, RedisReplyError
 from lua.periods import Calendar, Windows
 from persistence.db import Database
-from persistence.plans import Plan, catalog_fields, list_plans
+from persistence.plans import Plan, catalog_fields, list_plans, put_plan
 from persistence.queries import QUERIES
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -269,8 +269,6 @@ class Engine:
 
     async def put_plan_and_sync(self, plan: Plan) -> Plan:
         """Write a plan to PostgreSQL, then push the new catalog to every shard."""
-        from persistence.plans import put_plan
-
         stored = await put_plan(self.db, plan)
         await self.sync_catalog()
         return stored

@@ -82,7 +82,11 @@ class _Pipe(asyncio.Protocol):
         self.reader.feed(data)
         pending = self.pending
         while True:
-            reply = self.reader.gets()
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:  # the byte stream is corrupt: start afresh
+                self.abort(f"Redis protocol error: {exc}")
+                return
             if reply is False:
                 return
             if not pending:  # a reply nobody waits for: the stream is out of step

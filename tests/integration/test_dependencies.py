@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 
 from hotpath.app import build_app
@@ -15,20 +18,35 @@ from tests.conftest import make_engine
 from tests.support import KEY, debit, new_user
 
 
-async def _client_for(settings: Settings, clock: FixedClock):  # type: ignore[no-untyped-def]
+@contextlib.asynccontextmanager
+async def app_client(settings: Settings, clock: FixedClock) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client for an app on ``settings``; its engine is closed afterwards."""
     engine = make_engine(settings, clock)
     app = build_app(settings, engine, owns_resources=False)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://q",
-                             headers={"X-Internal-Key": KEY})
-    return engine, http
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://q", headers={"X-Internal-Key": KEY}
+                                     ) as http:
+            yield http
+    finally:
+        await engine.redis.close()
+        await engine.db.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A Redis of this test's own, which it may kill or flush."""
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
 
 
 async def test_redis_down_answers_503_and_ready_says_redis(settings: Settings,
                                                            clock: FixedClock) -> None:
     """With nothing listening on the Redis port, debits and /ready answer 503."""
     dead = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    engine, http = await _client_for(dead, clock)
-    async with http:
+    async with app_client(dead, clock) as http:
         response = await debit(http, new_user(), 1)
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "unavailable"
@@ -37,8 +55,6 @@ async def test_redis_down_answers_503_and_ready_says_redis(settings: Settings,
         assert ready.status_code == 503
         assert ready.json()["checks"]["postgres"] == "ok"
         assert "Redis" in ready.json()["checks"]["redis"]
-    await engine.redis.close()
-    await engine.db.close()
 
 
 async def test_postgres_down_blocks_loading_new_users_with_503(settings: Settings,
@@ -46,55 +62,38 @@ async def test_postgres_down_blocks_loading_new_users_with_503(settings: Setting
     """A user not in Redis cannot be loaded without PostgreSQL: 503, nothing assumed zero."""
     dead = settings.with_overrides(db_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
                                    db_timeout_seconds=2.0)
-    engine, http = await _client_for(dead, clock)
-    async with http:
+    async with app_client(dead, clock) as http:
         response = await debit(http, new_user(), 1)
         assert response.status_code == 503
         assert "PostgreSQL" in response.json()["error"]["message"]
         ready = (await http.get("/ready")).json()
         assert ready["checks"]["redis"] == "ok" and ready["checks"]["postgres"] != "ok"
-    await engine.redis.close()
-    await engine.db.close()
 
 
-async def test_emptied_script_cache_falls_back_to_eval(settings: Settings, clock: FixedClock,
-                                                       tmp_path: Path) -> None:
+async def test_emptied_script_cache_falls_back_to_eval(
+    settings: Settings, clock: FixedClock, private_redis: EmbeddedRedis
+) -> None:
     """After SCRIPT FLUSH (a restart or failover), calls succeed through the NOSCRIPT path."""
-    private = EmbeddedRedis(tmp_path / "redis")
-    url = private.start()
-    try:
-        engine, http = await _client_for(settings.with_overrides(redis_url=url), clock)
-        async with http:
-            user = new_user()
-            assert (await debit(http, user, 1)).status_code == 200
-            admin = aioredis.Redis.from_url(url)
-            await admin.script_flush()
-            await admin.aclose()
-            again = await debit(http, user, 1)
-            assert again.status_code == 200 and again.json()["remaining"] == 48
-            assert (await http.get("/ready")).status_code == 200
-        await engine.redis.close()
-        await engine.db.close()
-    finally:
-        private.stop()
+    async with app_client(settings.with_overrides(redis_url=private_redis.url), clock) as http:
+        user = new_user()
+        assert (await debit(http, user, 1)).status_code == 200
+        admin = aioredis.Redis.from_url(private_redis.url)
+        await admin.script_flush()
+        await admin.aclose()
+        again = await debit(http, user, 1)
+        assert again.status_code == 200 and again.json()["remaining"] == 48
+        assert (await http.get("/ready")).status_code == 200
 
 
-async def test_redis_restart_mid_service_reconnects(settings: Settings, clock: FixedClock,
-                                                    tmp_path: Path) -> None:
+async def test_redis_restart_mid_service_reconnects(
+    settings: Settings, clock: FixedClock, private_redis: EmbeddedRedis
+) -> None:
     """Redis killed: 503 while it is gone; back up (empty), the user reloads from PostgreSQL."""
-    private = EmbeddedRedis(tmp_path / "redis")
-    url = private.start()
-    try:
-        engine, http = await _client_for(settings.with_overrides(redis_url=url), clock)
-        async with http:
-            user = new_user()
-            assert (await debit(http, user, 1)).status_code == 200
-            private.kill()
-            assert (await debit(http, user, 1)).status_code == 503
-            private.start()
-            back = await debit(http, user, 1)
-            assert back.status_code == 200, back.text
-        await engine.redis.close()
-        await engine.db.close()
-    finally:
-        private.stop()
+    async with app_client(settings.with_overrides(redis_url=private_redis.url), clock) as http:
+        user = new_user()
+        assert (await debit(http, user, 1)).status_code == 200
+        private_redis.kill()
+        assert (await debit(http, user, 1)).status_code == 503
+        private_redis.start()
+        back = await debit(http, user, 1)
+        assert back.status_code == 200, back.text
