@@ -21,6 +21,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.TooManyConnectionsError,
+    # A pooled connection that received the server's shutdown notice while idle is left
+    # mid-protocol; using or releasing it raises this instead of a connection error.
+    asyncpg.InternalClientError,
 )
 
 
