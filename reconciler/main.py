@@ -183,6 +183,9 @@ class Reconciler:
             except REDIS_DOWN as exc:
                 log.warning("Redis unavailable, retrying in %.1fs: %r", backoff, exc)
                 self._groups_ready = False
+            except Exception:  # a dead reconciler would let the backlog fill: log, retry
+                log.exception("unexpected reconciler error, retrying in %.1fs", backoff)
+                self._groups_ready = False
             else:
                 continue
             await asyncio.sleep(backoff)
