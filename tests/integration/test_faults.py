@@ -558,13 +558,17 @@ async def private_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
         await asyncio.to_thread(postgres.stop)
 
 
+#: How long PostgreSQL stays down (the issue's figure).
+OUTAGE_SECONDS = 30
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 async def test_postgres_outage_hot_path_serves_and_backlog_drains(
     settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis, rng: random.Random,
     private_postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """PostgreSQL stopped for ~6 s (not 30 s, to fit the suite's time budget) under load:
+    """PostgreSQL stopped for 30 s under load:
     every debit of an already loaded user still answers 200, the running reconciler backs
     off (growing delays) while the streams grow, and once PostgreSQL is started again on the
     same data directory and port the backlog drains by itself (the same reconciler, never
@@ -600,11 +604,12 @@ async def test_postgres_outage_hot_path_serves_and_backlog_drains(
             ready = await http.get("/ready")
             assert ready.status_code == 503 and ready.json()["checks"]["postgres"] != "ok"
 
-            async def outage_served() -> bool:  # >= 6 s down and the hot path kept serving
-                return (time.monotonic() - down_at >= 6
+            async def outage_served() -> bool:  # long enough down, the hot path kept serving
+                return (time.monotonic() - down_at >= OUTAGE_SECONDS
                         and load.count(200, first_down) >= 200)
 
-            await eventually(outage_served, 30, "debits served during the outage", 0.1)
+            await eventually(outage_served, OUTAGE_SECONDS + 30,
+                             "debits served during the outage", 0.1)
             backlog, _, _ = await streams(raw_redis, keys)
             if task.done():
                 task.result()  # the reconciler died: its own exception fails the test
@@ -614,7 +619,7 @@ async def test_postgres_outage_hot_path_serves_and_backlog_drains(
             load.phase = "up"
             await asyncio.sleep(rng.uniform(0.2, 0.8))  # some load after the restart too
             await load.finish()
-            await wait_drained(raw_redis, keys, 60)  # by the running reconciler, unaided
+            await wait_drained(raw_redis, keys, 120)  # by the running reconciler, unaided
             assert (await http.get("/ready")).status_code == 200
         finally:
             await load.cancel()
