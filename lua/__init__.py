@@ -39,7 +39,6 @@ class Status(IntEnum):
     NOT_LOADED = 5
     STALE_WINDOW = 6
     BACKLOG = 7
-    STALE = 8
     NEED_METERS = 9
 
 

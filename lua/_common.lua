@@ -2,8 +2,8 @@
 -- It defines functions and constants only; it never touches a key by itself.
 --
 -- Reply status codes (mirrored by lua.Status in Python):
-local OK, DUPLICATE, REF_REUSED, INSUFFICIENT, NOT_LOADED, STALE_WINDOW, BACKLOG, STALE,
-  NEED_METERS = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local OK, DUPLICATE, REF_REUSED, INSUFFICIENT, NOT_LOADED, STALE_WINDOW, BACKLOG,
+  NEED_METERS = 1, 2, 3, 4, 5, 6, 7, 9
 
 -- Integers travel as decimal strings; Lua numbers are doubles, exact below 2^53.
 local EXACT = 9007199254740992
