@@ -10,6 +10,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from hotpath.quota import Engine
+from hotpath.settings import Settings
 from reconciler.main import Reconciler
 from reconciler.report import run
 from tests.support import DAY_MS, HOUR_MS, T0, apply_plan, balance_debit, debit, new_user
@@ -68,3 +69,29 @@ async def test_scheduled_report_runs_once_after_its_time(
     assert await reconciler.scheduled_report() is True
     assert await reconciler.scheduled_report() is False
     assert (tmp_path / "reconciliation-2026-11-24.html").exists()
+
+
+def test_report_command_exit_code_says_drift(settings: Settings, tmp_path: Path) -> None:
+    """`quota-gateway report` exits 0 when clean and 1 once a Redis counter drifts."""
+    import time
+
+    import redis
+    from click.testing import CliRunner
+
+    from hotpath.cli import main
+    from lua import Keys
+    from lua.periods import Calendar
+
+    env = {"REDIS_URL": settings.redis_url or "", "DB_DSN": settings.db_dsn or "",
+           "KEY_PREFIX": settings.key_prefix, "N_SHARDS": str(settings.n_shards)}
+    args = ["report", "--date", "2026-11-23", "--out", str(tmp_path)]
+    clean = CliRunner().invoke(main, args, env=env)
+    assert clean.exit_code == 0, clean.output
+    windows = Calendar("UTC").windows(time.time_ns() // 1_000_000)  # the command's real clock
+    key = Keys(settings.key_prefix, settings.n_shards).counters("drifter", "chat", windows)[0]
+    client = redis.Redis.from_url(settings.redis_url or "")
+    client.set(key, 3_000_000, px=60_000)  # usage Redis has and the ledger never saw
+    client.close()
+    drifted = CliRunner().invoke(main, args, env=env)
+    assert drifted.exit_code == 1, drifted.output
+    assert "1 drifting" in drifted.output
