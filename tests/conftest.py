@@ -25,11 +25,7 @@ from hotpath.clock import FixedClock
 from hotpath.devservers import EmbeddedPostgres, EmbeddedRedis
 from hotpath.quota import Engine
 from hotpath.settings import Settings
-from lua.connection import PipelinedRedis
-from persistence.db import Database
-from persistence.migrate import migrate
-from persistence.plans import read_catalog_file, seed_missing
-from tests.support import KEY, T0
+from tests.support import KEY, T0, make_engine, prepare_database
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -77,14 +73,7 @@ async def db_dsn(servers: Servers) -> AsyncIterator[str]:
     admin = await asyncpg.connect(servers.admin_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     dsn = _with_database(servers.admin_dsn, name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    db = Database(dsn, min_size=0, max_size=2, timeout=10)
-    await seed_missing(db, read_catalog_file())
-    await db.close()
+    await prepare_database(dsn)
     try:
         yield dsn
     finally:
@@ -122,15 +111,6 @@ def settings(servers: Servers, db_dsn: str, prefix: str) -> Settings:
     """Settings for one test: its own prefix, 16 shards to keep catalog copies cheap."""
     return Settings(env="test", redis_url=servers.redis_url, db_dsn=db_dsn, key_prefix=prefix,
                     n_shards=16, redis_timeout_seconds=5.0, db_timeout_seconds=10.0)
-
-
-def make_engine(settings: Settings, clock: FixedClock) -> Engine:
-    """An engine on the test's servers (closed by the caller)."""
-    assert settings.redis_url and settings.db_dsn
-    redis = PipelinedRedis(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
-                           connect_timeout_seconds=2.0)
-    db = Database(settings.db_dsn, min_size=0, max_size=5, timeout=settings.db_timeout_seconds)
-    return Engine(settings, redis, db, clock)
 
 
 @pytest.fixture

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import httpx
+
+from hotpath.app import build_app
+from hotpath.clock import FixedClock
+from hotpath.quota import Engine
+from hotpath.settings import Settings
+from lua.connection import PipelinedRedis
+from persistence.db import Database
+from persistence.migrate import migrate
+from persistence.plans import read_catalog_file, seed_missing
 
 #: Tests pin the clock here unless they move it: Monday 2026-11-23 12:00:00 UTC.
 T0 = int(datetime(2026, 11, 23, 12, 0, tzinfo=UTC).timestamp() * 1000)
@@ -60,3 +72,41 @@ async def put_plan(client: httpx.AsyncClient, code: str, meters: dict[str, Any],
 def unique_plan() -> str:
     """A plan code no other test uses."""
     return f"t{secrets.token_hex(5)}"
+
+
+async def prepare_database(dsn: str) -> None:
+    """Apply the migrations and seed the plan catalog, as `quota-gateway migrate` does."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    db = Database(dsn, min_size=0, max_size=2, timeout=10)
+    await seed_missing(db, read_catalog_file())
+    await db.close()
+
+
+def make_engine(settings: Settings, clock: FixedClock) -> Engine:
+    """An engine on the test's servers (closed by the caller)."""
+    assert settings.redis_url and settings.db_dsn
+    redis = PipelinedRedis(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
+                           connect_timeout_seconds=2.0)
+    db = Database(settings.db_dsn, min_size=0, max_size=5, timeout=settings.db_timeout_seconds)
+    return Engine(settings, redis, db, clock)
+
+
+@contextlib.asynccontextmanager
+async def app_client(settings: Settings, clock: FixedClock, key: str = KEY
+                     ) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client for an app on ``settings``; its engine is closed afterwards."""
+    engine = make_engine(settings, clock)
+    app = build_app(settings, engine, owns_resources=False)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://q", headers={"X-Internal-Key": key}
+                                     ) as http:
+            http.engine = engine  # type: ignore[attr-defined]  # for tests that inspect it
+            yield http
+    finally:
+        await engine.redis.close()
+        await engine.db.close()

@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from hotpath.app import build_app
 from hotpath.clock import FixedClock
 from hotpath.devservers import EmbeddedRedis, free_port
 from hotpath.settings import Settings
-from tests.conftest import make_engine
-from tests.support import KEY, debit, new_user
-
-
-@contextlib.asynccontextmanager
-async def app_client(settings: Settings, clock: FixedClock) -> AsyncIterator[httpx.AsyncClient]:
-    """An in-process client for an app on ``settings``; its engine is closed afterwards."""
-    engine = make_engine(settings, clock)
-    app = build_app(settings, engine, owns_resources=False)
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://q", headers={"X-Internal-Key": KEY}
-                                     ) as http:
-            yield http
-    finally:
-        await engine.redis.close()
-        await engine.db.close()
+from tests.support import app_client, debit, new_user
 
 
 @pytest.fixture

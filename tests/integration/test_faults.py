@@ -44,13 +44,18 @@ from hotpath.devservers import EmbeddedPostgres, EmbeddedRedis, free_port
 from hotpath.quota import Engine
 from hotpath.settings import Settings
 from lua import Keys
-from persistence.db import Database
-from persistence.migrate import migrate
-from persistence.plans import read_catalog_file, seed_missing
 from reconciler.consumer import GROUP
 from reconciler.main import Reconciler
-from tests.conftest import make_engine
-from tests.support import KEY, apply_plan, new_ref, new_user, put_plan, unique_plan
+from tests.support import (
+    KEY,
+    apply_plan,
+    make_engine,
+    new_ref,
+    new_user,
+    prepare_database,
+    put_plan,
+    unique_plan,
+)
 
 MICRO = 1_000_000
 REPO = Path(__file__).resolve().parents[2]
@@ -545,14 +550,7 @@ async def private_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
     postgres = EmbeddedPostgres(tmp_path / "pg", durable=False)
     dsn = await asyncio.to_thread(postgres.start)
     try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-        db = Database(dsn, min_size=0, max_size=2, timeout=10)
-        await seed_missing(db, read_catalog_file())
-        await db.close()
+        await prepare_database(dsn)
         yield postgres
     finally:
         await asyncio.to_thread(postgres.stop)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import httpx
 import redis.asyncio as aioredis
 
-from hotpath.app import build_app
 from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.settings import Settings
 from reconciler.main import Reconciler
-from tests.conftest import make_engine
-from tests.support import KEY, apply_plan, balance_debit, debit, new_user
+from tests.support import app_client, apply_plan, balance_debit, debit, new_user
 
 
 async def test_transactions_newest_first_paginated(
@@ -46,23 +44,16 @@ async def test_debits_are_refused_past_the_backlog_limit(
 ) -> None:
     """With the shard stream at its limit, a debit is 503 and leaves nothing behind."""
     small = settings.with_overrides(max_backlog_entries=3, n_shards=1)
-    engine = make_engine(small, clock)
-    app = build_app(small, engine, owns_resources=False)
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://q", headers={"X-Internal-Key": KEY}
-                                     ) as http:
-            user = new_user()
-            for _ in range(3):
-                assert (await debit(http, user, 1)).status_code == 200
-            refused = await debit(http, user, 1)
-            assert refused.status_code == 503
-            assert refused.json()["error"]["code"] == "backlog_full"
-            assert await raw_redis.xlen(engine.keys.ledger(0)) == 3
-            check = (await http.get(f"/internal/billing/quota/check/{user}")).json()
-            assert check["remain_chat"] == 47
-            await Reconciler(engine, raw_redis, name="backlog-test").drain()
-            assert (await debit(http, user, 1)).status_code == 200  # drained: accepted again
-    finally:
-        await engine.redis.close()
-        await engine.db.close()
+    async with app_client(small, clock) as http:
+        engine = http.engine  # type: ignore[attr-defined]
+        user = new_user()
+        for _ in range(3):
+            assert (await debit(http, user, 1)).status_code == 200
+        refused = await debit(http, user, 1)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "backlog_full"
+        assert await raw_redis.xlen(engine.keys.ledger(0)) == 3
+        check = (await http.get(f"/internal/billing/quota/check/{user}")).json()
+        assert check["remain_chat"] == 47
+        await Reconciler(engine, raw_redis, name="backlog-test").drain()
+        assert (await debit(http, user, 1)).status_code == 200  # drained: accepted again

@@ -12,6 +12,7 @@ from tests.support import (
     DAY_MS,
     HOUR_MS,
     T0,
+    app_client,
     apply_plan,
     balance_debit,
     debit,
@@ -85,27 +86,17 @@ async def test_named_callers_are_limited_to_their_scopes(
     settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis
 ) -> None:
     """Chat-svc's key debits but cannot change plans; its name is recorded with the debit."""
-    from hotpath.app import build_app
     from hotpath.settings import Caller
-    from tests.conftest import make_engine
 
     chat = Caller("chat-svc", "chat-key-0123456789", frozenset({"debit", "read"}))
     scoped = settings.with_overrides(callers=(chat,))
-    engine = make_engine(scoped, clock)
-    app = build_app(scoped, engine, owns_resources=False)
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://q", headers={"X-Internal-Key": chat.key}
-                                     ) as http:
-            user = new_user()
-            assert (await debit(http, user, 1)).status_code == 200
-            denied = await http.post("/internal/billing/plan/apply",
-                                     json={"user_id": user, "plan_code": "pro_month"})
-            assert denied.status_code == 403 and denied.json()["error"]["code"] == "forbidden"
-        stream = engine.keys.ledger(engine.keys.shard(user))
-        entries = await raw_redis.xrange(stream)
-        events = [unpack(e[1]) for e in entries]
-        assert [e["c"] for e in events if e["u"] == user] == ["chat-svc"]
-    finally:
-        await engine.redis.close()
-        await engine.db.close()
+    async with app_client(scoped, clock, key=chat.key) as http:
+        user = new_user()
+        assert (await debit(http, user, 1)).status_code == 200
+        denied = await http.post("/internal/billing/plan/apply",
+                                 json={"user_id": user, "plan_code": "pro_month"})
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "forbidden"
+        keys = http.engine.keys  # type: ignore[attr-defined]
+    entries = await raw_redis.xrange(keys.ledger(keys.shard(user)))
+    events = [unpack(e[1]) for e in entries]
+    assert [e["c"] for e in events if e["u"] == user] == ["chat-svc"]

@@ -13,8 +13,7 @@ from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.settings import Settings
 from reconciler.main import Reconciler
-from tests.conftest import make_engine
-from tests.support import debit, new_ref, new_user
+from tests.support import debit, make_engine, new_ref, new_user
 
 
 async def test_three_reconcilers_flush_a_shared_load_exactly_once(
