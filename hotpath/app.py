@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -29,6 +30,7 @@ from hotpath.clock import Clock, SystemClock
 from hotpath.errors import (
     BacklogFull,
     DependencyUnavailable,
+    DuplicateOrder,
     DuplicateRef,
     InsufficientQuota,
     InvalidInput,
@@ -38,6 +40,7 @@ from hotpath.errors import (
     RefReused,
     UnsupportedMediaType,
 )
+from hotpath.payments import CreditOrder, Payments
 from hotpath.quota import Engine, from_ms, to_ms
 from hotpath.schemas import (
     ENCODER,
@@ -54,14 +57,19 @@ from hotpath.schemas import (
     PlanApplyOut,
     PlanStateOut,
     QuotaCheckOut,
+    QuotaCreditIn,
+    QuotaCreditOut,
     QuotaDebitIn,
     QuotaDebitOut,
     TransactionOut,
     TransactionsOut,
+    WebhookOut,
     decode,
     micro,
+    money,
 )
 from hotpath.settings import Caller, Settings, load_settings
+from hotpath.webhook import PaymentWebhook, Verifier, make_verifier
 from lua import CheckReply, DebitReply, MeterView, Status
 from lua.connection import PipelinedRedis
 from persistence.db import Database
@@ -136,9 +144,12 @@ def _check_user_id(user_id: str | None, field: str = "user_id") -> str:
 class Api:
     """The handlers, bound to one engine and one authenticator."""
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(self, settings: Settings, engine: Engine,
+                 verifier: Verifier | None = None) -> None:
         self.settings = settings
         self.engine = engine
+        self.payments = Payments(engine)
+        self.webhook = PaymentWebhook(self.payments, verifier or make_verifier(settings))
         self.auth = Authenticator(settings.all_callers())
         self.calendar = engine.calendar
         self._timers: dict[tuple[str, int], Any] = {}
@@ -182,6 +193,10 @@ class Api:
         ctype = request.headers.get("content-type", "")
         if ctype.split(";", 1)[0].strip().lower() != _JSON:
             raise UnsupportedMediaType("Content-Type must be application/json")
+        return await self.raw_body(request)
+
+    async def raw_body(self, request: Request) -> bytes:
+        """The raw body, within the size limit (PayloadTooLarge carries what was read)."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -193,9 +208,10 @@ class Api:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body larger than {limit} bytes")
             chunks.append(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body larger than {limit} bytes",
+                                      extra=b"".join(chunks)[:limit])
         return b"".join(chunks)
 
     def _iso(self, ms: int) -> str | None:
@@ -267,6 +283,50 @@ class Api:
             from_credits=from_micro(reply.from_credits),
             plan_code=reply.plan_code,
         ))
+
+    async def quota_credit(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
+        body = decode(await self.body(request), QuotaCreditIn)
+        credits = sorted(
+            (meter, micro(units, name, allow_zero=True))
+            for meter, units, name in ((self.chat_meter, body.units_chat, "units_chat"),
+                                       (self.tpl_meter, body.units_tpl, "units_tpl"))
+        )
+        paid = money(body.amount, "amount") if body.amount is not None else None
+        order = CreditOrder(body.order_id, body.user_id, body.plan_code,
+                            tuple(c for c in credits if c[1] > 0), paid, body.currency,
+                            source="api", caller=caller.name)
+        result = await self.payments.credit(order)
+        out = QuotaCreditOut(
+            order_id=result.order_id, user_id=result.user_id, plan_code=result.plan_code,
+            expires_at=self._iso(result.expires_ms),
+            status="expired" if result.expires_ms and result.expires_ms <= self.engine.clock
+            .now_ms() else "active",
+            credits={m: from_micro(v) for m, v in result.credits.items()},
+            tx_id=result.tx_id, applied=result.applied,
+        )
+        if result.duplicate:
+            raise DuplicateOrder("this order was already credited; the original credit stands",
+                                 field="order_id", extra=msgspec.structs.asdict(out))
+        return json_response(out)
+
+    async def payment_webhook(self, request: Request, caller: Caller | None) -> Response:
+        sender = request.client.host if request.client else ""
+        try:
+            body = await self.raw_body(request)
+        except PayloadTooLarge as exc:
+            kept = exc.extra if isinstance(exc.extra, bytes) else b""
+            exc.extra = {"dead_letter_id": await self.webhook.store(
+                kept, request.headers, sender, exc)}
+            raise
+        outcome, rejected, dead_letter = await self.webhook.receive(body, request.headers,
+                                                                    sender)
+        if rejected is not None:
+            rejected.extra = {"dead_letter_id": dead_letter}
+            raise rejected
+        assert outcome is not None
+        return json_response(WebhookOut(outcome.status, outcome.event, outcome.order_id,
+                                        outcome.refund_id))
 
     # -- seed 002: balance API -------------------------------------------------------------
     async def balance_check(self, request: Request, caller: Caller | None) -> Response:
@@ -390,6 +450,14 @@ class Api:
                       "Debit an action's meter once per ref (seed 000)", "debit",
                       self.quota_debit, QuotaDebitIn, QuotaDebitOut,
                       (401, 403, 409, 413, 415, 422, 503)),
+            Operation("POST", f"{q}/credit", "quota_credit",
+                      "Apply a paid plan and add credits, once per order_id (seed 000)",
+                      "credit", self.quota_credit, QuotaCreditIn, QuotaCreditOut,
+                      (401, 403, 404, 409, 413, 415, 422, 503)),
+            Operation("POST", f"{b}/webhook/payment", "payment_webhook",
+                      "Payment provider notification, verified by WEBHOOK_VERIFIER (no "
+                      "X-Internal-Key); what fails is kept as a dead letter", None,
+                      self.payment_webhook, None, WebhookOut, (401, 403, 409, 413, 422, 503)),
             Operation("POST", f"{b}/check", "balance_check",
                       "Would this many units be allowed? (seed 002)", "read",
                       self.balance_check, BalanceCheckIn, BalanceCheckOut,
@@ -434,9 +502,10 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return Response(ENCODER.encode(body), status_code=500, media_type=_JSON)
 
 
-def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True) -> Starlette:
-    """The Starlette app around an engine (tests pass their own engine and clock)."""
-    api = Api(settings, engine)
+def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True,
+              verifier: Verifier | None = None) -> Starlette:
+    """The Starlette app around an engine (tests pass their own engine, clock, verifier)."""
+    api = Api(settings, engine, verifier)
     routes = [
         Route(op.path, api.wrap(op), methods=[op.method], name=op.name)
         for op in api.operations()

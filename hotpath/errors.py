@@ -42,12 +42,13 @@ class UnsupportedMediaType(InvalidInput):
 
 
 class PayloadTooLarge(InvalidInput):
-    """The body exceeds the configured limit."""
+    """The body exceeds the configured limit; ``extra`` may carry the part that was read."""
 
     status = 413
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, extra: bytes | None = None) -> None:
         super().__init__(message, code="payload_too_large")
+        self.extra = extra
 
 
 class Unauthorized(QuotaError):
@@ -83,6 +84,30 @@ class RefReused(InvalidInput):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, field="ref", code="ref_reused")
+
+
+class DuplicateOrder(QuotaError):
+    """The order was already credited; ``extra`` carries the original result."""
+
+    status = 409
+    code = "duplicate_order"
+
+
+class OrderReused(InvalidInput):
+    """The order id was already used with another user, plan, credits or amount."""
+
+    def __init__(self, message: str, field: str = "order_id") -> None:
+        super().__init__(message, field=field, code="order_reused")
+
+
+class Rejected(QuotaError):
+    """A payment notification that is not processed: it is kept as a dead letter."""
+
+    def __init__(self, status: int, code: str, message: str, *, field: str | None = None
+                 ) -> None:
+        super().__init__(message, field=field)
+        self.status = status
+        self.code = code
 
 
 class NotFound(QuotaError):

@@ -26,7 +26,18 @@ REQUEST_SECONDS = Histogram(
 DEBITS = Counter(
     "quota_debits_total", "Debit outcomes by meter and result", ["meter", "result"],
 )
-CREDITS = Counter("quota_credits_total", "Credits applied by meter", ["meter"])
+CREDITS = Counter("quota_credits_total", "Payment credits applied in Redis, by meter", ["meter"])
+REFUNDS = Counter("quota_refunds_total", "Refunds applied in Redis, by meter", ["meter"])
+WEBHOOKS = Counter(
+    "quota_webhooks_total", "Payment notifications by event and outcome", ["event", "outcome"],
+)
+DEAD_LETTERS = Counter(
+    "quota_dead_letters_total", "Notifications kept as dead letters, by reason code", ["reason"],
+)
+PENDING_APPLIES = Gauge(
+    "quota_pending_applies", "Write-through changes committed in PostgreSQL, not yet in Redis",
+    multiprocess_mode="max",
+)
 DEPENDENCY_ERRORS = Counter(
     "quota_dependency_errors_total", "Redis and PostgreSQL failures seen by the hot path",
     ["dependency"],

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from hotpath import metrics
 from hotpath.clock import Clock, new_tx_id
 from hotpath.errors import DependencyUnavailable, InvariantBroken, NotFound, invariant
 from hotpath.settings import Settings
@@ -188,9 +189,11 @@ class Engine:
         for _ in range(self.settings.load_retries):
             generation = await self.redis.execute("HGET", user_key, "wg") or "0"
             periods = [windows.period_id("d"), windows.period_id("m"), "n"]
-            async with self.db.connection() as conn:
+            # One snapshot: the credit balances and the payment changes they already hold.
+            async with self.db.snapshot() as conn:
                 plan = await conn.fetchrow(QUERIES["get_user_plan"], user_id)
                 credits = await conn.fetch(QUERIES["user_credits"], user_id)
+                included = await conn.fetch(QUERIES["user_pending_payments"], user_id)
                 usage = await conn.fetch(QUERIES["user_usage"], user_id, periods)
             counter_keys: list[str] = []
             counter_args: list[int] = []
@@ -212,7 +215,8 @@ class Engine:
             reply = await self._run(
                 SCRIPTS["load_user"], (user_key, *counter_keys),
                 (generation, code, expires, version, self.settings.user_state_ttl_seconds * 1000,
-                 len(credits), *credit_args, len(lifetime) // 2, *lifetime, *counter_args),
+                 len(credits), *credit_args, len(lifetime) // 2, *lifetime,
+                 len(included), *(r["id"] for r in included), *counter_args),
             )
             if reply[0] != -1:
                 return
@@ -257,6 +261,10 @@ class Engine:
                     (payload["plan_code"], payload["expires_ms"], payload["version"],
                      self.settings.user_state_ttl_seconds * 1000),
                 )
+            elif op in ("credit", "refund"):
+                result = await self.apply_payment(outbox_id, user_id, op, payload)
+                if op == "refund":
+                    await self.db.fetchval("set_refund_taken", payload["refund_id"], result)
             else:
                 raise InvariantBroken(f"unknown outbox operation {op!r}")
             async with self.db.connection() as conn:
@@ -266,6 +274,41 @@ class Engine:
                 raise
             return False
         return True
+
+    async def apply_payment(
+        self, outbox_id: int, user_id: str, op: str, payload: dict[str, Any]
+    ) -> dict[str, int]:
+        """Run apply_payment.lua for a committed credit or refund; what it added or took.
+
+        A refund needs the user's state in Redis (it takes back only what is left), so a
+        "not loaded" answer loads the user and retries. A change applied before whose
+        result Redis no longer knows (the user was reloaded) is read back from the ledger.
+        """
+        plan = payload.get("plan") or {}
+        triples = [v for meter, amount, tx in payload["credits"] for v in (meter, amount, tx)]
+        args = (op, outbox_id, plan.get("plan_code", ""), plan.get("expires_ms", 0),
+                plan.get("version", 0), self.settings.user_state_ttl_seconds * 1000,
+                self.clock.script_now(), payload.get("caller", ""),
+                payload.get("refund_id") or payload["order_id"], user_id,
+                len(payload["credits"]), *triples)
+        keys = (self.keys.user(user_id), self.keys.ledger(self.keys.shard(user_id)))
+        for _ in range(self.settings.load_retries + 1):
+            status, text = await self._run(SCRIPTS["apply_payment"], keys, args)
+            if Status(status) is not Status.NOT_LOADED:
+                break
+            await self.load_user(user_id, self._windows())
+        else:
+            raise DependencyUnavailable("redis", f"user {user_id!r} could not be loaded")
+        if Status(status) is Status.OK:
+            for meter, _, _ in payload["credits"]:
+                (metrics.CREDITS if op == "credit" else metrics.REFUNDS).labels(meter).inc()
+        if text in ("loaded", "deferred"):
+            if op == "credit":
+                return {meter: amount for meter, amount, _ in payload["credits"]}
+            rows = await self.db.fetch("refund_events", payload["refund_id"])
+            return {r["meter"]: r["from_credits_micro"] for r in rows}
+        pairs = (item.partition("=") for item in text.split(",") if item)
+        return {meter: int(amount) for meter, _, amount in pairs}
 
     async def put_plan_and_sync(self, plan: Plan) -> Plan:
         """Write a plan to PostgreSQL, then push the new catalog to every shard."""

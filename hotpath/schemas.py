@@ -73,6 +73,45 @@ class PlanApplyIn(Strict):
     expires_at: datetime | None = None
 
 
+OrderId = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=_PRINTABLE,
+                              description="Pay-svc's order id: one credit per order")]
+Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+
+
+class QuotaCreditIn(Strict):
+    """Seed 000 credit after a payment: apply the plan and add the credits, once per order."""
+
+    order_id: OrderId
+    user_id: UserId
+    plan_code: PlanCode
+    units_chat: Amount = Decimal(0)
+    units_tpl: Amount = Decimal(0)
+    amount: Amount | None = None  # what was paid; default: the plan's price
+    currency: Currency | None = None  # default: the plan's currency
+
+
+class QuotaCreditOut(msgspec.Struct):
+    """The credit as applied (a repeated order answers 409 with this same body)."""
+
+    order_id: str
+    user_id: str
+    plan_code: str | None
+    expires_at: str | None
+    status: str
+    credits: dict[str, Amount]
+    tx_id: str
+    applied: bool
+
+
+class WebhookOut(msgspec.Struct):
+    """A processed payment notification."""
+
+    status: str  # processed | duplicate
+    event: str
+    order_id: str | None = None
+    refund_id: str | None = None
+
+
 class MeterOut(msgspec.Struct):
     """One meter of a user: allowance, usage, credits and what remains."""
 
@@ -208,12 +247,24 @@ def decode(body: bytes, model: type[T]) -> T:
         raise InvalidInput(f"malformed JSON: {exc}", code="malformed_json") from None
 
 
-def micro(value: Decimal, field: str) -> int:
+def micro(value: Decimal, field: str, *, allow_zero: bool = False) -> int:
     """An API amount as micro-units, or InvalidInput naming ``field``."""
     try:
-        return to_micro(value)
+        return to_micro(value, allow_zero=allow_zero)
     except AmountError as exc:
         raise InvalidInput(str(exc), field=field) from None
+
+
+MAX_MONEY = Decimal(10) ** 15
+
+
+def money(value: Decimal, field: str) -> Decimal:
+    """A paid amount: finite, not negative, at most 2 decimal places (kopecks, cents)."""
+    if not value.is_finite() or value < 0 or value > MAX_MONEY \
+            or value != value.quantize(Decimal("0.01")):
+        raise InvalidInput("must be a non-negative amount with at most 2 decimal places",
+                           field=field)
+    return value.quantize(Decimal("0.01"))
 
 
 ENCODER = msgspec.json.Encoder(decimal_format="number")

@@ -6,6 +6,7 @@ needs from here. A missing or invalid value stops start-up with a message naming
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import zoneinfo
 from collections.abc import Mapping
@@ -19,6 +20,13 @@ DEV_SERVICE_TOKEN = "super-secret-dev"  # noqa: S105 - the seed's documented dev
 
 #: Operations a caller may be allowed. ``read`` covers checks and balances.
 SCOPES = frozenset({"read", "debit", "credit", "plans", "admin"})
+
+
+#: YooKassa's published notification networks (https://yookassa.ru/developers/using-api/webhooks).
+YOOKASSA_NETWORKS = (
+    "185.71.76.0/27", "185.71.77.0/27", "77.75.153.0/25", "77.75.156.11/32",
+    "77.75.156.35/32", "77.75.154.128/25", "2a02:5180::/32",
+)
 
 
 class SettingsError(ValueError):
@@ -77,6 +85,15 @@ class Settings:
     flush_max_attempts: int = 5
     report_at: str = ""  # "HH:MM" in TIMEZONE to run the nightly report inside the reconciler
     report_dir: str = "reports"
+    # Payments: how a webhook is verified ("signature" or "yookassa") and with what.
+    webhook_verifier: str = "signature"
+    webhook_public_key: str = field(default="", repr=False)  # PEM text or a path to one
+    yookassa_api_url: str = "https://api.yookassa.ru/v3"
+    yookassa_shop_id: str = ""
+    yookassa_secret_key: str = field(default="", repr=False)
+    yookassa_networks: tuple[str, ...] = YOOKASSA_NETWORKS
+    trusted_proxies: tuple[str, ...] = ()
+    provider_timeout_seconds: float = 5.0
 
     @property
     def production(self) -> bool:
@@ -130,6 +147,19 @@ def _parse_actions(raw: str) -> tuple[tuple[str, str], ...]:
     ):
         raise SettingsError("ACTION_METERS must be a JSON object of action -> meter")
     return tuple(sorted(data.items()))
+
+
+def _parse_networks(name: str, raw: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of addresses or CIDR networks; empty keeps the default."""
+    if not raw.strip():
+        return default
+    networks = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for net in networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise SettingsError(f"{name}: {net!r} is not an address or network") from None
+    return networks
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -189,6 +219,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             ),
             report_at=config("REPORT_AT", default=defaults.report_at),
             report_dir=config("REPORT_DIR", default=defaults.report_dir),
+            webhook_verifier=config("WEBHOOK_VERIFIER", default=defaults.webhook_verifier),
+            webhook_public_key=config("WEBHOOK_PUBLIC_KEY", default=""),
+            yookassa_api_url=config("YOOKASSA_API_URL", default=defaults.yookassa_api_url),
+            yookassa_shop_id=config("YOOKASSA_SHOP_ID", default=""),
+            yookassa_secret_key=config("YOOKASSA_SECRET_KEY", default=""),
+            yookassa_networks=_parse_networks(
+                "YOOKASSA_NETWORKS", config("YOOKASSA_NETWORKS", default=""), YOOKASSA_NETWORKS
+            ),
+            trusted_proxies=_parse_networks(
+                "TRUSTED_PROXIES", config("TRUSTED_PROXIES", default=""), ()
+            ),
+            provider_timeout_seconds=config(
+                "PROVIDER_TIMEOUT_SECONDS", cast=float, default=defaults.provider_timeout_seconds
+            ),
         )
     except ValueError as exc:
         if isinstance(exc, SettingsError):
@@ -204,7 +248,7 @@ def validate(settings: Settings) -> None:
         "port", "workers", "n_shards", "idempotency_ttl_seconds", "counter_grace_seconds",
         "user_state_ttl_seconds", "max_backlog_entries", "redis_timeout_seconds",
         "redis_connections", "db_pool_max", "db_timeout_seconds", "flush_batch_max",
-        "flush_block_ms", "flush_claim_idle_ms",
+        "flush_block_ms", "flush_claim_idle_ms", "provider_timeout_seconds",
     ):
         _positive(name.upper(), getattr(settings, name))
     if settings.n_shards > 16384:
@@ -219,7 +263,17 @@ def validate(settings: Settings) -> None:
         raise SettingsError("KEY_PREFIX must be non-empty, without braces or spaces")
     if settings.report_at and not _is_hhmm(settings.report_at):
         raise SettingsError("REPORT_AT must be HH:MM")
+    if settings.webhook_verifier not in ("signature", "yookassa"):
+        raise SettingsError("WEBHOOK_VERIFIER must be signature or yookassa")
     if settings.production:
+        if settings.webhook_verifier == "signature" and not settings.webhook_public_key:
+            raise SettingsError("ENV=production with WEBHOOK_VERIFIER=signature needs "
+                                "WEBHOOK_PUBLIC_KEY")
+        if settings.webhook_verifier == "yookassa" and not (
+            settings.yookassa_shop_id and settings.yookassa_secret_key
+        ):
+            raise SettingsError("ENV=production with WEBHOOK_VERIFIER=yookassa needs "
+                                "YOOKASSA_SHOP_ID and YOOKASSA_SECRET_KEY")
         if settings.service_token == DEV_SERVICE_TOKEN:
             raise SettingsError("ENV=production refuses the development SERVICE_TOKEN")
         if len(settings.service_token) < 16:

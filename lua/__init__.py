@@ -62,7 +62,7 @@ class Script:
 
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
-    for name in ("debit", "check", "load_user", "load_catalog", "set_plan")
+    for name in ("debit", "check", "load_user", "load_catalog", "set_plan", "apply_payment")
 }
 
 

@@ -9,6 +9,8 @@
 -- ARGV[5]     user state TTL, ms
 -- ARGV[6]     c = number of credit balances, then c pairs: meter, micro-units
 -- then        u = number of lifetime ('none' period) usages, then u pairs: meter, micro-units
+-- then        o = number of payment changes (redis_outbox ids) the credits read from
+--             PostgreSQL already include though not applied in Redis yet, then o ids
 -- then        for each KEYS[1+i]: used micro-units, expire-at ms
 --
 -- Reply: {1} loaded; {0} already loaded (nothing written); {-1} a write-through changed the
@@ -37,6 +39,13 @@ local lifetime = {}
 for _ = 1, u do
   lifetime[#lifetime + 1] = {ARGV[i], int_arg(ARGV[i + 1], 'usage')}
   i = i + 2
+end
+local o = int_arg(ARGV[i], 'outbox count'); i = i + 1
+for _ = 1, o do
+  -- apply_payment.lua must not add these again: mark them applied.
+  fields[#fields + 1] = 'ob:' .. int_arg(ARGV[i], 'outbox id')
+  fields[#fields + 1] = 'loaded'
+  i = i + 1
 end
 if #ARGV ~= i - 1 + 2 * (#KEYS - 1) then error('qg: load_user needs two values per counter') end
 

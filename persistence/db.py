@@ -79,6 +79,15 @@ class Database:
         async with self.connection() as conn, conn.transaction():
             yield conn
 
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection inside one read-only REPEATABLE READ transaction: every read sees
+        the same committed state."""
+        async with self.connection() as conn, conn.transaction(
+            isolation="repeatable_read", readonly=True
+        ):
+            yield conn
+
     async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
         """Run a named query and return its rows."""
         async with self.connection() as conn:

@@ -87,6 +87,8 @@ def decode(shard: int, stream_id: str, entry_fields: dict[str, str]) -> LedgerEv
     allowance, credits = _int(fields, "al"), _int(fields, "cr")
     if kind == "debit" and (amount >= 0 or -amount != allowance + credits):
         raise BadEvent(f"debit split does not add up: {amount} != -({allowance} + {credits})")
+    if kind == "refund" and (allowance != 0 or -amount != credits):
+        raise BadEvent(f"a refund takes credits only: {amount} != -{credits}")
     return LedgerEvent(
         tx_id=tx_id, kind=kind, user_id=user, meter=fields.get("m", ""), amount=amount,
         from_allowance=allowance, from_credits=credits, period_id=fields.get("p", ""),

@@ -155,12 +155,15 @@ class Reconciler:
         return True
 
     async def apply_pending_outbox(self) -> int:
-        """Apply committed plan/credit changes that never reached Redis."""
+        """Apply committed plan, credit and refund changes that never reached Redis."""
+        metrics.PENDING_APPLIES.set(await self.engine.db.fetchval("pending_outbox_count"))
         rows = await self.engine.db.fetch("pending_outbox", OUTBOX_MIN_AGE, OUTBOX_BATCH)
         for row in rows:
             await self.engine.apply_outbox(row["id"], row["user_id"], row["op"],
                                            row["payload"], quiet=False)
         self.stats.outbox_applied += len(rows)
+        if rows:
+            log.info("applied %d write-through changes left pending", len(rows))
         return len(rows)
 
     async def drain(self, *, idle_rounds: int = 2) -> None:

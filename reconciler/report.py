@@ -43,11 +43,13 @@ class Report:
     counters_checked: int = 0
     unflushed_entries: int = 0
     flush_lag_seconds: float = 0.0
+    payments_checked: int = 0
+    payment_mismatches: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def drift_count(self) -> int:
-        """How many (user, meter, period) disagree."""
-        return len(self.drift)
+        """How many (user, meter, period) disagree, plus payments not credited exactly once."""
+        return len(self.drift) + len(self.payment_mismatches)
 
 
 async def _redis_counters(redis: aioredis.Redis, engine: Engine, periods: set[str]
@@ -142,6 +144,15 @@ async def build(engine: Engine, redis: aioredis.Redis, day: date) -> Report:
         if not drift:
             break
     report.flush_lag_seconds = round(lag_seconds(await consumer.lag()), 3)
+    # Every succeeded payment of the day: its credits in the ledger exactly once, in Redis.
+    report.payments_checked = await engine.db.fetchval("receipts_count", start, end)
+    report.payment_mismatches = [
+        {"order_id": r["order_id"], "user_id": r["user_id"],
+         "receipt": {m: format_micro(int(v)) for m, v in r["credits"].items()},
+         "ledger": {m: format_micro(int(v)) for m, v in r["credited"].items()},
+         "applied_in_redis": r["applied"]}
+        for r in await engine.db.fetch("receipts_without_credit", start, end)
+    ]
     return report
 
 
@@ -196,7 +207,8 @@ def write_files(report: Report, out: Path) -> list[Path]:
         writer.writerows(rows)
         path.write_text(buffer.getvalue(), encoding="utf-8")
     verdict = ("no drift" if not report.drift_count
-               else f"{report.drift_count} counters drift")
+               else f"{len(report.drift)} counters drift, {len(report.payment_mismatches)} "
+                    "payments unmatched")
     periods = html.escape(", ".join(report.open_periods))
     paths[3].write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>Reconciliation {report.report_date}</title>
@@ -210,6 +222,9 @@ table{{border-collapse:collapse}} .bad{{color:#b00}} .ok{{color:#070}}</style></
 <h2>Usage per hour</h2>{_svg_chart(report.hourly)}
 <h2>Totals per plan and meter</h2>{_table(report.totals)}
 <h2>Drift</h2>{_table(report.drift)}
+<h2>Payments</h2><p>{report.payments_checked} succeeded payments;
+{len(report.payment_mismatches)} not matched by exactly one applied credit.</p>
+{_table(report.payment_mismatches)}
 </body></html>""", encoding="utf-8")
     return paths
 
@@ -219,6 +234,8 @@ async def run(engine: Engine, redis: aioredis.Redis, day: date, out: Path) -> Re
     report = await build(engine, redis, day)
     write_files(report, out)
     summary = {"drift_count": report.drift_count, "totals": report.totals,
+               "payments_checked": report.payments_checked,
+               "payment_mismatches": report.payment_mismatches,
                "unflushed_entries": report.unflushed_entries,
                "flush_lag_seconds": report.flush_lag_seconds, "out": str(out)}
     await engine.db.fetchval("insert_report", day, report.drift_count, summary)

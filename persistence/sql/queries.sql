@@ -106,6 +106,7 @@ ORDER BY id LIMIT $2;
 -- name: flush_events --
 -- Write a batch of ledger events in one statement, idempotent on tx_id, and advance usage
 -- and credit counters by the rows really inserted (a redelivered event inserts nothing).
+-- Debits and refunds both take their from_credits part off the credit balance.
 -- Counter rows are upserted in key order so concurrent reconcilers cannot deadlock.
 -- $1 tx_id[], $2 kind[], $3 user_id[], $4 meter[], $5 amount_micro[],
 -- $6 from_allowance_micro[], $7 from_credits_micro[], $8 period_id[], $9 ref[], $10 reason[],
@@ -131,7 +132,7 @@ WITH inserted AS (
 ), spent AS (
     INSERT INTO credit_balances AS c (user_id, meter, balance_micro)
     SELECT user_id, meter, -sum(from_credits_micro)
-    FROM inserted WHERE kind = 'debit' AND from_credits_micro > 0
+    FROM inserted WHERE kind IN ('debit', 'refund') AND from_credits_micro > 0
     GROUP BY user_id, meter
     ORDER BY user_id, meter
     ON CONFLICT (user_id, meter)
@@ -188,3 +189,142 @@ SELECT pg_advisory_unlock(7311002);
 -- name: report_exists --
 -- Whether a report for day $1 was already stored.
 SELECT exists(SELECT 1 FROM reconciliation_reports WHERE report_date = $1);
+
+-- name: pending_outbox_count --
+-- How many write-through changes wait for Redis (a metric).
+SELECT count(*) FROM redis_outbox WHERE applied_at IS NULL;
+
+-- name: user_pending_payments --
+-- A user's payment changes not applied in Redis yet whose effect the PostgreSQL credit
+-- balances already hold: credits (written with their receipt) and refunds whose ledger
+-- events were flushed. Read in the same snapshot as user_credits; $1 user_id.
+SELECT o.id FROM redis_outbox o
+WHERE o.user_id = $1 AND o.applied_at IS NULL
+  AND (o.op = 'credit'
+       OR (o.op = 'refund' AND EXISTS (
+           SELECT 1 FROM ledger l
+           WHERE l.user_id = $1 AND l.kind = 'refund' AND l.ref = o.payload ->> 'refund_id')))
+ORDER BY o.id;
+
+-- name: get_receipt --
+-- One receipt by order id; $1 order_id.
+SELECT * FROM payment_receipts WHERE order_id = $1;
+
+-- name: get_receipt_by_payment --
+-- One receipt by the provider's payment id; $1 payment_id.
+SELECT * FROM payment_receipts WHERE payment_id = $1;
+
+-- name: lock_order --
+-- Serialize concurrent requests for one order (transaction-scoped); $1 order_id.
+SELECT pg_advisory_xact_lock(hashtextextended('order:' || $1, 7311003));
+
+-- name: insert_receipt --
+-- Record a payment; $1 order_id, $2 payment_id, $3 user_id, $4 plan_code, $5 status,
+-- $6 amount (text), $7 currency, $8 credits (jsonb), $9 fingerprint, $10 source, $11 caller,
+-- $12 plan_expires_at, $13 plan_version, $14 tx_id, $15 outbox_id, $16 result (jsonb),
+-- $17 created_at (the service clock, as for ledger events).
+INSERT INTO payment_receipts (order_id, payment_id, user_id, plan_code, status, amount, currency,
+                              credits, fingerprint, source, caller, plan_expires_at,
+                              plan_version, tx_id, outbox_id, result, created_at)
+VALUES ($1, $2, $3, $4, $5, $6::numeric, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17);
+
+-- name: add_credit_balance --
+-- Add a credit to a user's balance of one meter; $1 user_id, $2 meter, $3 micro-units.
+INSERT INTO credit_balances AS c (user_id, meter, balance_micro) VALUES ($1, $2, $3)
+ON CONFLICT (user_id, meter)
+DO UPDATE SET balance_micro = c.balance_micro + EXCLUDED.balance_micro, updated_at = now();
+
+-- name: insert_credit_event --
+-- A credit in the ledger, written with its receipt; $1 tx_id, $2 user_id, $3 meter,
+-- $4 micro-units, $5 order_id (ref), $6 caller, $7 plan_code, $8 occurred_at.
+INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, period_id, ref, reason, caller,
+                    plan_code, occurred_at)
+VALUES ($1, 'credit', $2, $3, $4, 'n', $5, 'payment', $6, $7, $8);
+
+-- name: get_refund --
+-- One refund; $1 refund_id.
+SELECT * FROM payment_refunds WHERE refund_id = $1;
+
+-- name: order_refunds --
+-- The refunds already recorded for one order; $1 order_id.
+SELECT amount::text AS amount, wanted FROM payment_refunds WHERE order_id = $1;
+
+-- name: outbox_applied --
+-- Whether a write-through change reached Redis; $1 id.
+SELECT applied_at IS NOT NULL FROM redis_outbox WHERE id = $1;
+
+-- name: insert_refund --
+-- Record a refund; $1 refund_id, $2 order_id, $3 amount (text), $4 currency, $5 wanted (jsonb),
+-- $6 plan_revoked, $7 outbox_id.
+INSERT INTO payment_refunds (refund_id, order_id, amount, currency, wanted, plan_revoked,
+                             outbox_id)
+VALUES ($1, $2, $3::numeric, $4, $5, $6, $7);
+
+-- name: set_refund_taken --
+-- What a refund took back in Redis; $1 refund_id, $2 taken (jsonb). The first answer stays.
+UPDATE payment_refunds SET taken = $2, applied_at = now()
+WHERE refund_id = $1 AND taken IS NULL;
+
+-- name: refund_events --
+-- The ledger events of one refund (what it took back per meter); $1 refund_id.
+SELECT meter, from_credits_micro FROM ledger WHERE kind = 'refund' AND ref = $1;
+
+-- name: revoke_plan --
+-- End a user's plan now if it is still the version a refunded receipt set; $1 user_id,
+-- $2 version, $3 now. Returns the new version, or no row when the plan changed since.
+UPDATE user_plans
+SET expires_at = $3, version = nextval('user_plan_version_seq'), updated_at = now()
+WHERE user_id = $1 AND version = $2
+RETURNING version, plan_code;
+
+-- name: insert_dead_letter --
+-- Keep a notification that could not be processed; $1 source, $2 sender, $3 headers (jsonb),
+-- $4 body, $5 reason. Returns its id.
+INSERT INTO dead_letters (source, sender, headers, body, reason) VALUES ($1, $2, $3, $4, $5)
+RETURNING id;
+
+-- name: list_dead_letters --
+-- Dead letters, newest first; $1 include replayed ones, $2 limit.
+SELECT id, received_at, source, sender, reason, status, length(body) AS size, replay_result
+FROM dead_letters WHERE $1 OR status = 'new'
+ORDER BY id DESC LIMIT $2;
+
+-- name: get_dead_letter --
+-- One dead letter; $1 id.
+SELECT * FROM dead_letters WHERE id = $1;
+
+-- name: mark_dead_letter_replayed --
+-- An operator replayed a dead letter; $1 id, $2 result.
+UPDATE dead_letters SET status = 'replayed', replayed_at = now(), replay_result = $2
+WHERE id = $1;
+
+-- name: record_replay_attempt --
+-- A replay that was rejected again; $1 id, $2 result.
+UPDATE dead_letters SET replay_result = $2 WHERE id = $1;
+
+-- name: receipts_without_credit --
+-- Succeeded receipts of [$1, $2) whose credits are not matched exactly once: the ledger's
+-- credit events (per meter, by order id) must equal the receipt's credits, and its change
+-- must have reached Redis (outbox applied).
+WITH r AS (
+    SELECT order_id, user_id, credits, outbox_id FROM payment_receipts
+    WHERE status = 'succeeded' AND created_at >= $1 AND created_at < $2
+), l AS (
+    SELECT ref, jsonb_object_agg(meter, total) AS credited, sum(events) AS events
+    FROM (SELECT ref, meter, sum(amount_micro) AS total, count(*) AS events FROM ledger
+          WHERE kind = 'credit' AND ref IN (SELECT order_id FROM r) GROUP BY ref, meter) t
+    GROUP BY ref
+)
+SELECT r.order_id, r.user_id, r.credits, coalesce(l.credited, '{}'::jsonb) AS credited,
+       o.applied_at IS NOT NULL AS applied
+FROM r
+LEFT JOIN l ON l.ref = r.order_id
+LEFT JOIN redis_outbox o ON o.id = r.outbox_id
+WHERE coalesce(l.credited, '{}'::jsonb) <> r.credits
+   OR coalesce(l.events, 0) <> (SELECT count(*) FROM jsonb_object_keys(r.credits))
+   OR (r.outbox_id IS NOT NULL AND o.applied_at IS NULL);
+
+-- name: receipts_count --
+-- Succeeded receipts created in [$1, $2).
+SELECT count(*) FROM payment_receipts
+WHERE status = 'succeeded' AND created_at >= $1 AND created_at < $2;

@@ -1,0 +1,271 @@
+"""Payments: credits, plan purchases, cancellations and refunds, written through.
+
+Money goes to PostgreSQL first. One transaction records the receipt (unique order id),
+the plan assignment, the credit ledger events, the credit balances and a ``redis_outbox``
+row; then ``apply_payment.lua`` applies that row in Redis, at most once per row. A row
+committed but not applied (Redis down, a crash in between) is applied by the reconciler.
+
+Refunds take back credits in proportion to the refunded amount. Redis decides how much is
+still there to take: credits already spent cannot be taken back, and the shortfall stays
+visible in the refund's ``wanted`` and ``taken`` columns and in its ledger events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from hotpath.errors import NotFound, OrderReused, Rejected
+from hotpath.quota import Engine, from_ms
+from persistence.queries import QUERIES
+
+_CENTS = Decimal("0.01")
+
+
+def _fingerprint(*parts: object) -> str:
+    """What makes a repeated order or refund "the same request"."""
+    text = "\x1f".join(str(p) for p in parts)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CreditOrder:
+    """One paid order: the plan it buys and the credits it adds (micro-units > 0)."""
+
+    order_id: str
+    user_id: str
+    plan_code: str
+    credits: tuple[tuple[str, int], ...] = ()
+    amount: Decimal | None = None  # what was paid; None: the plan's price
+    currency: str | None = None  # None: the plan's currency
+    payment_id: str | None = None
+    source: str = "api"
+    caller: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CreditResult:
+    """A credit as recorded; ``duplicate`` when the order had been credited before."""
+
+    order_id: str
+    user_id: str
+    plan_code: str | None
+    expires_ms: int
+    credits: dict[str, int]
+    tx_id: str
+    applied: bool
+    duplicate: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form (repeated to a retrying caller)."""
+        return {"order_id": self.order_id, "user_id": self.user_id, "plan_code": self.plan_code,
+                "expires_ms": self.expires_ms, "credits": self.credits, "tx_id": self.tx_id}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, applied: bool, duplicate: bool) -> CreditResult:
+        """A stored result, as answered again."""
+        return cls(data["order_id"], data["user_id"], data["plan_code"], data["expires_ms"],
+                   {m: int(v) for m, v in data["credits"].items()}, data["tx_id"], applied,
+                   duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    """A refund: what it wanted back, what Redis could take (None until applied)."""
+
+    refund_id: str
+    order_id: str
+    user_id: str
+    wanted: dict[str, int]
+    taken: dict[str, int] | None
+    plan_revoked: bool
+    duplicate: bool = False
+
+
+class Payments:
+    """The write-through side of money, bound to one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- credits ---------------------------------------------------------------------------
+    async def credit(self, order: CreditOrder) -> CreditResult:
+        """Record and apply a paid order once; a repeat returns the first result.
+
+        Raises NotFound for an unknown plan, OrderReused when the order id (or the payment
+        id) was already used for different content, InvalidInput when there is nothing to
+        credit.
+        """
+        engine = self.engine
+        now_ms = engine.clock.now_ms()
+        async with engine.db.transaction() as conn:
+            await conn.execute(QUERIES["lock_order"], order.order_id)
+            if order.payment_id:
+                await conn.execute(QUERIES["lock_order"], f"payment:{order.payment_id}")
+            plan = await conn.fetchrow(QUERIES["get_plan_row"], order.plan_code)
+            if plan is None:
+                raise NotFound(f"unknown plan {order.plan_code!r}", field="plan_code")
+            amount = order.amount if order.amount is not None else Decimal(plan["price"])
+            currency = order.currency or plan["currency"]
+            fingerprint = _fingerprint(order.user_id, order.plan_code, order.credits,
+                                       amount.quantize(_CENTS), currency)
+            existing = await conn.fetchrow(QUERIES["get_receipt"], order.order_id)
+            if existing is None and order.payment_id:
+                existing = await conn.fetchrow(QUERIES["get_receipt_by_payment"],
+                                               order.payment_id)
+            if existing is not None:
+                return await self._repeated(conn, existing, fingerprint)
+
+            expires_ms = now_ms + plan["duration_days"] * 86_400_000 if plan["duration_days"] \
+                else 0
+            row = await conn.fetchrow(QUERIES["set_user_plan"], order.user_id, order.plan_code,
+                                      from_ms(expires_ms) if expires_ms else None)
+            assert row is not None
+            tx_id = engine.new_id(now_ms)
+            occurred = from_ms(now_ms)
+            await conn.execute(QUERIES["insert_plan_event"], tx_id, order.user_id,
+                               order.plan_code, order.caller, f"order {order.order_id}",
+                               occurred)
+            triples: list[list[Any]] = []
+            for meter, micro in order.credits:
+                credit_tx = engine.new_id(now_ms)
+                await conn.execute(QUERIES["add_credit_balance"], order.user_id, meter, micro)
+                await conn.execute(QUERIES["insert_credit_event"], credit_tx, order.user_id,
+                                   meter, micro, order.order_id, order.caller, order.plan_code,
+                                   occurred)
+                triples.append([meter, micro, credit_tx])
+            payload = {
+                "order_id": order.order_id, "caller": order.caller, "credits": triples,
+                "plan": {"plan_code": order.plan_code, "expires_ms": expires_ms,
+                         "version": row["version"]},
+            }
+            outbox_id = await conn.fetchval(QUERIES["insert_outbox"], order.user_id, "credit",
+                                            payload)
+            result = CreditResult(order.order_id, order.user_id, order.plan_code, expires_ms,
+                                  dict(order.credits), str(tx_id), applied=False)
+            await conn.execute(
+                QUERIES["insert_receipt"], order.order_id, order.payment_id, order.user_id,
+                order.plan_code, "succeeded", str(amount), currency, dict(order.credits),
+                fingerprint, order.source, order.caller, row["expires_at"], row["version"],
+                tx_id, outbox_id, result.to_json(), occurred,
+            )
+        applied = await engine.apply_outbox(outbox_id, order.user_id, "credit", payload,
+                                            quiet=True)
+        return CreditResult.from_json(result.to_json(), applied=applied, duplicate=False)
+
+    async def _repeated(self, conn: asyncpg.Connection, existing: asyncpg.Record,
+                        fingerprint: str) -> CreditResult:
+        if existing["status"] != "succeeded":
+            raise OrderReused(f"order {existing['order_id']!r} is recorded as "
+                              f"{existing['status']}")
+        if existing["fingerprint"] != fingerprint:
+            raise OrderReused("this order was already credited with another user, plan, "
+                              "credits or amount")
+        applied = await conn.fetchval(QUERIES["outbox_applied"], existing["outbox_id"])
+        return CreditResult.from_json(existing["result"], applied=bool(applied), duplicate=True)
+
+    # -- cancellations ---------------------------------------------------------------------
+    async def cancel(self, order_id: str, payment_id: str, user_id: str, plan_code: str | None,
+                     amount: Decimal, currency: str, source: str) -> bool:
+        """Record a canceled payment (nothing is credited). True when it was new."""
+        async with self.engine.db.transaction() as conn:
+            await conn.execute(QUERIES["lock_order"], order_id)
+            await conn.execute(QUERIES["lock_order"], f"payment:{payment_id}")
+            existing = await conn.fetchrow(QUERIES["get_receipt_by_payment"], payment_id) \
+                or await conn.fetchrow(QUERIES["get_receipt"], order_id)
+            if existing is not None:
+                if existing["status"] == "canceled":
+                    return False
+                raise Rejected(409, "payment_already_succeeded",
+                               f"payment {payment_id!r} was recorded as succeeded",
+                               field="object.id")
+            known = plan_code and await conn.fetchrow(QUERIES["get_plan_row"], plan_code)
+            await conn.execute(
+                QUERIES["insert_receipt"], order_id, payment_id, user_id,
+                plan_code if known else None, "canceled", str(amount), currency, {},
+                _fingerprint(user_id, plan_code, amount, currency), source, "webhook", None,
+                None, None, None, {}, from_ms(self.engine.clock.now_ms()),
+            )
+        return True
+
+    # -- refunds ---------------------------------------------------------------------------
+    async def refund(self, refund_id: str, payment_id: str, amount: Decimal, currency: str,
+                     caller: str) -> RefundResult:
+        """Take back the credits of a refunded payment, in proportion to the amount.
+
+        A refund that completes the payment's amount takes back everything not taken yet
+        and, if the user's plan is still the one the payment bought, ends that plan now.
+        """
+        engine = self.engine
+        now_ms = engine.clock.now_ms()
+        fingerprint = _fingerprint(payment_id, amount.quantize(_CENTS), currency)
+        async with engine.db.transaction() as conn:
+            await conn.execute(QUERIES["lock_order"], f"refund:{refund_id}")
+            existing = await conn.fetchrow(QUERIES["get_refund"], refund_id)
+            receipt = await conn.fetchrow(QUERIES["get_receipt_by_payment"], payment_id)
+            if receipt is None:
+                raise Rejected(422, "unknown_payment",
+                               f"no succeeded payment {payment_id!r} to refund",
+                               field="object.payment_id")
+            if existing is not None:
+                same = _fingerprint(payment_id, existing["amount"], existing["currency"])
+                if existing["order_id"] != receipt["order_id"] or same != fingerprint:
+                    raise Rejected(422, "refund_reused",
+                                   f"refund {refund_id!r} was recorded with other content",
+                                   field="object.id")
+                return RefundResult(refund_id, existing["order_id"], receipt["user_id"],
+                                    existing["wanted"], existing["taken"],
+                                    existing["plan_revoked"], duplicate=True)
+            await conn.execute(QUERIES["lock_order"], receipt["order_id"])
+            if receipt["status"] != "succeeded":
+                raise Rejected(422, "payment_not_succeeded",
+                               f"payment {payment_id!r} is {receipt['status']}",
+                               field="object.payment_id")
+            if currency != receipt["currency"]:
+                raise Rejected(422, "currency_mismatch", "the refund's currency is not the "
+                               "payment's", field="object.amount.currency")
+            earlier = await conn.fetch(QUERIES["order_refunds"], receipt["order_id"])
+            paid = Decimal(receipt["amount"])
+            refunded = sum((Decimal(r["amount"]) for r in earlier), Decimal(0)) + amount
+            if refunded > paid:
+                raise Rejected(422, "refund_exceeds_payment",
+                               f"refunds would total {refunded} of a {paid} payment",
+                               field="object.amount.value")
+            complete = refunded == paid
+            credits = {m: int(v) for m, v in receipt["credits"].items()}
+            wanted = {}
+            for meter, total in sorted(credits.items()):
+                before = sum(int(r["wanted"].get(meter, 0)) for r in earlier)
+                if complete or paid == 0:
+                    wanted[meter] = total - before
+                else:  # exact integer arithmetic on cents and micro-units
+                    wanted[meter] = total * int(amount / _CENTS) // int(paid / _CENTS)
+            user_id = receipt["user_id"]
+            plan_payload = None
+            if complete and receipt["plan_version"] is not None:
+                row = await conn.fetchrow(QUERIES["revoke_plan"], user_id,
+                                          receipt["plan_version"], from_ms(now_ms))
+                if row is not None:
+                    plan_payload = {"plan_code": row["plan_code"], "expires_ms": now_ms,
+                                    "version": row["version"]}
+                    await conn.execute(QUERIES["insert_plan_event"], engine.new_id(now_ms),
+                                       user_id, row["plan_code"], caller,
+                                       f"refund {refund_id}", from_ms(now_ms))
+            triples = [[m, w, engine.new_id(now_ms)] for m, w in wanted.items() if w > 0]
+            payload = {"refund_id": refund_id, "order_id": receipt["order_id"],
+                       "caller": caller, "credits": triples, "plan": plan_payload}
+            outbox_id = await conn.fetchval(QUERIES["insert_outbox"], user_id, "refund",
+                                            payload)
+            await conn.execute(QUERIES["insert_refund"], refund_id, receipt["order_id"],
+                               str(amount), currency, wanted, plan_payload is not None,
+                               outbox_id)
+        await engine.apply_outbox(outbox_id, user_id, "refund", payload, quiet=True)
+        stored = await engine.db.fetchrow("get_refund", refund_id)
+        assert stored is not None
+        return RefundResult(refund_id, receipt["order_id"], user_id, wanted, stored["taken"],
+                            plan_payload is not None)
+
