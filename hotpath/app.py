@@ -514,6 +514,7 @@ def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        await api.webhook.verifier.aclose()
         if owns_resources:
             await engine.redis.close()
             await engine.db.close()

@@ -233,9 +233,11 @@ async def _with_webhook(settings: Settings, action: Callable[[PaymentWebhook], A
     from hotpath.webhook import PaymentWebhook, make_verifier
 
     engine = make_engine(settings)
+    webhook = PaymentWebhook(Payments(engine), make_verifier(settings))
     try:
-        return await action(PaymentWebhook(Payments(engine), make_verifier(settings)))
+        return await action(webhook)
     finally:
+        await webhook.verifier.aclose()
         await engine.redis.close()
         await engine.db.close()
 

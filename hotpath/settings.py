@@ -266,14 +266,6 @@ def validate(settings: Settings) -> None:
     if settings.webhook_verifier not in ("signature", "yookassa"):
         raise SettingsError("WEBHOOK_VERIFIER must be signature or yookassa")
     if settings.production:
-        if settings.webhook_verifier == "signature" and not settings.webhook_public_key:
-            raise SettingsError("ENV=production with WEBHOOK_VERIFIER=signature needs "
-                                "WEBHOOK_PUBLIC_KEY")
-        if settings.webhook_verifier == "yookassa" and not (
-            settings.yookassa_shop_id and settings.yookassa_secret_key
-        ):
-            raise SettingsError("ENV=production with WEBHOOK_VERIFIER=yookassa needs "
-                                "YOOKASSA_SHOP_ID and YOOKASSA_SECRET_KEY")
         if settings.service_token == DEV_SERVICE_TOKEN:
             raise SettingsError("ENV=production refuses the development SERVICE_TOKEN")
         if len(settings.service_token) < 16:
@@ -282,6 +274,14 @@ def validate(settings: Settings) -> None:
             raise SettingsError(
                 "ENV=production needs REDIS_URL and DB_DSN: embedded servers are for development"
             )
+        if settings.webhook_verifier == "signature" and not settings.webhook_public_key:
+            raise SettingsError("ENV=production with WEBHOOK_VERIFIER=signature needs "
+                                "WEBHOOK_PUBLIC_KEY")
+        if settings.webhook_verifier == "yookassa" and not (
+            settings.yookassa_shop_id and settings.yookassa_secret_key
+        ):
+            raise SettingsError("ENV=production with WEBHOOK_VERIFIER=yookassa needs "
+                                "YOOKASSA_SHOP_ID and YOOKASSA_SECRET_KEY")
 
 
 def _is_hhmm(value: str) -> bool:

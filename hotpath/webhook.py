@@ -148,6 +148,9 @@ class Verifier(Protocol):
     async def verify(self, body: bytes, headers: Mapping[str, str], sender: str
                      ) -> Notification: ...
 
+    async def aclose(self) -> None:
+        """Release connections (the provider's API client)."""
+
 
 def load_public_key(text_or_path: str) -> rsa.RSAPublicKey | ed25519.Ed25519PublicKey:
     """WEBHOOK_PUBLIC_KEY: PEM text, or the path of a PEM file; RSA or Ed25519."""
@@ -165,6 +168,9 @@ class SignatureVerifier:
 
     def __init__(self, public_key: str) -> None:
         self.key = load_public_key(public_key) if public_key else None
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
 
     async def verify(self, body: bytes, headers: Mapping[str, str], sender: str
                      ) -> Notification:
@@ -242,6 +248,10 @@ class YooKassaVerifier:
             raise Rejected(422, "provider_mismatch", "the provider answered another object",
                            field="object.id")
         return parse_object(event, fetched)
+
+    async def aclose(self) -> None:
+        """Close the provider API client's connections."""
+        await self.client.aclose()
 
     async def _fetch(self, url: str) -> dict[str, Any]:
         try:

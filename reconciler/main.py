@@ -67,6 +67,8 @@ class Reconciler:
         )
         self.writer = LedgerWriter(engine.db)
         self.stats = Stats()
+        #: A change younger than this is left to the request that committed it.
+        self.outbox_min_age = OUTBOX_MIN_AGE
         self.claim_every = claim_every_seconds or max(1.0, s.flush_claim_idle_ms / 4000)
         self._next_claim = 0.0
         self._next_chores = 0.0
@@ -157,7 +159,7 @@ class Reconciler:
     async def apply_pending_outbox(self) -> int:
         """Apply committed plan, credit and refund changes that never reached Redis."""
         metrics.PENDING_APPLIES.set(await self.engine.db.fetchval("pending_outbox_count"))
-        rows = await self.engine.db.fetch("pending_outbox", OUTBOX_MIN_AGE, OUTBOX_BATCH)
+        rows = await self.engine.db.fetch("pending_outbox", self.outbox_min_age, OUTBOX_BATCH)
         for row in rows:
             await self.engine.apply_outbox(row["id"], row["user_id"], row["op"],
                                            row["payload"], quiet=False)

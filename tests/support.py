@@ -108,5 +108,6 @@ async def app_client(settings: Settings, clock: FixedClock, key: str = KEY
             http.engine = engine  # type: ignore[attr-defined]  # for tests that inspect it
             yield http
     finally:
+        await app.state.api.webhook.verifier.aclose()
         await engine.redis.close()
         await engine.db.close()

@@ -100,6 +100,17 @@ def test_settings_refuse_development_shortcuts_in_production() -> None:
         load_settings({"ENV": "production", "REDIS_URL": "redis://x", "DB_DSN": "postgresql://x"})
     with pytest.raises(SettingsError, match="REDIS_URL"):
         load_settings({"ENV": "production", "SERVICE_TOKEN": "a-long-production-token"})
+    real = {"ENV": "production", "SERVICE_TOKEN": "a-long-production-token",
+            "REDIS_URL": "redis://x", "DB_DSN": "postgresql://x"}
+    with pytest.raises(SettingsError, match="WEBHOOK_PUBLIC_KEY"):
+        load_settings(real)
+    with pytest.raises(SettingsError, match="YOOKASSA_SHOP_ID"):
+        load_settings(real | {"WEBHOOK_VERIFIER": "yookassa"})
+    assert load_settings(real | {"WEBHOOK_PUBLIC_KEY": "/etc/keys/pay.pem"}).production
+    with pytest.raises(SettingsError, match="WEBHOOK_VERIFIER"):
+        load_settings({"WEBHOOK_VERIFIER": "trust-me"})
+    with pytest.raises(SettingsError, match="TRUSTED_PROXIES"):
+        load_settings({"TRUSTED_PROXIES": "10.0.0.0/8, not-an-address"})
     with pytest.raises(SettingsError, match="TIMEZONE"):
         load_settings({"TIMEZONE": "Mars/Olympus"})
     with pytest.raises(SettingsError, match="PORT"):
