@@ -118,7 +118,7 @@ class Payments:
                 existing = await conn.fetchrow(QUERIES["get_receipt_by_payment"],
                                                order.payment_id)
             if existing is not None:
-                return await self._repeated(conn, existing, fingerprint)
+                return await self._repeated(conn, existing, fingerprint, order.payment_id)
 
             expires_ms = now_ms + plan["duration_days"] * 86_400_000 if plan["duration_days"] \
                 else 0
@@ -158,13 +158,24 @@ class Payments:
         return CreditResult.from_json(result.to_json(), applied=applied, duplicate=False)
 
     async def _repeated(self, conn: asyncpg.Connection, existing: asyncpg.Record,
-                        fingerprint: str) -> CreditResult:
+                        fingerprint: str, payment_id: str | None) -> CreditResult:
+        paid_by = existing["payment_id"]
+        if paid_by and payment_id and paid_by != payment_id:
+            # The same order paid twice: credit once, and leave the second for finance.
+            raise OrderReused(f"order {existing['order_id']!r} was already paid by "
+                              f"payment {paid_by!r}")
         if existing["status"] != "succeeded":
             raise OrderReused(f"order {existing['order_id']!r} is recorded as "
                               f"{existing['status']}")
         if existing["fingerprint"] != fingerprint:
             raise OrderReused("this order was already credited with another user, plan, "
                               "credits or amount")
+        if paid_by is None and payment_id:  # the provider's notice of an order Pay-svc sent
+            other = await conn.fetchrow(QUERIES["get_receipt_by_payment"], payment_id)
+            if other is not None:
+                raise OrderReused(f"payment {payment_id!r} already paid order "
+                                  f"{other['order_id']!r}")
+            await conn.execute(QUERIES["attach_payment"], existing["order_id"], payment_id)
         applied = await conn.fetchval(QUERIES["outbox_applied"], existing["outbox_id"])
         return CreditResult.from_json(existing["result"], applied=bool(applied), duplicate=True)
 

@@ -228,6 +228,10 @@ INSERT INTO payment_receipts (order_id, payment_id, user_id, plan_code, status, 
                               plan_version, tx_id, outbox_id, result, created_at)
 VALUES ($1, $2, $3, $4, $5, $6::numeric, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17);
 
+-- name: attach_payment --
+-- Remember which payment paid an order credited through the API; $1 order_id, $2 payment_id.
+UPDATE payment_receipts SET payment_id = $2 WHERE order_id = $1 AND payment_id IS NULL;
+
 -- name: add_credit_balance --
 -- Add a credit to a user's balance of one meter; $1 user_id, $2 meter, $3 micro-units.
 INSERT INTO credit_balances AS c (user_id, meter, balance_micro) VALUES ($1, $2, $3)

@@ -328,6 +328,24 @@ async def test_unprocessable_notifications_are_kept_and_answered_4xx(
     assert receipts[0]["n"] == 1
 
 
+async def test_api_credit_and_notification_of_one_order_credit_once(
+    pay: httpx.AsyncClient
+) -> None:
+    """Pay-svc credits order X, then the provider's notification names order X: one credit.
+    A second payment naming the same order is kept as a dead letter for finance."""
+    user, order = new_user(), f"yka-{new_payment()}"
+    body = credit_body(order, user, units_chat=100, units_tpl=0)
+    assert (await pay.post(CREDIT, json=body)).status_code == 200
+    first = await signed(pay, notification("payment.succeeded", payment_object(
+        new_payment(), user, "pro_month", units_chat="100", order_id=order)))
+    assert first.status_code == 200 and first.json()["status"] == "duplicate"
+    paid_twice = await signed(pay, notification("payment.succeeded", payment_object(
+        new_payment(), user, "pro_month", units_chat="100", order_id=order)))
+    assert paid_twice.status_code == 422, paid_twice.text
+    assert "already paid by payment" in paid_twice.json()["error"]["message"]
+    assert (await remaining(pay, user))["remain_chat"] == 10_100
+
+
 async def test_canceled_payment_is_recorded_and_credits_nothing(
     pay: httpx.AsyncClient
 ) -> None:
