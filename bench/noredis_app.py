@@ -88,13 +88,12 @@ class PythonWorkEngine(Engine):
         reason: str = "", caller: str = "", action: str = "",
     ) -> DebitReply:
         windows = self._windows()
-        script = SCRIPTS["debit"]
+        script = SCRIPTS["debit_many"]
+        # Packed as a batch of one (the real path shares one call among a tick's debits).
         packed = hiredis.pack_command((
             "EVALSHA", script.sha, 6, *self.keys.debit_keys(user_id, ref, meter, windows),
-            user_id, meter, amount, ref, fingerprint(meter, amount, reason), reason, caller,
-            self.new_id(None), self.clock.script_now(), windows.day_id,
-            windows.day_start_ms, windows.day_end_ms, windows.month_id,
-            windows.month_start_ms, windows.month_end_ms, *self._debit_tail, action,
+            *self._debit_header(windows), user_id, meter, amount, ref,
+            fingerprint(meter, amount, reason), reason, caller, self.new_id(None), action,
         ))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
