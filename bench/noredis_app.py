@@ -30,6 +30,7 @@ import hiredis
 from starlette.applications import Starlette
 
 from hotpath.app import build_app
+from hotpath.cli import tune_gc
 from hotpath.clock import SystemClock
 from hotpath.quota import Engine, fingerprint
 from hotpath.settings import load_settings
@@ -108,11 +109,14 @@ _ENGINES = {"canned": NoRedisEngine, "yield": YieldEngine, "python": PythonWorkE
 
 
 def create_app() -> Starlette:
-    """The uvicorn factory: the real app around ``NoRedisEngine`` (or a diagnostic one)."""
+    """The uvicorn factory: the real app around ``NoRedisEngine`` (or a diagnostic one),
+    with the same GC tuning as the service's workers."""
     settings = load_settings()
     cls = _ENGINES[os.environ.get("BENCH_NOREDIS_MODE", "canned")]
     engine = cls(settings, _Unused(), _Unused(), SystemClock())  # type: ignore[arg-type]
-    return build_app(settings, engine, owns_resources=False)
+    app = build_app(settings, engine, owns_resources=False)
+    tune_gc()  # as `quota-gateway serve` does for its workers
+    return app
 
 
 def main() -> None:
