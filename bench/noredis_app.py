@@ -30,6 +30,7 @@ import hiredis
 from starlette.applications import Starlette
 
 from hotpath.app import build_app
+from hotpath.cli import tune_gc
 from hotpath.clock import SystemClock
 from hotpath.quota import Engine, fingerprint
 from hotpath.settings import load_settings
@@ -88,13 +89,12 @@ class PythonWorkEngine(Engine):
         reason: str = "", caller: str = "", action: str = "",
     ) -> DebitReply:
         windows = self._windows()
-        script = SCRIPTS["debit"]
+        script = SCRIPTS["debit_many"]
+        # Packed as a batch of one (the real path shares one call among a tick's debits).
         packed = hiredis.pack_command((
             "EVALSHA", script.sha, 6, *self.keys.debit_keys(user_id, ref, meter, windows),
-            user_id, meter, amount, ref, fingerprint(meter, amount, reason), reason, caller,
-            self.new_id(None), self.clock.script_now(), windows.day_id,
-            windows.day_start_ms, windows.day_end_ms, windows.month_id,
-            windows.month_start_ms, windows.month_end_ms, *self._debit_tail, action,
+            *self._debit_header(windows), user_id, meter, amount, ref,
+            fingerprint(meter, amount, reason), reason, caller, self.new_id(None), action,
         ))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -109,11 +109,14 @@ _ENGINES = {"canned": NoRedisEngine, "yield": YieldEngine, "python": PythonWorkE
 
 
 def create_app() -> Starlette:
-    """The uvicorn factory: the real app around ``NoRedisEngine`` (or a diagnostic one)."""
+    """The uvicorn factory: the real app around ``NoRedisEngine`` (or a diagnostic one),
+    with the same GC tuning as the service's workers."""
     settings = load_settings()
     cls = _ENGINES[os.environ.get("BENCH_NOREDIS_MODE", "canned")]
     engine = cls(settings, _Unused(), _Unused(), SystemClock())  # type: ignore[arg-type]
-    return build_app(settings, engine, owns_resources=False)
+    app = build_app(settings, engine, owns_resources=False)
+    tune_gc()  # as `quota-gateway serve` does for its workers
+    return app
 
 
 def main() -> None:

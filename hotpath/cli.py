@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -20,10 +21,34 @@ import click
 from hotpath.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
     from hotpath.webhook import PaymentWebhook
 
 log = logging.getLogger("quota_gateway")
 T = TypeVar("T")
+
+
+def tune_gc() -> None:
+    """Garbage collection for a long-lived server process, once it has started.
+
+    Everything alive after start-up (modules, the app, caches) moves to the permanent
+    generation, so full collections no longer walk it, and the young generation is
+    collected less often: the request path allocates few reference cycles. This trims
+    the stalls a full collection adds to the slowest requests.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
+def create_worker_app() -> Starlette:
+    """The uvicorn factory of ``serve``: the app, then the GC tuned (see ``tune_gc``)."""
+    from hotpath.app import create_app
+
+    app = create_app()
+    tune_gc()
+    return app
 
 
 def _settings(**overrides: object) -> Settings:
@@ -204,7 +229,7 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
         signal.signal(sig, _exit_on_signal)
     try:
         uvicorn.run(
-            "hotpath.app:create_app", factory=True, host=settings.host, port=settings.port,
+            "hotpath.cli:create_worker_app", factory=True, host=settings.host, port=settings.port,
             workers=settings.workers, loop="uvloop", http="httptools", access_log=False,
             log_level="warning", timeout_graceful_shutdown=10,
         )

@@ -87,37 +87,61 @@ class Engine:
             s.idempotency_ttl_seconds * 1000, s.counter_grace_seconds * 1000,
             s.user_state_ttl_seconds * 1000, s.max_backlog_entries, s.default_plan,
         )
+        self._header: tuple[Windows, int, tuple[str | int, ...]] | None = None
 
     # -- script calls ----------------------------------------------------------------------
     async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         try:
             return await self.redis.run_script(script, keys, args)
         except RedisReplyError as exc:
-            message = str(exc)
-            if "qg:" in message:  # a script's own argument check: our bug, not the caller's
-                raise InvariantBroken(f"{script.name}: {message}") from None
-            raise DependencyUnavailable("redis", f"Redis refused {script.name}: {message}") \
-                from None
+            raise self._script_error(script, exc) from None
+
+    @staticmethod
+    def _script_error(script: Script, exc: RedisReplyError) -> Exception:
+        message = str(exc)
+        if "qg:" in message:  # a script's own argument check: our bug, not the caller's
+            return InvariantBroken(f"{script.name}: {message}")
+        return DependencyUnavailable("redis", f"Redis refused {script.name}: {message}")
 
     def _windows(self) -> Windows:
         return self.calendar.windows(self.clock.now_ms())
+
+    def _debit_header(self, windows: Windows) -> tuple[str | int, ...]:
+        """The arguments every debit of a debit_many call shares (cached per windows)."""
+        now = self.clock.script_now()
+        cached = self._header
+        if cached is not None and cached[0] is windows and cached[1] == now:
+            return cached[2]
+        header = (now, windows.day_id, windows.day_start_ms, windows.day_end_ms,
+                  windows.month_id, windows.month_start_ms, windows.month_end_ms,
+                  *self._debit_tail)
+        self._header = (windows, now, header)
+        return header
 
     async def debit(
         self, user_id: str, meter: str, amount: int, ref: str, *,
         reason: str = "", caller: str = "", action: str = "",
     ) -> DebitReply:
-        """Debit ``amount`` micro-units of ``meter`` once per (user, ref)."""
+        """Debit ``amount`` micro-units of ``meter`` once per (user, ref).
+
+        The call goes out as one item of a debit_many batch with the other debits this
+        worker issues in the same event-loop tick (lua/connection.py).
+        """
         invariant(amount > 0, "debit amounts are positive")
         fp = fingerprint(meter, amount, reason)
         windows = self._windows()
         tx_id = self.new_id(None)
+        script = SCRIPTS["debit_many"]
         for _ in range(self.settings.load_retries + 2):
-            reply = DebitReply.decode(await self._run(
-                SCRIPTS["debit"], self.keys.debit_keys(user_id, ref, meter, windows),
-                (user_id, meter, amount, ref, fp, reason, caller, tx_id, self.clock.script_now(),
-                 windows.day_id, windows.day_start_ms, windows.day_end_ms, windows.month_id,
-                 windows.month_start_ms, windows.month_end_ms, *self._debit_tail, action),
-            ))
+            try:
+                raw = await self.redis.run_batched(
+                    script, self._debit_header(windows),
+                    self.keys.debit_keys(user_id, ref, meter, windows),
+                    (user_id, meter, amount, ref, fp, reason, caller, tx_id, action),
+                )
+            except RedisReplyError as exc:
+                raise self._script_error(script, exc) from None
+            reply = DebitReply.decode(raw)
             if reply.status is Status.STALE_WINDOW:
                 windows = self.calendar.windows(reply.now_ms)
             elif reply.status is Status.NOT_LOADED:

@@ -6,10 +6,16 @@ callers in order (RESP answers in order). This removes the per-call pool checkou
 and parser set-up of a general client, which is where a straightforward redis-py hot path
 spends most of its time (see docs/architecture.md and docs/benchmarks.md).
 
+Batches: ``run_batched`` queues one item of a batch script (``debit_many.lua``); at the
+tick's flush, the items queued on a connection with the same script and header (the
+arguments they share) go out as one EVALSHA of at most ``BATCH_MAX`` items, and each
+caller gets its own item's reply (or error). Redis then parses one command, sets up one
+script call and reads the clock once for the whole batch.
+
 Failure model: a timeout of the oldest outstanding call, or a lost connection, fails every
-outstanding call with ``RedisUnavailable`` (the request answers 503) and the next call
-reconnects. A call that timed out may still have run in Redis: debits are idempotent on
-their ref, so the caller's retry learns the outcome.
+outstanding call (every item of an outstanding batch) with ``RedisUnavailable`` (the
+request answers 503) and the next call reconnects. A call that timed out may still have
+run in Redis: debits are idempotent on their ref, so the caller's retry learns the outcome.
 """
 
 from __future__ import annotations
@@ -62,15 +68,65 @@ def _parse_url(url: str) -> dict[str, Any]:
     }
 
 
+#: The most items one batch script call carries.
+BATCH_MAX = 32
+
+
+class _Batch:
+    """Items of one batch script call: keys and arguments per item, shared header args."""
+
+    __slots__ = ("evaled", "futures", "header", "item_args", "item_keys", "script")
+
+    def __init__(self, script: Script, header: tuple[str | int, ...]) -> None:
+        self.script = script
+        self.header = header
+        self.item_keys: list[str] = []
+        self.item_args: list[str | int] = []
+        self.futures: list[asyncio.Future[Any]] = []
+        self.evaled = False  # sent again by EVAL after NOSCRIPT
+
+    def pack(self) -> bytes:
+        """EVALSHA (EVAL once the script cache answered NOSCRIPT) of every item."""
+        head = ("EVAL", self.script.source) if self.evaled else ("EVALSHA", self.script.sha)
+        command: Any = (*head, len(self.item_keys), *self.item_keys, *self.header,
+                        *self.item_args)
+        packed: bytes = hiredis.pack_command(command)
+        return packed
+
+    def resolve(self, reply: Any) -> None:
+        """Hand each caller its item's reply; a whole-call error goes to every item."""
+        futures = self.futures
+        if isinstance(reply, hiredis.ReplyError) or not isinstance(reply, list) \
+                or len(reply) != len(futures):
+            message = str(reply) if isinstance(reply, hiredis.ReplyError) else \
+                f"{self.script.name}: {len(futures)} items, unexpected reply {reply!r:.200}"
+            self.fail(RedisReplyError(message))
+            return
+        for future, item in zip(futures, reply, strict=True):
+            if future.done():  # the caller went away (cancelled); the reply is dropped
+                continue
+            if isinstance(item, hiredis.ReplyError):
+                future.set_exception(RedisReplyError(str(item)))
+            else:
+                future.set_result(item)
+
+    def fail(self, exc: Exception) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_exception(exc)
+
+
 class _Pipe(asyncio.Protocol):
     """One TCP connection: writes coalesced per loop tick, replies matched in order."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
-        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.pending: deque[tuple[asyncio.Future[Any] | _Batch, float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
+        # Batch items queued in this tick, by (script, header); packed at the flush.
+        self.batches: dict[tuple[str, tuple[str | int, ...]], tuple[_Batch, float]] = {}
         self.flush_scheduled = False
         self.closed = False
 
@@ -92,7 +148,15 @@ class _Pipe(asyncio.Protocol):
             if not pending:  # a reply nobody waits for: the stream is out of step
                 self.abort("unexpected reply from Redis")
                 return
-            future, _ = pending.popleft()
+            future, deadline = pending.popleft()
+            if isinstance(future, _Batch):
+                if isinstance(reply, hiredis.ReplyError) and not future.evaled \
+                        and str(reply).startswith("NOSCRIPT"):
+                    future.evaled = True  # the script cache was emptied: send the source
+                    self._queue(future.pack(), future, deadline)
+                else:
+                    future.resolve(reply)
+                continue
             if future.done():  # the caller went away (cancelled); the reply is dropped
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -105,29 +169,64 @@ class _Pipe(asyncio.Protocol):
         self.fail_all(f"connection to Redis lost: {exc or 'closed'}")
 
     # sending ---------------------------------------------------------------------------
-    def send(self, packed: bytes, deadline: float) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = self.loop.create_future()
-        self.pending.append((future, deadline))
+    def _queue(self, packed: bytes, waiter: asyncio.Future[Any] | _Batch,
+               deadline: float) -> None:
+        self.pending.append((waiter, deadline))
         self.out.append(packed)
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
+
+    def send(self, packed: bytes, deadline: float) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self._queue(packed, future, deadline)
+        return future
+
+    def send_item(self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
+                  args: Sequence[str | int], deadline: float) -> asyncio.Future[Any]:
+        """Queue one item of a batch script call; it goes out at this tick's flush."""
+        future: asyncio.Future[Any] = self.loop.create_future()
+        group = (script.sha, header)
+        entry = self.batches.get(group)
+        if entry is None or len(entry[0].futures) >= BATCH_MAX:
+            if entry is not None:  # full: it takes its place in the stream now
+                self._queue(entry[0].pack(), entry[0], entry[1])
+            entry = self.batches[group] = (_Batch(script, header), deadline)
+            if not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.loop.call_soon(self.flush)
+        batch = entry[0]
+        batch.item_keys.extend(keys)
+        batch.item_args.extend(args)
+        batch.futures.append(future)
         return future
 
     def flush(self) -> None:
         self.flush_scheduled = False
         if self.transport is None or self.closed:
             return
+        if self.batches:
+            batches, self.batches = self.batches, {}
+            for batch, deadline in batches.values():
+                self.pending.append((batch, deadline))
+                self.out.append(batch.pack())
         out, self.out = self.out, []
-        self.transport.write(b"".join(out))
+        if out:
+            self.transport.write(b"".join(out))
 
     # failure ---------------------------------------------------------------------------
     def fail_all(self, message: str) -> None:
         pending, self.pending = self.pending, deque()
+        batches, self.batches = self.batches, {}
         self.out = []
-        for future, _ in pending:
-            if not future.done():
-                future.set_exception(RedisUnavailable(message))
+        exc = RedisUnavailable(message)
+        for waiter, _ in pending:
+            if isinstance(waiter, _Batch):
+                waiter.fail(exc)
+            elif not waiter.done():
+                waiter.set_exception(exc)
+        for batch, _ in batches.values():
+            batch.fail(exc)
 
     def abort(self, message: str) -> None:
         self.closed = True
@@ -219,6 +318,22 @@ class PipelinedRedis:
             self._next = (self._next + 1) % len(self._pipes)
         packed = hiredis.pack_command(args)  # type: ignore[arg-type]
         return await pipe.send(packed, time.monotonic() + self.timeout)
+
+    async def run_batched(
+        self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
+        args: Sequence[str | int],
+    ) -> Any:
+        """One item of a batch script call (see ``_Batch``): its own reply, or its error.
+
+        Items queued in the same tick with the same script and ``header`` share one call.
+        """
+        pipe = self._pipes[self._next]
+        if pipe is None or pipe.closed:
+            pipe = await self._pipe()
+        else:
+            self._next = (self._next + 1) % len(self._pipes)
+        return await pipe.send_item(script, header, keys, args,
+                                    time.monotonic() + self.timeout)
 
     async def run_script(
         self, script: Script, keys: Sequence[str], args: Sequence[str | int]

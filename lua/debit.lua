@@ -1,5 +1,7 @@
+--@include _debit.lua
 -- debit.lua: take `amount` of one meter from the user's period allowance first, then from
--- credits; all or nothing, at most once per (user, ref), with its ledger event.
+-- credits; all or nothing, at most once per (user, ref), with its ledger event. The logic
+-- is debit_one in _debit.lua, shared with debit_many.lua (the hot path's batch script).
 --
 -- KEYS[1]  user state hash           <prefix>:{shard}:u:<user>
 -- KEYS[2]  idempotency key           <prefix>:{shard}:u:<user>:r:<ref>
@@ -34,80 +36,9 @@
 --   {NOT_LOADED, 'user'|'catalog'}         load from PostgreSQL and call again
 --   {STALE_WINDOW, now}                    the period windows do not contain now
 --   {BACKLOG, entries}                     the unflushed ledger is over its limit
-local amount = int_arg(ARGV[3], 'amount')
-if amount <= 0 then error('qg: amount must be positive') end
-local now = clock(ARGV[9])
-local day_start, day_end = int_arg(ARGV[11], 'day start'), int_arg(ARGV[12], 'day end')
-local month_start, month_end = int_arg(ARGV[14], 'month start'), int_arg(ARGV[15], 'month end')
-if now < day_start or now >= day_end or now < month_start or now >= month_end then
-  return {STALE_WINDOW, now}
-end
-
--- A retry answers what the first attempt answered, whatever happened since.
-local prior = redis.call('GET', KEYS[2])
-if prior then
-  local fp, tx, remaining = string.match(prior, '^(.-)\n(.-)\n(.*)$')
-  if fp ~= ARGV[5] then return {REF_REUSED} end
-  return {DUPLICATE, tx, tonumber(remaining)}
-end
-
-local backlog = redis.call('XLEN', KEYS[6])
-if backlog >= int_arg(ARGV[19], 'backlog limit') then return {BACKLOG, backlog} end
-
-local meter = ARGV[2]
-local user = redis.call('HMGET', KEYS[1], 'loaded', 'plan', 'exp', 'cr:' .. meter, 'n:' .. meter)
-if not user[1] then return {NOT_LOADED, 'user'} end
-local code, status = plan_in_force(user[2], user[3], now, ARGV[20])
--- One read for both: the plan's presence in the catalog copy and the meter's rule.
-local plan = redis.call('HMGET', KEYS[3], code, code .. '|' .. meter)
-if not plan[1] then return {NOT_LOADED, 'catalog'} end
-local period, limit = 'n', 0  -- a meter the plan does not name: credits only
-if plan[2] then period, limit = string.sub(plan[2], 1, 1), tonumber(string.sub(plan[2], 3)) end
-
-local counter, period_id, period_end = nil, 'n', 0
-local used
-if period == 'd' then
-  counter, period_id, period_end = KEYS[4], 'd:' .. ARGV[10], day_end
-  used = int_or_zero(redis.call('GET', counter))
-elseif period == 'm' then
-  counter, period_id, period_end = KEYS[5], 'm:' .. ARGV[13], month_end
-  used = int_or_zero(redis.call('GET', counter))
-else
-  used = int_or_zero(user[5])
-end
-local credits = int_or_zero(user[4])
-local allowance = limit - used
-if allowance < 0 then allowance = 0 end  -- the limit was lowered below the usage
-if amount > allowance + credits then
-  return {INSUFFICIENT, allowance + credits, limit, period, period_end, code, status}
-end
-
--- Every check passed: from here on only writes, which cannot fail half-way on valid keys.
-local from_allowance = math.min(amount, allowance)
-local from_credits = amount - from_allowance
-if from_allowance > 0 then
-  if counter then
-    -- A counter that did not exist gets its expiry now; one that existed already has it.
-    if redis.call('INCRBY', counter, from_allowance) == from_allowance then
-      redis.call('PEXPIREAT', counter, period_end + int_arg(ARGV[17], 'grace'))
-    end
-  else
-    redis.call('HINCRBY', KEYS[1], 'n:' .. meter, from_allowance)
-  end
-end
-if from_credits > 0 then
-  redis.call('HINCRBY', KEYS[1], 'cr:' .. meter, -from_credits)
-end
-local remaining = allowance + credits - amount
-local tx = ARGV[8]
-redis.call('SET', KEYS[2], ARGV[5] .. '\n' .. tx .. '\n' .. istr(remaining),
-  'PX', int_arg(ARGV[16], 'idempotency ttl'))
--- One field, values joined by the unit separator (ids, refs and reasons cannot contain
--- control characters): a fraction of the cost and memory of one field per value.
--- Layout (reconciler/events.py): v1 kind tx user meter amount from_allowance from_credits
--- period ref reason caller action plan ts.
-redis.call('XADD', KEYS[6], '*', 'e', table.concat({
-  'v1', 'debit', tx, ARGV[1], meter, istr(-amount), istr(from_allowance), istr(from_credits),
-  period_id, ARGV[4], ARGV[6], ARGV[7], ARGV[21], code, istr(now)}, '\031'))
-redis.call('PEXPIRE', KEYS[1], int_arg(ARGV[18], 'user ttl'))
-return {OK, tx, remaining, from_allowance, from_credits, limit, period, period_end, code, status}
+local ctx = debit_context(ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14],
+  ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20])
+local reply = debit_one(ctx, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6],
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[21])
+debit_finish(ctx)
+return reply

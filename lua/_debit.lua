@@ -1,0 +1,131 @@
+-- _debit.lua: the debit logic, one copy, included (after _common.lua) by debit.lua (one
+-- debit per call) and debit_many.lua (a batch of debits per call).
+--
+-- A context holds what one script call shares between its debits: "now", the period
+-- windows, the deployment's constants, and read caches that stay exact within one script
+-- call (a script runs atomically, and nothing here writes what they cache):
+--   * the shard streams' lengths: read once, then counted up by every XADD;
+--   * the catalog lookups (plan present, meter rule): debits never write the catalog;
+--   * the user hashes whose TTL must be refreshed, once per call at the end (HINCRBY
+--     keeps a TTL, and "now" does not move inside a script).
+
+-- h: now (0 = Redis TIME), day id, day start, day end, month id, month start, month end,
+-- idempotency TTL ms, counter grace ms, user TTL ms, backlog limit, default plan code.
+local function debit_context(h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12)
+  local ctx = {
+    now = clock(h1),
+    day_id = h2, day_start = int_arg(h3, 'day start'), day_end = int_arg(h4, 'day end'),
+    month_id = h5, month_start = int_arg(h6, 'month start'),
+    month_end = int_arg(h7, 'month end'),
+    idem_ttl = int_arg(h8, 'idempotency ttl'), grace = int_arg(h9, 'grace'),
+    user_ttl = int_arg(h10, 'user ttl'), backlog_limit = int_arg(h11, 'backlog limit'),
+    default_plan = h12,
+    xlen = {}, rules = {}, touched = {}, n_touched = 0,
+  }
+  local now = ctx.now
+  ctx.stale = now < ctx.day_start or now >= ctx.day_end or now < ctx.month_start
+    or now >= ctx.month_end
+  return ctx
+end
+
+-- One debit: take `amount` of one meter from the user's period allowance first, then from
+-- credits; all or nothing, at most once per (user, ref), with its ledger event.
+-- Keys: user hash, idempotency key, shard catalog, day counter, month counter, shard stream.
+-- Returns the reply table (see debit.lua).
+local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
+                         user_id, meter, amount_arg, ref, fp, reason, caller, tx, action)
+  local amount = int_arg(amount_arg, 'amount')
+  if amount <= 0 then error('qg: amount must be positive') end
+  local now = ctx.now
+  if ctx.stale then return {STALE_WINDOW, now} end
+
+  -- A retry answers what the first attempt answered, whatever happened since.
+  local prior = redis.call('GET', k_ref)
+  if prior then
+    local pfp, ptx, remaining = string.match(prior, '^(.-)\n(.-)\n(.*)$')
+    if pfp ~= fp then return {REF_REUSED} end
+    return {DUPLICATE, ptx, tonumber(remaining)}
+  end
+
+  local backlog = ctx.xlen[k_ledger]
+  if not backlog then
+    backlog = redis.call('XLEN', k_ledger)
+    ctx.xlen[k_ledger] = backlog
+  end
+  if backlog >= ctx.backlog_limit then return {BACKLOG, backlog} end
+
+  local user = redis.call('HMGET', k_user, 'loaded', 'plan', 'exp', 'cr:' .. meter,
+    'n:' .. meter)
+  if not user[1] then return {NOT_LOADED, 'user'} end
+  local code, status = plan_in_force(user[2], user[3], now, ctx.default_plan)
+  -- One read for both: the plan's presence in the catalog copy and the meter's rule.
+  local rule_key = k_plans .. '\n' .. code .. '|' .. meter
+  local plan = ctx.rules[rule_key]
+  if not plan then
+    plan = redis.call('HMGET', k_plans, code, code .. '|' .. meter)
+    ctx.rules[rule_key] = plan
+  end
+  if not plan[1] then return {NOT_LOADED, 'catalog'} end
+  local period, limit = 'n', 0  -- a meter the plan does not name: credits only
+  if plan[2] then period, limit = string.sub(plan[2], 1, 1), tonumber(string.sub(plan[2], 3)) end
+
+  local counter, period_id, period_end = nil, 'n', 0
+  local used
+  if period == 'd' then
+    counter, period_id, period_end = k_day, 'd:' .. ctx.day_id, ctx.day_end
+    used = int_or_zero(redis.call('GET', counter))
+  elseif period == 'm' then
+    counter, period_id, period_end = k_month, 'm:' .. ctx.month_id, ctx.month_end
+    used = int_or_zero(redis.call('GET', counter))
+  else
+    used = int_or_zero(user[5])
+  end
+  local credits = int_or_zero(user[4])
+  local allowance = limit - used
+  if allowance < 0 then allowance = 0 end  -- the limit was lowered below the usage
+  if amount > allowance + credits then
+    return {INSUFFICIENT, allowance + credits, limit, period, period_end, code, status}
+  end
+
+  -- Every check passed: from here on only writes, which cannot fail half-way on valid keys.
+  local from_allowance = math.min(amount, allowance)
+  local from_credits = amount - from_allowance
+  if from_allowance > 0 then
+    if counter then
+      -- A counter that did not exist gets its expiry now; one that existed already has it.
+      if redis.call('INCRBY', counter, from_allowance) == from_allowance then
+        redis.call('PEXPIREAT', counter, period_end + ctx.grace)
+      end
+    else
+      redis.call('HINCRBY', k_user, 'n:' .. meter, from_allowance)
+    end
+  end
+  if from_credits > 0 then
+    redis.call('HINCRBY', k_user, 'cr:' .. meter, -from_credits)
+  end
+  local remaining = allowance + credits - amount
+  redis.call('SET', k_ref, fp .. '\n' .. tx .. '\n' .. istr(remaining), 'PX', ctx.idem_ttl)
+  -- One field, values joined by the unit separator (ids, refs and reasons cannot contain
+  -- control characters): a fraction of the cost and memory of one field per value.
+  -- Layout (reconciler/events.py): v1 kind tx user meter amount from_allowance from_credits
+  -- period ref reason caller action plan ts.
+  redis.call('XADD', k_ledger, '*', 'e', table.concat({
+    'v1', 'debit', tx, user_id, meter, istr(-amount), istr(from_allowance),
+    istr(from_credits), period_id, ref, reason, caller, action, code, istr(now)}, '\031'))
+  ctx.xlen[k_ledger] = backlog + 1
+  if not ctx.touched[k_user] then
+    ctx.touched[k_user] = true
+    ctx.n_touched = ctx.n_touched + 1
+    ctx.touched[ctx.n_touched] = k_user
+  end
+  return {OK, tx, remaining, from_allowance, from_credits, limit, period, period_end, code,
+    status}
+end
+
+-- After the call's debits: refresh the TTL of every user hash a debit wrote to (idle users
+-- fall out of Redis and are reloaded from PostgreSQL).
+local function debit_finish(ctx)
+  for i = 1, ctx.n_touched do
+    redis.call('PEXPIRE', ctx.touched[i], ctx.user_ttl)
+  end
+end
