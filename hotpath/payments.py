@@ -96,9 +96,9 @@ class Payments:
     async def credit(self, order: CreditOrder) -> CreditResult:
         """Record and apply a paid order once; a repeat returns the first result.
 
+        The plan bought replaces the user's plan, for its ``duration_days`` from now.
         Raises NotFound for an unknown plan, OrderReused when the order id (or the payment
-        id) was already used for different content, InvalidInput when there is nothing to
-        credit.
+        id) was already used for different content or paid by another payment.
         """
         engine = self.engine
         now_ms = engine.clock.now_ms()

@@ -335,11 +335,13 @@ class PaymentWebhook:
         if not isinstance(plan_code, str) or not plan_code:
             raise Rejected(422, "unknown_plan", "the payment names no plan",
                            field="object.metadata.plan_code")
-        credits = tuple((meter, micro) for meter, micro in sorted(
-            ((self.payments.engine.action_meters.get("chat_tokens", "chat"),
-              _units(metadata, "units_chat")),
-             (self.payments.engine.action_meters.get("tpl_run", "template"),
-              _units(metadata, "units_tpl")))) if micro > 0)
+        meters = self.payments.engine.action_meters  # seed 000's two credit fields
+        credits = tuple(sorted(
+            (meter, micro) for meter, micro in (
+                (meters.get("chat_tokens", "chat"), _units(metadata, "units_chat")),
+                (meters.get("tpl_run", "template"), _units(metadata, "units_tpl")))
+            if micro > 0
+        ))
         order = CreditOrder(order_id, user_id, plan_code, credits, note.amount, note.currency,
                             note.payment_id, source, source)
         try:
