@@ -297,11 +297,10 @@ class Api:
                             tuple(c for c in credits if c[1] > 0), paid, body.currency,
                             source="api", caller=caller.name)
         result = await self.payments.credit(order)
+        expired = 0 < result.expires_ms <= self.engine.clock.now_ms()
         out = QuotaCreditOut(
             order_id=result.order_id, user_id=result.user_id, plan_code=result.plan_code,
-            expires_at=self._iso(result.expires_ms),
-            status="expired" if result.expires_ms and result.expires_ms <= self.engine.clock
-            .now_ms() else "active",
+            expires_at=self._iso(result.expires_ms), status="expired" if expired else "active",
             credits={m: from_micro(v) for m, v in result.credits.items()},
             tx_id=result.tx_id, applied=result.applied,
         )
