@@ -30,7 +30,7 @@ import hiredis
 from starlette.applications import Starlette
 
 from hotpath.app import build_app
-from hotpath.cli import tune_gc
+from hotpath.cli import run_uvicorn, tune_gc
 from hotpath.clock import SystemClock
 from hotpath.quota import Engine, fingerprint
 from hotpath.settings import load_settings
@@ -121,8 +121,6 @@ def create_app() -> Starlette:
 
 def main() -> None:
     """Serve with the same uvicorn options as ``quota-gateway serve``."""
-    import uvicorn
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8002)
@@ -134,11 +132,7 @@ def main() -> None:
         multiproc = tempfile.mkdtemp(prefix="quota-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc
     try:
-        uvicorn.run(
-            "bench.noredis_app:create_app", factory=True, host=args.host, port=args.port,
-            workers=args.workers, loop="uvloop", http="httptools", access_log=False,
-            log_level="warning", timeout_graceful_shutdown=10,
-        )
+        run_uvicorn("bench.noredis_app:create_app", args.host, args.port, args.workers)
     finally:
         if multiproc:
             shutil.rmtree(multiproc, ignore_errors=True)

@@ -36,6 +36,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hotpath.auth import Authenticator
+from hotpath.cli import run_uvicorn
 from hotpath.errors import QuotaError
 from hotpath.schemas import ENCODER, QuotaDebitIn, decode, micro
 from hotpath.settings import load_settings
@@ -149,8 +150,6 @@ class _Insufficient(Exception):
 
 def main() -> None:
     """``setup`` the tables or ``serve`` the app."""
-    import uvicorn
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_setup = sub.add_parser("setup")
@@ -164,11 +163,7 @@ def main() -> None:
     if args.command == "setup":
         asyncio.run(setup(args.users, args.prefix))
         return
-    uvicorn.run(
-        "bench.pg_baseline:create_app", factory=True, host=args.host, port=args.port,
-        workers=args.workers, loop="uvloop", http="httptools", access_log=False,
-        log_level="warning", timeout_graceful_shutdown=10,
-    )
+    run_uvicorn("bench.pg_baseline:create_app", args.host, args.port, args.workers)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
+def run_uvicorn(factory: str, host: str, port: int, workers: int) -> None:
+    """uvicorn as ``serve`` runs it (the benchmark's baselines are served the same way)."""
+    import uvicorn
+
+    uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, loop="uvloop",
+                http="httptools", access_log=False, log_level="warning",
+                timeout_graceful_shutdown=10)
+
+
 def create_worker_app() -> Starlette:
     """The uvicorn factory of ``serve``: the app, then the GC tuned (see ``tune_gc``)."""
     from hotpath.app import create_app
@@ -208,8 +217,6 @@ def report(day: datetime | None, out: Path | None) -> None:
 def serve(host: str | None, port: int | None, workers: int | None, run_migrations: bool,
           with_reconciler: bool) -> None:
     """Serve the HTTP API under uvicorn."""
-    import uvicorn
-
     settings = ensure_servers(_settings(host=host, port=port, workers=workers))
     if run_migrations:
         asyncio.run(_migrate(settings))
@@ -228,11 +235,8 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
     try:
-        uvicorn.run(
-            "hotpath.cli:create_worker_app", factory=True, host=settings.host, port=settings.port,
-            workers=settings.workers, loop="uvloop", http="httptools", access_log=False,
-            log_level="warning", timeout_graceful_shutdown=10,
-        )
+        run_uvicorn("hotpath.cli:create_worker_app", settings.host, settings.port,
+                    settings.workers)
     finally:
         if reconciler is not None:
             reconciler.terminate()

@@ -72,6 +72,16 @@ def _parse_url(url: str) -> dict[str, Any]:
 BATCH_MAX = 32
 
 
+def _settle(future: asyncio.Future[Any], reply: Any) -> None:
+    """Hand a caller its reply; an error reply raises RedisReplyError in the caller."""
+    if future.done():  # the caller went away (cancelled); the reply is dropped
+        return
+    if isinstance(reply, hiredis.ReplyError):
+        future.set_exception(RedisReplyError(str(reply)))
+    else:
+        future.set_result(reply)
+
+
 class _Batch:
     """Items of one batch script call: keys and arguments per item, shared header args."""
 
@@ -103,12 +113,7 @@ class _Batch:
             self.fail(RedisReplyError(message))
             return
         for future, item in zip(futures, reply, strict=True):
-            if future.done():  # the caller went away (cancelled); the reply is dropped
-                continue
-            if isinstance(item, hiredis.ReplyError):
-                future.set_exception(RedisReplyError(str(item)))
-            else:
-                future.set_result(item)
+            _settle(future, item)
 
     def fail(self, exc: Exception) -> None:
         for future in self.futures:
@@ -157,12 +162,7 @@ class _Pipe(asyncio.Protocol):
                 else:
                     future.resolve(reply)
                 continue
-            if future.done():  # the caller went away (cancelled); the reply is dropped
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(RedisReplyError(str(reply)))
-            else:
-                future.set_result(reply)
+            _settle(future, reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

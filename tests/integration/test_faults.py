@@ -52,7 +52,6 @@ from tests.support import (
     make_engine,
     new_ref,
     new_user,
-    prepare_database,
     put_plan,
     unique_plan,
 )
@@ -543,18 +542,6 @@ async def test_reconciler_killed_mid_batch_repeatedly_loses_and_doubles_nothing(
 
 
 # -- 2. PostgreSQL stopped under load -------------------------------------------------------
-
-@pytest.fixture
-async def private_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
-    """A PostgreSQL cluster of this test's own (it will be stopped), migrated and seeded."""
-    postgres = EmbeddedPostgres(tmp_path / "pg", durable=False)
-    dsn = await asyncio.to_thread(postgres.start)
-    try:
-        await prepare_database(dsn)
-        yield postgres
-    finally:
-        await asyncio.to_thread(postgres.stop)
-
 
 #: How long PostgreSQL stays down (the issue's figure).
 OUTAGE_SECONDS = 30

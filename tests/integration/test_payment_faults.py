@@ -35,7 +35,7 @@ from tests.payment_support import (
     serve_provider,
     sign,
 )
-from tests.support import KEY, make_engine, new_user, prepare_database
+from tests.support import KEY, make_engine, new_user
 
 CREDIT = "/internal/billing/quota/credit"
 WEBHOOK = "/internal/billing/webhook/payment"
@@ -133,17 +133,6 @@ async def test_redis_killed_between_commit_and_apply_credits_exactly_once(
 
 
 # -- PostgreSQL down: 503 and nothing half-applied -------------------------------------------
-
-@pytest.fixture
-async def private_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
-    postgres = EmbeddedPostgres(tmp_path / "pg", durable=False)
-    dsn = await asyncio.to_thread(postgres.start)
-    try:
-        await prepare_database(dsn)
-        yield postgres
-    finally:
-        await asyncio.to_thread(postgres.stop)
-
 
 @pytest.mark.timeout(180)
 async def test_postgres_down_webhooks_answer_503_and_nothing_is_half_applied(
