@@ -96,13 +96,15 @@ def make_engine(settings: Settings, clock: FixedClock) -> Engine:
 
 
 @contextlib.asynccontextmanager
-async def app_client(settings: Settings, clock: FixedClock, key: str = KEY
-                     ) -> AsyncIterator[httpx.AsyncClient]:
-    """An in-process client for an app on ``settings``; its engine is closed afterwards."""
+async def app_client(settings: Settings, clock: FixedClock, key: str = KEY, *,
+                     address: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client for an app on ``settings``, its requests coming from
+    ``address``; its engine is closed afterwards."""
     engine = make_engine(settings, clock)
     app = build_app(settings, engine, owns_resources=False)
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+        async with httpx.AsyncClient(transport=transport,
                                      base_url="http://q", headers={"X-Internal-Key": key}
                                      ) as http:
             http.engine = engine  # type: ignore[attr-defined]  # for tests that inspect it

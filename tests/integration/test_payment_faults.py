@@ -4,7 +4,6 @@ the dead-letter CLI."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -18,7 +17,6 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from hotpath.app import build_app
 from hotpath.clock import FixedClock
 from hotpath.devservers import EmbeddedPostgres, EmbeddedRedis, free_port
 from hotpath.quota import Engine
@@ -35,29 +33,11 @@ from tests.payment_support import (
     serve_provider,
     sign,
 )
-from tests.support import KEY, make_engine, new_user
+from tests.support import app_client, make_engine, new_user
 
 CREDIT = "/internal/billing/quota/credit"
 WEBHOOK = "/internal/billing/webhook/payment"
 YOOKASSA_ADDRESS = "185.71.76.5"
-
-
-@contextlib.asynccontextmanager
-async def client_from(settings: Settings, clock: FixedClock, address: str = "127.0.0.1"
-                      ) -> AsyncIterator[httpx.AsyncClient]:
-    """An in-process client whose requests come from ``address``."""
-    engine = make_engine(settings, clock)
-    app = build_app(settings, engine, owns_resources=False)
-    transport = httpx.ASGITransport(app=app, client=(address, 40000))
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://q",
-                                     headers={"X-Internal-Key": KEY}) as http:
-            http.engine = engine  # type: ignore[attr-defined]
-            yield http
-    finally:
-        await app.state.api.webhook.verifier.aclose()
-        await engine.redis.close()
-        await engine.db.close()
 
 
 async def remain_chat(http: httpx.AsyncClient, user: str) -> int:
@@ -92,7 +72,7 @@ async def test_redis_killed_between_commit_and_apply_credits_exactly_once(
     local = settings.with_overrides(redis_url=url)
     admin = aioredis.Redis.from_url(url, decode_responses=True)
     try:
-        async with client_from(local, clock) as http:
+        async with app_client(local, clock) as http:
             engine: Engine = http.engine  # type: ignore[attr-defined]
             held, loaded_later = new_user(), new_user()
             base = await remain_chat(http, held)  # in Redis before the credit
@@ -146,7 +126,7 @@ async def test_postgres_down_webhooks_answer_503_and_nothing_is_half_applied(
     body = notification("payment.succeeded",
                         payment_object(payment, user, "pro_month", units_chat="100"))
     headers = {"Content-Type": "application/json", "X-Signature": sign(signer, body)}
-    async with client_from(local, clock) as http:
+    async with app_client(local, clock) as http:
         before = await remain_chat(http, user)
         await asyncio.to_thread(private_postgres.stop)
         for _ in range(3):
@@ -198,7 +178,7 @@ async def test_yookassa_trusts_only_the_provider_and_its_networks(
                                                              units_chat="100")
     claimed = notification("payment.succeeded",
                            payment_object(payment, user, "pro_month", units_chat="900"))
-    async with client_from(local, clock, YOOKASSA_ADDRESS) as http:
+    async with app_client(local, clock, address=YOOKASSA_ADDRESS) as http:
         response = await http.post(WEBHOOK, content=claimed)
         assert response.status_code == 200, response.text
         assert await remain_chat(http, user) == 10_100  # the provider's 100, not 900
@@ -209,7 +189,7 @@ async def test_yookassa_trusts_only_the_provider_and_its_networks(
                                                            units_chat="100")
     body = notification("payment.succeeded", provider.objects[f"payments/{other}"])
     asked = provider.requests
-    async with client_from(local, clock, "203.0.113.9") as http:
+    async with app_client(local, clock, address="203.0.113.9") as http:
         refused = await http.post(WEBHOOK, content=body)
         assert refused.status_code == 403, refused.text
         assert refused.json()["error"]["code"] == "sender_not_allowed"
@@ -219,7 +199,7 @@ async def test_yookassa_trusts_only_the_provider_and_its_networks(
         assert provider.requests == asked  # never asked on behalf of an outsider
         assert (await http.get(f"/internal/billing/quota/check/{outsider}")
                 ).json()["plan_code"] == "free"
-    async with client_from(local, clock, "10.1.2.3") as http:
+    async with app_client(local, clock, address="10.1.2.3") as http:
         proxied = await http.post(WEBHOOK, content=body, headers={
             "X-Forwarded-For": f"198.51.100.1, {YOOKASSA_ADDRESS}"})
         assert proxied.status_code == 200, proxied.text
@@ -230,7 +210,7 @@ async def test_yookassa_trusts_only_the_provider_and_its_networks(
                                                            status="pending", units_chat="5")
     lying = notification("payment.succeeded",
                          payment_object(early, user, "pro_month", units_chat="5"))
-    async with client_from(local, clock, YOOKASSA_ADDRESS) as http:
+    async with app_client(local, clock, address=YOOKASSA_ADDRESS) as http:
         pending = await http.post(WEBHOOK, content=lying)
         assert pending.status_code == 422, pending.text
         assert pending.json()["error"]["code"] == "status_mismatch"
@@ -249,7 +229,7 @@ async def test_yookassa_refund_is_confirmed_and_provider_outage_is_503(
                                                              amount="100.00", units_chat="100")
     refund = f"rf-{payment}"
     provider.objects[f"refunds/{refund}"] = refund_object(refund, payment, "100.00")
-    async with client_from(local, clock, YOOKASSA_ADDRESS) as http:
+    async with app_client(local, clock, address=YOOKASSA_ADDRESS) as http:
         paid = await http.post(WEBHOOK, content=notification(
             "payment.succeeded", provider.objects[f"payments/{payment}"]))
         assert paid.status_code == 200
@@ -261,7 +241,7 @@ async def test_yookassa_refund_is_confirmed_and_provider_outage_is_503(
 
     down = local.with_overrides(yookassa_api_url=f"http://127.0.0.1:{free_port()}/v3",
                                 provider_timeout_seconds=1.0)
-    async with client_from(down, clock, YOOKASSA_ADDRESS) as http:
+    async with app_client(down, clock, address=YOOKASSA_ADDRESS) as http:
         other = new_payment()
         response = await http.post(WEBHOOK, content=notification(
             "payment.succeeded", payment_object(other, user, "pro_month")))
@@ -299,7 +279,7 @@ async def test_dead_letters_can_be_listed_shown_fixed_and_replayed(
                                                              status="pending", units_chat="5")
     wrong_plan = payment_object(typo, user, "pro-month", units_chat="7")
     provider.objects[f"payments/{typo}"] = wrong_plan
-    async with client_from(local, clock, YOOKASSA_ADDRESS) as http:
+    async with app_client(local, clock, address=YOOKASSA_ADDRESS) as http:
         first = await http.post(WEBHOOK, content=notification(
             "payment.succeeded", payment_object(payment, user, "pro_month")))
         assert first.status_code == 422
