@@ -39,8 +39,7 @@ from lua import SCRIPTS, DebitReply, Status
 #: A reply of the same shape and sizes as a real one (a UUIDv7 tx id, a large remainder).
 CANNED = DebitReply(
     Status.OK, tx_id="019ab0c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d", remaining=999_999_000_000_000,
-    from_allowance=1_000_000, from_credits=0, limit=1_000_000_000_000_000, period="m",
-    period_end_ms=1_798_761_600_000, plan_code="bench", plan_status="active",
+    from_allowance=1_000_000, from_credits=0, plan_code="bench",
 )
 
 
@@ -80,9 +79,8 @@ class PythonWorkEngine(Engine):
     (keys, windows, tx id, command packing, reply parsing and decoding) plus one event-loop
     round trip, but no socket and no Redis."""
 
-    _REPLY = (b"*10\r\n:1\r\n$36\r\n019ab0c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d\r\n:999999000000000\r\n"
-              b":1000000\r\n:0\r\n:1000000000000000\r\n$1\r\nm\r\n:1798761600000\r\n"
-              b"$5\r\nbench\r\n$6\r\nactive\r\n")
+    _REPLY = (b"*6\r\n:1\r\n$36\r\n019ab0c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d\r\n:999999000000000\r\n"
+              b":1000000\r\n:0\r\n$5\r\nbench\r\n")
 
     async def debit(
         self, user_id: str, meter: str, amount: int, ref: str, *,

@@ -155,7 +155,8 @@ class Keys:
 
 @dataclass(slots=True)
 class DebitReply:
-    """The decoded reply of debit.lua (fields unused by a status are zero or empty)."""
+    """The decoded reply of debit.lua (fields unused by a status are zero or empty; the
+    rule's limit, period and plan status come only with INSUFFICIENT)."""
 
     status: Status
     tx_id: str = ""
@@ -176,8 +177,8 @@ class DebitReply:
         """Turn the flat script reply into fields, by status."""
         status = Status(reply[0])
         if status is Status.OK:
-            tx, rem, fa, fc, limit, period, end, code, pstatus = reply[1:10]
-            return cls(status, tx, rem, fa, fc, limit, period, end, code, pstatus)
+            tx, rem, fa, fc, code = reply[1:6]
+            return cls(status, tx, rem, fa, fc, plan_code=code)
         if status is Status.DUPLICATE:
             return cls(status, tx_id=reply[1], remaining=reply[2])
         if status is Status.INSUFFICIENT:

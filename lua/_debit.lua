@@ -5,9 +5,12 @@
 -- windows, the deployment's constants, and read caches that stay exact within one script
 -- call (a script runs atomically, and nothing here writes what they cache):
 --   * the shard streams' lengths: read once, then counted up by every XADD;
---   * the catalog lookups (plan present, meter rule): debits never write the catalog;
+--   * the catalog lookups (plan present, meter rule): debits never write the catalog,
+--     and every shard holds a copy of the same catalog (sync_catalog), so a lookup made
+--     in one shard's copy serves the debits of every shard in the call;
 --   * the user hashes whose TTL must be refreshed, once per call at the end (HINCRBY
---     keeps a TTL, and "now" does not move inside a script).
+--     keeps a TTL, and "now" does not move inside a script); a hash is refreshed only
+--     when less than half of its TTL is left (field 'xt', see debit_one).
 
 -- h: now (0 = Redis TIME), day id, day start, day end, month id, month start, month end,
 -- idempotency TTL ms, counter grace ms, user TTL ms, backlog limit, default plan code.
@@ -23,6 +26,9 @@ local function debit_context(h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12)
     xlen = {}, rules = {}, touched = {}, n_touched = 0,
   }
   local now = ctx.now
+  -- Number-to-text conversions (string.format) are the dearest Lua step of a debit: the
+  -- ones every debit of the call shares are made once here.
+  ctx.now_s, ctx.day_pid, ctx.month_pid = istr(now), 'd:' .. h2, 'm:' .. h5
   ctx.stale = now < ctx.day_start or now >= ctx.day_end or now < ctx.month_start
     or now >= ctx.month_end
   return ctx
@@ -34,8 +40,11 @@ end
 -- Returns the reply table (see debit.lua).
 local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
                          user_id, meter, amount_arg, ref, fp, reason, caller, tx, action)
+  -- Canonical digits, so that the text itself can go into the ledger event unconverted.
+  if not string.find(amount_arg, '^[1-9]%d*$') then
+    error('qg: amount must be a positive integer: ' .. tostring(amount_arg))
+  end
   local amount = int_arg(amount_arg, 'amount')
-  if amount <= 0 then error('qg: amount must be positive') end
   local now = ctx.now
   if ctx.stale then return {STALE_WINDOW, now} end
 
@@ -55,15 +64,15 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
   if backlog >= ctx.backlog_limit then return {BACKLOG, backlog} end
 
   local user = redis.call('HMGET', k_user, 'loaded', 'plan', 'exp', 'cr:' .. meter,
-    'n:' .. meter)
+    'n:' .. meter, 'xt')
   if not user[1] then return {NOT_LOADED, 'user'} end
   local code, status = plan_in_force(user[2], user[3], now, ctx.default_plan)
   -- One read for both: the plan's presence in the catalog copy and the meter's rule.
-  local rule_key = k_plans .. '\n' .. code .. '|' .. meter
+  local rule_key = code .. '|' .. meter
   local plan = ctx.rules[rule_key]
   if not plan then
-    plan = redis.call('HMGET', k_plans, code, code .. '|' .. meter)
-    ctx.rules[rule_key] = plan
+    plan = redis.call('HMGET', k_plans, code, rule_key)
+    if plan[1] then ctx.rules[rule_key] = plan end  -- a missing copy is asked for again
   end
   if not plan[1] then return {NOT_LOADED, 'catalog'} end
   local period, limit = 'n', 0  -- a meter the plan does not name: credits only
@@ -71,34 +80,43 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
 
   local counter, period_id, period_end = nil, 'n', 0
   local used
-  if period == 'd' then
-    counter, period_id, period_end = k_day, 'd:' .. ctx.day_id, ctx.day_end
-    used = int_or_zero(redis.call('GET', counter))
-  elseif period == 'm' then
-    counter, period_id, period_end = k_month, 'm:' .. ctx.month_id, ctx.month_end
-    used = int_or_zero(redis.call('GET', counter))
+  if period == 'd' or period == 'm' then
+    if period == 'd' then
+      counter, period_id, period_end = k_day, ctx.day_pid, ctx.day_end
+    else
+      counter, period_id, period_end = k_month, ctx.month_pid, ctx.month_end
+    end
+    -- Optimistic: add the whole amount now (one call instead of GET then INCRBY), and give
+    -- back below what the debit does not take from the allowance. A script runs atomically:
+    -- nobody sees the counter in between.
+    used = redis.call('INCRBY', counter, amount) - amount
   else
     used = int_or_zero(user[5])
   end
   local credits = int_or_zero(user[4])
   local allowance = limit - used
   if allowance < 0 then allowance = 0 end  -- the limit was lowered below the usage
-  if amount > allowance + credits then
+  local from_allowance = math.min(amount, allowance)
+  local from_credits = amount - from_allowance
+  local fits = from_credits <= credits
+  if counter then
+    if not fits or from_allowance == 0 then
+      -- Nothing from the allowance: undo. A counter this call created goes (a missing
+      -- counter of a loaded user is zero usage); no counter is ever left without a TTL.
+      if used == 0 then redis.call('DEL', counter) else redis.call('DECRBY', counter, amount) end
+    else
+      if from_credits > 0 then redis.call('DECRBY', counter, from_credits) end
+      -- A counter that did not exist gets its expiry now; one that existed already has it.
+      if used == 0 then redis.call('PEXPIREAT', counter, period_end + ctx.grace) end
+    end
+  end
+  if not fits then
     return {INSUFFICIENT, allowance + credits, limit, period, period_end, code, status}
   end
 
   -- Every check passed: from here on only writes, which cannot fail half-way on valid keys.
-  local from_allowance = math.min(amount, allowance)
-  local from_credits = amount - from_allowance
-  if from_allowance > 0 then
-    if counter then
-      -- A counter that did not exist gets its expiry now; one that existed already has it.
-      if redis.call('INCRBY', counter, from_allowance) == from_allowance then
-        redis.call('PEXPIREAT', counter, period_end + ctx.grace)
-      end
-    else
-      redis.call('HINCRBY', k_user, 'n:' .. meter, from_allowance)
-    end
+  if from_allowance > 0 and not counter then
+    redis.call('HINCRBY', k_user, 'n:' .. meter, from_allowance)
   end
   if from_credits > 0 then
     redis.call('HINCRBY', k_user, 'cr:' .. meter, -from_credits)
@@ -108,24 +126,32 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
   -- One field, values joined by the unit separator (ids, refs and reasons cannot contain
   -- control characters): a fraction of the cost and memory of one field per value.
   -- Layout (reconciler/events.py): v1 kind tx user meter amount from_allowance from_credits
-  -- period ref reason caller action plan ts.
+  -- period ref reason caller action plan ts. The amounts are texts made without
+  -- string.format where they can be: the amount's own digits, '0'.
+  local fa_s, fc_s = amount_arg, '0'
+  if from_credits > 0 then fa_s, fc_s = istr(from_allowance), istr(from_credits) end
   redis.call('XADD', k_ledger, '*', 'e', table.concat({
-    'v1', 'debit', tx, user_id, meter, istr(-amount), istr(from_allowance),
-    istr(from_credits), period_id, ref, reason, caller, action, code, istr(now)}, '\031'))
+    'v1', 'debit', tx, user_id, meter, '-' .. amount_arg, fa_s, fc_s, period_id, ref, reason,
+    caller, action, code, ctx.now_s}, '\031'))
   ctx.xlen[k_ledger] = backlog + 1
-  if not ctx.touched[k_user] then
+  -- The user hash's TTL is pushed back when less than half of it is left (not on every
+  -- debit): 'xt' holds the expiry this script last set. Other scripts only ever set the
+  -- full TTL, so 'xt' never promises more time than the hash has.
+  if not ctx.touched[k_user] and now + ctx.user_ttl - int_or_zero(user[6]) > ctx.user_ttl / 2
+  then
     ctx.touched[k_user] = true
     ctx.n_touched = ctx.n_touched + 1
     ctx.touched[ctx.n_touched] = k_user
   end
-  return {OK, tx, remaining, from_allowance, from_credits, limit, period, period_end, code,
-    status}
+  return {OK, tx, remaining, from_allowance, from_credits, code}
 end
 
--- After the call's debits: refresh the TTL of every user hash a debit wrote to (idle users
--- fall out of Redis and are reloaded from PostgreSQL).
+-- After the call's debits: refresh the TTL of the user hashes a debit found past half of
+-- it (idle users fall out of Redis and are reloaded from PostgreSQL).
 local function debit_finish(ctx)
+  local expires = istr(ctx.now + ctx.user_ttl)
   for i = 1, ctx.n_touched do
     redis.call('PEXPIRE', ctx.touched[i], ctx.user_ttl)
+    redis.call('HSET', ctx.touched[i], 'xt', expires)
   end
 end

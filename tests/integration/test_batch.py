@@ -128,6 +128,29 @@ async def test_mixed_users_and_shards_in_one_batch(
         assert (await engine.check(user, ["chat"])).meters[0].used == 6 * U
 
 
+async def test_one_catalog_lookup_serves_every_shard_of_a_call(
+    engine: Engine, batch_sizes: list[int], raw_redis: aioredis.Redis
+) -> None:
+    """Every shard holds a copy of the same catalog, so the rule read from one copy serves
+    the call's debits in all shards; a shard whose copy is gone gets it back when one of
+    its debits is the first to look the rule up."""
+    first = new_user()
+    other = next(u for u in iter(new_user, None)
+                 if engine.keys.shard(u) != engine.keys.shard(first))
+    await _warm(engine, first, other)
+    other_catalog = engine.keys.plans(engine.keys.shard(other))
+    assert await raw_redis.delete(other_catalog) == 1
+    batch_sizes.clear()
+    replies = await asyncio.gather(engine.debit(first, "chat", U, new_ref()),
+                                   engine.debit(other, "chat", U, new_ref()))
+    assert batch_sizes == [2] and [r.status for r in replies] == [Status.OK] * 2
+    assert await raw_redis.exists(other_catalog) == 0
+    alone = await engine.debit(other, "chat", U, new_ref())
+    assert alone.status is Status.OK and alone.remaining == 47 * U
+    assert batch_sizes[1:] == [1, 1]  # NOT_LOADED (catalog), copied back, run again
+    assert await raw_redis.exists(other_catalog) == 1
+
+
 async def test_script_error_of_one_item_fails_that_item_only(
     engine: Engine, batch_sizes: list[int], raw_redis: aioredis.Redis
 ) -> None:

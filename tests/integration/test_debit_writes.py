@@ -1,0 +1,108 @@
+"""What a debit writes in Redis, and what a refused one leaves: counters, credits, TTLs.
+
+debit_one adds the amount to the period counter first and gives back what the debit does
+not take from the allowance (one call instead of a read and a write), and pushes the user
+hash's TTL back only when less than half of it is left. These tests pin both down against
+the real Redis: a refused debit leaves every counter as it was (a counter it created is
+gone, none is left without a TTL), and a split between allowance and credits counts only
+the allowance part.
+"""
+
+from __future__ import annotations
+
+import httpx
+import redis.asyncio as aioredis
+
+from hotpath.clock import FixedClock
+from hotpath.quota import Engine
+from lua import Status
+from tests.support import apply_plan, debit, new_ref, new_user, put_plan, unique_plan
+
+U = 1_000_000  # one unit in micro-units
+CREDIT = "/internal/billing/quota/credit"
+
+
+async def _month_counter(engine: Engine, clock: FixedClock, user: str) -> str:
+    windows = engine.calendar.windows(clock.now_ms())
+    return engine.keys.counters(user, "chat", windows)[1]
+
+
+async def _user_with_plan(client: httpx.AsyncClient, limit: int, credits: int = 0) -> str:
+    """A user on a fresh plan of ``limit`` chat units a month, with ``credits`` bought."""
+    user, plan = new_user(), unique_plan()
+    await put_plan(client, plan, {"chat": {"limit": limit, "period": "month"}})
+    if credits:
+        bought = await client.post(CREDIT, json={
+            "order_id": f"order-{new_ref()}", "user_id": user, "plan_code": plan,
+            "units_chat": credits})
+        assert bought.status_code == 200, bought.text
+    else:
+        await apply_plan(client, user, plan)
+    return user
+
+
+async def test_refused_debit_leaves_the_counter_as_it_was(
+    client: httpx.AsyncClient, engine: Engine, clock: FixedClock, raw_redis: aioredis.Redis
+) -> None:
+    user = await _user_with_plan(client, 10)
+    counter = await _month_counter(engine, clock, user)
+    assert (await debit(client, user, 11)).status_code == 403
+    assert await raw_redis.exists(counter) == 0  # the counter the refused debit made is gone
+    assert (await debit(client, user, 4)).status_code == 200
+    assert int(await raw_redis.get(counter)) == 4 * U
+    assert (await debit(client, user, 7)).status_code == 403
+    assert int(await raw_redis.get(counter)) == 4 * U
+    assert await raw_redis.pttl(counter) > 0
+    remaining = (await debit(client, user, 6)).json()["remaining"]
+    assert remaining == 0 and int(await raw_redis.get(counter)) == 10 * U
+
+
+async def test_split_between_allowance_and_credits_counts_only_the_allowance_part(
+    client: httpx.AsyncClient, engine: Engine, clock: FixedClock, raw_redis: aioredis.Redis
+) -> None:
+    user = await _user_with_plan(client, 10, credits=5)
+    counter = await _month_counter(engine, clock, user)
+    user_key = engine.keys.user(user)
+    first = (await debit(client, user, 8)).json()
+    assert (first["from_allowance"], first["from_credits"], first["remaining"]) == (8, 0, 7)
+    split = (await debit(client, user, 4)).json()
+    assert (split["from_allowance"], split["from_credits"], split["remaining"]) == (2, 2, 3)
+    assert int(await raw_redis.get(counter)) == 10 * U
+    assert int(await raw_redis.hget(user_key, "cr:chat")) == 3 * U
+    credits_only = (await debit(client, user, 3)).json()
+    assert (credits_only["from_allowance"], credits_only["from_credits"]) == (0, 3)
+    assert int(await raw_redis.get(counter)) == 10 * U
+    assert int(await raw_redis.hget(user_key, "cr:chat")) == 0
+    assert (await debit(client, user, 1)).status_code == 403
+    assert int(await raw_redis.get(counter)) == 10 * U and await raw_redis.pttl(counter) > 0
+
+
+async def test_credits_only_meter_creates_no_counter(
+    client: httpx.AsyncClient, engine: Engine, clock: FixedClock, raw_redis: aioredis.Redis
+) -> None:
+    """A plan with no allowance for the meter: debits come from credits, no counter made."""
+    user = await _user_with_plan(client, 0, credits=5)
+    counter = await _month_counter(engine, clock, user)
+    taken = (await debit(client, user, 2)).json()
+    assert (taken["from_allowance"], taken["from_credits"], taken["remaining"]) == (0, 2, 3)
+    assert (await debit(client, user, 4)).status_code == 403
+    assert await raw_redis.exists(counter) == 0
+
+
+async def test_user_ttl_is_pushed_back_once_half_of_it_is_gone(
+    client: httpx.AsyncClient, engine: Engine, clock: FixedClock, raw_redis: aioredis.Redis
+) -> None:
+    """Not on every debit: 'xt' remembers the expiry set, and only past half is it renewed."""
+    user = await _user_with_plan(client, 1000)
+    user_key = engine.keys.user(user)
+    ttl_ms = engine.settings.user_state_ttl_seconds * 1000
+    assert (await engine.debit(user, "chat", U, new_ref())).status is Status.OK
+    assert int(await raw_redis.hget(user_key, "xt")) == clock.now_ms() + ttl_ms
+    await raw_redis.pexpire(user_key, 600_000)  # stands in for the time gone by
+    clock.advance(ttl_ms // 2 - 60_000)  # just under half: left alone
+    assert (await engine.debit(user, "chat", U, new_ref())).status is Status.OK
+    assert 0 < await raw_redis.pttl(user_key) <= 600_000
+    clock.advance(120_000)  # past half: renewed to the full TTL
+    assert (await engine.debit(user, "chat", U, new_ref())).status is Status.OK
+    assert await raw_redis.pttl(user_key) > ttl_ms - 60_000
+    assert int(await raw_redis.hget(user_key, "xt")) == clock.now_ms() + ttl_ms
