@@ -79,8 +79,7 @@ class PythonWorkEngine(Engine):
     (keys, windows, tx id, command packing, reply parsing and decoding) plus one event-loop
     round trip, but no socket and no Redis."""
 
-    _REPLY = (b"*6\r\n:1\r\n$36\r\n019ab0c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d\r\n:999999000000000\r\n"
-              b":1000000\r\n:0\r\n$5\r\nbench\r\n")
+    _REPLY = b"*4\r\n:1\r\n:999999000000000\r\n:0\r\n$5\r\nbench\r\n"
 
     async def debit(
         self, user_id: str, meter: str, amount: int, ref: str, *,
@@ -88,11 +87,12 @@ class PythonWorkEngine(Engine):
     ) -> DebitReply:
         windows = self._windows()
         script = SCRIPTS["debit_many"]
+        tx_id = self.new_id(None)
         # Packed as a batch of one (the real path shares one call among a tick's debits).
         packed = hiredis.pack_command((
             "EVALSHA", script.sha, 6, *self.keys.debit_keys(user_id, ref, meter, windows),
             *self._debit_header(windows), user_id, meter, amount, ref,
-            fingerprint(meter, amount, reason), reason, caller, self.new_id(None), action,
+            fingerprint(meter, amount, reason), reason, caller, tx_id, action,
         ))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -100,7 +100,7 @@ class PythonWorkEngine(Engine):
         await future
         reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
         reader.feed(self._REPLY)
-        return DebitReply.decode(reader.gets())
+        return DebitReply.decode(reader.gets(), tx_id, amount)
 
 
 _ENGINES = {"canned": NoRedisEngine, "yield": YieldEngine, "python": PythonWorkEngine}

@@ -141,7 +141,7 @@ class Engine:
                 )
             except RedisReplyError as exc:
                 raise self._script_error(script, exc) from None
-            reply = DebitReply.decode(raw)
+            reply = DebitReply.decode(raw, tx_id, amount)
             if reply.status is Status.STALE_WINDOW:
                 windows = self.calendar.windows(reply.now_ms)
             elif reply.status is Status.NOT_LOADED:

@@ -173,12 +173,14 @@ class DebitReply:
     backlog: int = 0  # BACKLOG: entries in the shard stream
 
     @classmethod
-    def decode(cls, reply: list[Any]) -> DebitReply:
-        """Turn the flat script reply into fields, by status."""
+    def decode(cls, reply: list[Any], tx_id: str, amount: int) -> DebitReply:
+        """Turn the flat script reply into fields, by status; ``tx_id`` and ``amount`` are
+        the debit's own (an OK reply leaves out what the caller knows)."""
         status = Status(reply[0])
         if status is Status.OK:
-            tx, rem, fa, fc, code = reply[1:6]
-            return cls(status, tx, rem, fa, fc, plan_code=code)
+            _, remaining, from_credits, code = reply
+            return cls(status, tx_id, remaining, amount - from_credits, from_credits,
+                       plan_code=code)
         if status is Status.DUPLICATE:
             return cls(status, tx_id=reply[1], remaining=reply[2])
         if status is Status.INSUFFICIENT:

@@ -16,9 +16,11 @@ local function int_arg(value, name)
   return n
 end
 
--- An exact integer as text ('..' would format large numbers as 1e+15).
+-- An exact integer as text ('..' would format large numbers as 1e+15). '%d' formats a C
+-- long, 64 bits on every platform Redis ships for (exact: |n| < 2^53 here), and costs a
+-- fraction of '%.0f', which goes through floating-point printing.
 local function istr(n)
-  return string.format('%.0f', n)
+  return string.format('%d', n)
 end
 
 local function int_or_zero(value)

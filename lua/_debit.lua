@@ -26,9 +26,11 @@ local function debit_context(h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12)
     xlen = {}, rules = {}, touched = {}, n_touched = 0,
   }
   local now = ctx.now
-  -- Number-to-text conversions (string.format) are the dearest Lua step of a debit: the
-  -- ones every debit of the call shares are made once here.
+  -- Number-to-text conversions (string.format, and redis.call's own for a number
+  -- argument) are among the dearest steps of a debit: the texts every debit of the call
+  -- shares are made once here, or are the arguments' own.
   ctx.now_s, ctx.day_pid, ctx.month_pid = istr(now), 'd:' .. h2, 'm:' .. h5
+  ctx.idem_ttl_s = h8
   ctx.stale = now < ctx.day_start or now >= ctx.day_end or now < ctx.month_start
     or now >= ctx.month_end
   return ctx
@@ -44,7 +46,8 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
   if not string.find(amount_arg, '^[1-9]%d*$') then
     error('qg: amount must be a positive integer: ' .. tostring(amount_arg))
   end
-  local amount = int_arg(amount_arg, 'amount')
+  local amount = tonumber(amount_arg)
+  if amount >= EXACT then error('qg: amount too large: ' .. amount_arg) end
   local now = ctx.now
   if ctx.stale then return {STALE_WINDOW, now} end
 
@@ -67,16 +70,18 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
     'n:' .. meter, 'xt')
   if not user[1] then return {NOT_LOADED, 'user'} end
   local code, status = plan_in_force(user[2], user[3], now, ctx.default_plan)
-  -- One read for both: the plan's presence in the catalog copy and the meter's rule.
+  -- One read for both: the plan's presence in the catalog copy and the meter's rule
+  -- ('d|<limit>' etc.), kept parsed for the rest of the call.
   local rule_key = code .. '|' .. meter
-  local plan = ctx.rules[rule_key]
-  if not plan then
-    plan = redis.call('HMGET', k_plans, code, rule_key)
-    if plan[1] then ctx.rules[rule_key] = plan end  -- a missing copy is asked for again
+  local rule = ctx.rules[rule_key]
+  if not rule then
+    local plan = redis.call('HMGET', k_plans, code, rule_key)
+    if not plan[1] then return {NOT_LOADED, 'catalog'} end  -- asked for again next time
+    rule = {'n', 0}  -- a meter the plan does not name: credits only
+    if plan[2] then rule = {string.sub(plan[2], 1, 1), tonumber(string.sub(plan[2], 3))} end
+    ctx.rules[rule_key] = rule
   end
-  if not plan[1] then return {NOT_LOADED, 'catalog'} end
-  local period, limit = 'n', 0  -- a meter the plan does not name: credits only
-  if plan[2] then period, limit = string.sub(plan[2], 1, 1), tonumber(string.sub(plan[2], 3)) end
+  local period, limit = rule[1], rule[2]
 
   local counter, period_id, period_end = nil, 'n', 0
   local used
@@ -89,7 +94,7 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
     -- Optimistic: add the whole amount now (one call instead of GET then INCRBY), and give
     -- back below what the debit does not take from the allowance. A script runs atomically:
     -- nobody sees the counter in between.
-    used = redis.call('INCRBY', counter, amount) - amount
+    used = redis.call('INCRBY', counter, amount_arg) - amount
   else
     used = int_or_zero(user[5])
   end
@@ -103,7 +108,11 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
     if not fits or from_allowance == 0 then
       -- Nothing from the allowance: undo. A counter this call created goes (a missing
       -- counter of a loaded user is zero usage); no counter is ever left without a TTL.
-      if used == 0 then redis.call('DEL', counter) else redis.call('DECRBY', counter, amount) end
+      if used == 0 then
+        redis.call('DEL', counter)
+      else
+        redis.call('DECRBY', counter, amount_arg)
+      end
     else
       if from_credits > 0 then redis.call('DECRBY', counter, from_credits) end
       -- A counter that did not exist gets its expiry now; one that existed already has it.
@@ -122,7 +131,7 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
     redis.call('HINCRBY', k_user, 'cr:' .. meter, -from_credits)
   end
   local remaining = allowance + credits - amount
-  redis.call('SET', k_ref, fp .. '\n' .. tx .. '\n' .. istr(remaining), 'PX', ctx.idem_ttl)
+  redis.call('SET', k_ref, fp .. '\n' .. tx .. '\n' .. istr(remaining), 'PX', ctx.idem_ttl_s)
   -- One field, values joined by the unit separator (ids, refs and reasons cannot contain
   -- control characters): a fraction of the cost and memory of one field per value.
   -- Layout (reconciler/events.py): v1 kind tx user meter amount from_allowance from_credits
@@ -143,7 +152,9 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
     ctx.n_touched = ctx.n_touched + 1
     ctx.touched[ctx.n_touched] = k_user
   end
-  return {OK, tx, remaining, from_allowance, from_credits, code}
+  -- The caller knows the tx id and the amount (from_allowance = amount - from_credits):
+  -- each element less is Redis work less per debit.
+  return {OK, remaining, from_credits, code}
 end
 
 -- After the call's debits: refresh the TTL of the user hashes a debit found past half of

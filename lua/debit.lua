@@ -28,7 +28,8 @@
 -- ARGV[21] action as the caller named it ('' for the balance API)
 --
 -- Replies (first element is the status):
---   {OK, tx, remaining, from_allowance, from_credits, plan_code}
+--   {OK, remaining, from_credits, plan_code}  (the tx id is ARGV[8]; from the allowance:
+--                                           the amount less from_credits)
 --   {DUPLICATE, tx, remaining}             the ref was already debited: nothing changed
 --   {REF_REUSED}                           the ref was used for another meter/amount/reason
 --   {INSUFFICIENT, remaining, limit, period, period_end_ms, plan_code, plan_status}
