@@ -61,10 +61,11 @@ def new_tx_id(now_ms: int | None = None) -> str:
     # 74 random bits from a per-process generator seeded from os.urandom: ids need to be
     # unique, not secret, and a syscall per debit showed up in profiles.
     rand = _random.getrandbits(74)
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0x2 << 62 | (
-        rand & 0x3FFF_FFFF_FFFF_FFFF)
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    # 48 bits of ms | version 7 and 12 random bits | variant 0b10 and 14 | 48 random bits
+    # %-formatting: measured faster here than an f-string with format specs or slicing
+    return "%08x-%04x-%04x-%04x-%012x" % (  # noqa: UP031
+        ms >> 16 & 0xFFFF_FFFF, ms & 0xFFFF, 0x7000 | rand >> 62, 0x8000 | rand >> 48 & 0x3FFF,
+        rand & 0xFFFF_FFFF_FFFF)
 
 
 _random = random.Random(os.urandom(16))

@@ -42,6 +42,10 @@ class Status(IntEnum):
     NEED_METERS = 9
 
 
+#: Status by its code (an index is faster than ``Status(code)`` on the hot path).
+_STATUS_BY_CODE: dict[int, Status] = {s.value: s for s in Status}
+
+
 @dataclass(frozen=True, slots=True)
 class Script:
     """One registered script: its name, full source (prelude included) and SHA1."""
@@ -96,6 +100,7 @@ class Keys:
         self.n_shards = n_shards
         self._width = max(3, len(str(n_shards - 1)))
         self._tags = [self.tag(s) for s in range(n_shards)]
+        self._shared = [(f"{t}:plans", f"{t}:ledger") for t in self._tags]  # per shard
 
     def shard(self, user_id: str) -> int:
         """The user's virtual shard: crc32 of the id, modulo the shard count."""
@@ -129,12 +134,12 @@ class Keys:
     def debit_keys(self, user_id: str, ref: str, meter: str, windows: Windows
                    ) -> tuple[str, str, str, str, str, str]:
         """KEYS of debit.lua, with the shard computed once (the hot path's only keys)."""
-        shard = self.shard(user_id)
-        tag = self._tags[shard]
-        base = f"{tag}:u:{user_id}"
+        shard = zlib.crc32(user_id.encode()) % self.n_shards
+        plans, ledger = self._shared[shard]
+        base = f"{self._tags[shard]}:u:{user_id}"
         counter = f"{base}:c:{meter}"
-        return (base, f"{base}:r:{ref}", f"{tag}:plans", f"{counter}:d:{windows.day_id}",
-                f"{counter}:m:{windows.month_id}", f"{tag}:ledger")
+        return (base, f"{base}:r:{ref}", plans, f"{counter}:d:{windows.day_id}",
+                f"{counter}:m:{windows.month_id}", ledger)
 
     def plans(self, shard: int) -> str:
         """A shard's copy of the plan catalog."""
@@ -176,7 +181,7 @@ class DebitReply:
     def decode(cls, reply: list[Any], tx_id: str, amount: int) -> DebitReply:
         """Turn the flat script reply into fields, by status; ``tx_id`` and ``amount`` are
         the debit's own (an OK reply leaves out what the caller knows)."""
-        status = Status(reply[0])
+        status = _STATUS_BY_CODE[reply[0]]
         if status is Status.OK:
             _, remaining, from_credits, code = reply
             return cls(status, tx_id, remaining, amount - from_credits, from_credits,
