@@ -60,6 +60,8 @@ QG = str(Path(PY).with_name("quota-gateway"))
 TOKEN = os.environ.get("SERVICE_TOKEN", "super-secret-dev")
 DEBIT_PATH = "/internal/billing/quota/debit"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: The two servers target (a) compares: at their peak, two workers can keep both cores busy.
+RATIO_PAIR = ("debit_2w", "noredis_2w")
 BENCH_PLAN = {
     "meters": {"chat": {"limit": 1_000_000_000, "period": "month"},
                "units": {"limit": 1_000_000_000, "period": "month"}},
@@ -306,10 +308,19 @@ def bench_server(server: Server, wrk: Wrk, args: argparse.Namespace, conns: list
     wrk.run(server, max(conns), args.warmup)
     runs = result.setdefault("runs", [])
     for c in conns:
-        run = wrk.run(server, c, args.duration)
-        run["pass"] = pass_no
-        log(f"{server.name}: {summarize(run)}")
-        runs.append(run)
+        retries = args.unsaturated_retries if server.name in RATIO_PAIR else 0
+        for attempt in range(1 + retries):
+            run = wrk.run(server, c, args.duration)
+            run["pass"] = pass_no
+            log(f"{server.name}: {summarize(run)}")
+            runs.append(run)
+            if run["machine_busy_pct"] >= args.min_busy:
+                break
+            # Not a peak: the machine had CPU to spare. Seen here as ~67 % busy, the two
+            # workers sharing one core for a whole run while wrk had the other.
+            run["unsaturated"] = True
+            if attempt < retries:
+                log(f"{server.name}: machine only {run['machine_busy_pct']}% busy, again")
     peak = result["peak"] = max(runs, key=lambda r: r["rps"])
     if paced:
         target = peak["rps"] / 2
@@ -520,7 +531,8 @@ def runs_table(r: dict[str, Any]) -> str:
              "CPU µs/request: server / redis / wrk / whole machine | machine busy % | "
              "stolen % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, srv in r["servers"].items():
-        runs = [(run, "peak") for run in srv["runs"]]
+        runs = [(run, "peak, unsaturated" if run.get("unsaturated") else "peak")
+                for run in srv["runs"]]
         runs += [(run, f"paced, target {run['target_rps']:.0f}/s")
                  for run in srv.get("half_peak_runs", [])]
         for run, kind in sorted(runs, key=lambda x: x[0].get("pass", 1)):
@@ -552,8 +564,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calibrations", type=int, default=2, help="probes at most")
     p.add_argument("--paced-connections", type=int, default=32)
     p.add_argument("--conns-1w", default="16,64")
-    p.add_argument("--conns-2w", default="32,64,128")
+    p.add_argument("--conns-2w", default="32,64,128,256")
     p.add_argument("--conns-pg", default="16,32,64")
+    p.add_argument("--min-busy", type=float, default=85,
+                   help="a peak run with the machine less busy than this %% is run again")
+    p.add_argument("--unsaturated-retries", type=int, default=1)
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--wrk-cpu", type=int, default=None, help="pin wrk to this CPU (taskset)")
     p.add_argument("--pg-pool", type=int, default=16, help="asyncpg pool per PG-baseline worker")
