@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,24 +71,33 @@ def redis_binary() -> str:
 @contextlib.contextmanager
 def private_redis(binary: str | None = None) -> Iterator[str]:
     """A throwaway redis-server on a free port, without persistence; yields its URL."""
+    with private_redis_process(binary) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def private_redis_process(
+    binary: str | None = None, *, prefix: Sequence[str] = (), start_seconds: float = 15
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """private_redis, run under ``prefix`` (e.g. valgrind); yields its URL and process."""
     binary = binary or redis_binary()
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="qgbench-redis-")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        [*prefix, binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", workdir, "--daemonize", "no",
          "--maxmemory-policy", "noeviction"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + start_seconds
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 break
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"private redis-server ({binary}) did not start")
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", proc
     finally:
         proc.terminate()
         try:

@@ -522,6 +522,12 @@ def markdown(r: dict[str, Any]) -> str:
         f"idempotency keys | | | | "
         f"(d) < 1 KiB per user | (d) {mark[v['d']['pass']]} |",
     ]
+    if "instructions" in r:
+        ins = r["instructions"]
+        lines.append(
+            f"| 7 | instructions per debit (callgrind, batches of {ins['redis']['batch']}) | "
+            f"Redis {ins['redis']['instructions_per_debit']:,}; Python client path "
+            f"{ins['client']['instructions_per_debit']:,} | | | | | |")
     return "\n".join(lines)
 
 
@@ -577,7 +583,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--diagnose", default="64", metavar="CONNS",
                    help="connection counts of the diagnostic no-Redis variants ('' = skip)")
     p.add_argument("--only", default="",
-                   help="run only these (comma list): server names, redis, memory")
+                   help="run only these (comma list): server names, redis, memory, "
+                        "instructions")
     p.add_argument("--out", default=str(BENCH / "results.json"))
     p.add_argument("--keep-keys", action="store_true", help="do not delete the Redis keys")
     return p.parse_args()
@@ -674,6 +681,15 @@ def main() -> None:
             m = result["memory"]
             log(f"memory: {m['bytes_per_user']} B/user, {m['bytes_per_idempotency_key']} B per "
                 f"idempotency key, {m['bytes_per_ledger_entry']} B per ledger entry")
+        if (not only or "instructions" in only) and shutil.which("valgrind"):
+            log("instructions per debit under callgrind (bench/instructions.py)")
+            from bench.instructions import client_side, redis_side
+
+            result["instructions"] = {"redis": redis_side(dsn, args.users, 14, 300),
+                                      "client": client_side(14, 2400)}
+            i = result["instructions"]
+            log(f"instructions per debit: Redis {i['redis']['instructions_per_debit']}, "
+                f"Python client path {i['client']['instructions_per_debit']}")
     finally:
         if not args.keep_keys:
             log(f"deleted {delete_prefix(args.redis_url, args.prefix)} keys {args.prefix}:*")
