@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import time
 from typing import Protocol
 
@@ -55,24 +54,44 @@ class FixedClock:
         self._now += ms
 
 
-def new_tx_id(now_ms: int | None = None) -> str:
-    """A time-ordered UUID (version 7 layout): 48 bits of ms, then randomness."""
-    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    # 74 random bits from a per-process generator seeded from os.urandom: ids need to be
-    # unique, not secret, and a syscall per debit showed up in profiles.
-    rand = _random.getrandbits(74)
-    # 48 bits of ms | version 7 and 12 random bits | variant 0b10 and 14 | 48 random bits
-    # %-formatting: measured faster here than an f-string with format specs or slicing
-    return "%08x-%04x-%04x-%04x-%012x" % (  # noqa: UP031
-        ms >> 16 & 0xFFFF_FFFF, ms & 0xFFFF, 0x7000 | rand >> 62, 0x8000 | rand >> 48 & 0x3FFF,
-        rand & 0xFFFF_FFFF_FFFF)
+class _TxIds:
+    """Time-ordered UUIDs (RFC 9562 version 7) made cheaply: a tx id per debit.
+
+    Layout: 48 bits of ms | version 7 and 12 random bits | variant 0b10 and a 14-bit
+    counter | 48 random bits. The random bits are drawn once per process (again after a
+    fork): ids need to be unique, not secret. Within a process the (ms, counter) pair does
+    not repeat (16,384 ids in one millisecond before the counter wraps); between processes
+    the 60 random bits tell them apart. The text up to the counter is made once per ms.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        bits = int.from_bytes(os.urandom(10), "big")
+        self.rand_a = bits & 0xFFF
+        self.suffix = f"{bits >> 12 & 0xFFFF_FFFF_FFFF:012x}"
+        self.counter = bits >> 60 & 0x3FFF
+        self.ms = -1
+        self.prefix = ""
+
+    def new(self, now_ms: int | None = None) -> str:
+        ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        if ms != self.ms:
+            self.ms = ms
+            self.prefix = "%08x-%04x-%04x-" % (  # noqa: UP031  (measured faster)
+                ms >> 16 & 0xFFFF_FFFF, ms & 0xFFFF, 0x7000 | self.rand_a)
+        self.counter = counter = (self.counter + 1) & 0x3FFF
+        return "%s%04x-%s" % (self.prefix, 0x8000 | counter, self.suffix)  # noqa: UP031
 
 
-_random = random.Random(os.urandom(16))
+_tx_ids = _TxIds()
+#: A new tx id (``now_ms``: the time it carries; default the wall clock).
+new_tx_id = _tx_ids.new
 
 
 def _reseed_after_fork() -> None:
-    _random.seed(os.urandom(16))
+    _tx_ids.reseed()
 
 
 os.register_at_fork(after_in_child=_reseed_after_fork)

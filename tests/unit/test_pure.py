@@ -10,7 +10,7 @@ import pytest
 
 from hotpath.amounts import MAX_UNITS, AmountError, format_micro, from_micro, to_micro
 from hotpath.auth import Authenticator
-from hotpath.clock import new_tx_id
+from hotpath.clock import _TxIds, new_tx_id
 from hotpath.errors import Forbidden, Unauthorized
 from hotpath.settings import Caller, SettingsError, load_settings
 from lua import Keys
@@ -81,6 +81,18 @@ def test_tx_ids_are_uuid7_time_ordered_and_unique() -> None:
     parsed = [uuid.UUID(i) for i in ids]
     assert all(u.version == 7 for u in parsed)
     assert [u.int >> 80 for u in parsed] == sorted(u.int >> 80 for u in parsed)
+
+
+def test_tx_ids_of_two_processes_differ_in_the_same_millisecond() -> None:
+    """Each process draws its own random bits (again after a fork), so two generators
+    asked in the same millisecond never meet; the variant bits stay RFC 9562's."""
+    one, two = _TxIds(), _TxIds()
+    ids = [g.new(1_700_000_000_000) for g in (one, two) for _ in range(100)]
+    assert len(set(ids)) == 200
+    assert all(uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    before = one.suffix
+    one.reseed()
+    assert one.suffix != before
 
 
 def test_keys_share_one_hash_tag_per_user() -> None:
