@@ -16,7 +16,7 @@ from typing import Any
 
 from hotpath import metrics
 from hotpath.clock import Clock, new_tx_id
-from hotpath.errors import DependencyUnavailable, InvariantBroken, NotFound
+from hotpath.errors import DependencyUnavailable, InvariantBroken, NotFound, invariant
 from hotpath.settings import Settings
 from lua import SCRIPTS, CheckReply, DebitReply, Keys, Script, Status
 from lua.connection import PipelinedRedis, RedisReplyError
@@ -42,13 +42,10 @@ def from_ms(ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=ms)
 
 
-def _digest(reason: str) -> str:
-    return hashlib.blake2b(reason.encode(), digest_size=8).hexdigest()
-
-
 def fingerprint(meter: str, amount: int, reason: str) -> str:
-    """What makes two debits with one ref "the same request" (Engine.debit inlines it)."""
-    return f"{meter}:{amount}:{_digest(reason) if reason else ''}"
+    """What makes two debits with one ref "the same request"."""
+    digest = hashlib.blake2b(reason.encode(), digest_size=8).hexdigest() if reason else ""
+    return f"{meter}:{amount}:{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +128,11 @@ class Engine:
         The call goes out as one item of a debit_many batch with the other debits this
         worker issues in the same event-loop tick (lua/connection.py).
         """
-        # The hot path: each call, attribute lookup and allocation here is paid per debit.
-        if amount <= 0:
-            raise InvariantBroken("debit amounts are positive")
-        fp = f"{meter}:{amount}:{_digest(reason)}" if reason else f"{meter}:{amount}:"
-        windows = self.calendar.windows(self.clock.now_ms())
+        invariant(amount > 0, "debit amounts are positive")
+        windows = self._windows()
         tx_id = self.new_id(None)
-        args = (user_id, meter, amount, ref, fp, reason, caller, tx_id, action)
+        args = (user_id, meter, amount, ref, fingerprint(meter, amount, reason), reason, caller,
+                tx_id, action)
         script = _DEBIT_MANY
         for _ in range(self.settings.load_retries + 2):
             try:

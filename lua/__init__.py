@@ -134,7 +134,7 @@ class Keys:
     def debit_keys(self, user_id: str, ref: str, meter: str, windows: Windows
                    ) -> tuple[str, str, str, str, str, str]:
         """KEYS of debit.lua, with the shard computed once (the hot path's only keys)."""
-        shard = zlib.crc32(user_id.encode()) % self.n_shards
+        shard = self.shard(user_id)
         plans, ledger = self._shared[shard]
         base = f"{self._tags[shard]}:u:{user_id}"
         counter = f"{base}:c:{meter}"

@@ -25,7 +25,7 @@ import contextlib
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -319,27 +319,19 @@ class PipelinedRedis:
         packed = hiredis.pack_command(args)  # type: ignore[arg-type]
         return await pipe.send(packed, time.monotonic() + self.timeout)
 
-    def run_batched(
-        self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
-        args: Sequence[str | int],
-    ) -> Awaitable[Any]:
-        """One item of a batch script call (see ``_Batch``): its own reply, or its error.
-
-        Items queued in the same tick with the same script and ``header`` share one call.
-        A plain function: with the connection open, the caller awaits the item's future
-        itself, without a coroutine in between (the hot path).
-        """
-        pipe = self._pipes[self._next]
-        if pipe is None or pipe.closed:
-            return self._run_batched_connecting(script, header, keys, args)
-        self._next = (self._next + 1) % len(self._pipes)
-        return pipe.send_item(script, header, keys, args, time.monotonic() + self.timeout)
-
-    async def _run_batched_connecting(
+    async def run_batched(
         self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
         args: Sequence[str | int],
     ) -> Any:
-        pipe = await self._pipe()
+        """One item of a batch script call (see ``_Batch``): its own reply, or its error.
+
+        Items queued in the same tick with the same script and ``header`` share one call.
+        """
+        pipe = self._pipes[self._next]
+        if pipe is None or pipe.closed:
+            pipe = await self._pipe()
+        else:
+            self._next = (self._next + 1) % len(self._pipes)
         return await pipe.send_item(script, header, keys, args,
                                     time.monotonic() + self.timeout)
 
