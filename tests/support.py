@@ -25,6 +25,8 @@ T0 = int(datetime(2026, 11, 23, 12, 0, tzinfo=UTC).timestamp() * 1000)
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 KEY = "super-secret-dev"
+CREDIT = "/internal/billing/quota/credit"
+WEBHOOK = "/internal/billing/webhook/payment"
 
 
 def new_user() -> str:

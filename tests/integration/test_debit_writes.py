@@ -16,13 +16,12 @@ import redis.asyncio as aioredis
 from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from lua import Status
-from tests.support import apply_plan, debit, new_ref, new_user, put_plan, unique_plan
+from tests.support import CREDIT, apply_plan, debit, new_ref, new_user, put_plan, unique_plan
 
 U = 1_000_000  # one unit in micro-units
-CREDIT = "/internal/billing/quota/credit"
 
 
-async def _month_counter(engine: Engine, clock: FixedClock, user: str) -> str:
+def _month_counter(engine: Engine, clock: FixedClock, user: str) -> str:
     windows = engine.calendar.windows(clock.now_ms())
     return engine.keys.counters(user, "chat", windows)[1]
 
@@ -45,7 +44,7 @@ async def test_refused_debit_leaves_the_counter_as_it_was(
     client: httpx.AsyncClient, engine: Engine, clock: FixedClock, raw_redis: aioredis.Redis
 ) -> None:
     user = await _user_with_plan(client, 10)
-    counter = await _month_counter(engine, clock, user)
+    counter = _month_counter(engine, clock, user)
     assert (await debit(client, user, 11)).status_code == 403
     assert await raw_redis.exists(counter) == 0  # the counter the refused debit made is gone
     assert (await debit(client, user, 4)).status_code == 200
@@ -61,7 +60,7 @@ async def test_split_between_allowance_and_credits_counts_only_the_allowance_par
     client: httpx.AsyncClient, engine: Engine, clock: FixedClock, raw_redis: aioredis.Redis
 ) -> None:
     user = await _user_with_plan(client, 10, credits=5)
-    counter = await _month_counter(engine, clock, user)
+    counter = _month_counter(engine, clock, user)
     user_key = engine.keys.user(user)
     first = (await debit(client, user, 8)).json()
     assert (first["from_allowance"], first["from_credits"], first["remaining"]) == (8, 0, 7)
@@ -82,7 +81,7 @@ async def test_credits_only_meter_creates_no_counter(
 ) -> None:
     """A plan with no allowance for the meter: debits come from credits, no counter made."""
     user = await _user_with_plan(client, 0, credits=5)
-    counter = await _month_counter(engine, clock, user)
+    counter = _month_counter(engine, clock, user)
     taken = (await debit(client, user, 2)).json()
     assert (taken["from_allowance"], taken["from_credits"], taken["remaining"]) == (0, 2, 3)
     assert (await debit(client, user, 4)).status_code == 403

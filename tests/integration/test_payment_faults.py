@@ -33,10 +33,8 @@ from tests.payment_support import (
     serve_provider,
     sign,
 )
-from tests.support import app_client, make_engine, new_user
+from tests.support import CREDIT, WEBHOOK, app_client, make_engine, new_user
 
-CREDIT = "/internal/billing/quota/credit"
-WEBHOOK = "/internal/billing/webhook/payment"
 YOOKASSA_ADDRESS = "185.71.76.5"
 
 

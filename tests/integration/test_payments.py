@@ -31,10 +31,19 @@ from tests.payment_support import (
     rsa_key,
     sign,
 )
-from tests.support import DAY_MS, KEY, T0, app_client, debit, new_user, put_plan, unique_plan
+from tests.support import (
+    CREDIT,
+    DAY_MS,
+    KEY,
+    T0,
+    WEBHOOK,
+    app_client,
+    debit,
+    new_user,
+    put_plan,
+    unique_plan,
+)
 
-CREDIT = "/internal/billing/quota/credit"
-WEBHOOK = "/internal/billing/webhook/payment"
 PAY_KEY = "pay-svc-key-0123456789"
 CHAT_KEY = "chat-svc-key-0123456789"
 SIGNER = rsa_key()
