@@ -239,7 +239,7 @@ class Engine:
             reply = await self._run(
                 SCRIPTS["load_user"], (user_key, *counter_keys),
                 (generation, code, expires, version, self.settings.user_state_ttl_seconds * 1000,
-                 len(credits), *credit_args, len(lifetime) // 2, *lifetime,
+                 self.clock.script_now(), len(credits), *credit_args, len(lifetime) // 2, *lifetime,
                  len(included), *(r["id"] for r in included), *counter_args),
             )
             if reply[0] != -1:

@@ -116,7 +116,8 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
     else
       if from_credits > 0 then redis.call('DECRBY', counter, from_credits) end
       -- A counter that did not exist gets its expiry now; one that existed already has it.
-      if used == 0 then redis.call('PEXPIREAT', counter, period_end + ctx.grace) end
+      -- Relative to the script's clock, so that a pinned clock (tests) and Redis agree.
+      if used == 0 then redis.call('PEXPIRE', counter, period_end + ctx.grace - ctx.now) end
     end
   end
   if not fits then

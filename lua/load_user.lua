@@ -7,7 +7,8 @@
 -- ARGV[2]     assigned plan code      ARGV[3] plan expiry ms (0 = none)
 -- ARGV[4]     plan version in PostgreSQL (user_plans.version, 0 = default plan)
 -- ARGV[5]     user state TTL, ms
--- ARGV[6]     c = number of credit balances, then c pairs: meter, micro-units
+-- ARGV[6]     now ms (0 = Redis TIME): counters expire relative to it
+-- ARGV[7]     c = number of credit balances, then c pairs: meter, micro-units
 -- then        u = number of lifetime ('none' period) usages, then u pairs: meter, micro-units
 -- then        o = number of payment changes (redis_outbox ids) the credits read from
 --             PostgreSQL already include though not applied in Redis yet, then o ids
@@ -20,7 +21,8 @@ if state[1] then return {0} end
 if (state[2] or '0') ~= ARGV[1] then return {-1} end
 
 local ttl = int_arg(ARGV[5], 'user ttl')
-local i = 6
+local now = clock(ARGV[6])
+local i = 7
 local fields = {'loaded', '1'}
 -- A plan written through after our read carries a newer version: keep it.
 if int_or_zero(state[3]) <= int_arg(ARGV[4], 'plan version') then
@@ -64,7 +66,9 @@ for k = 2, #KEYS do
   local used = tonumber(ARGV[i]); local expire_at = tonumber(ARGV[i + 1]); i = i + 2
   local have = int_or_zero(redis.call('GET', KEYS[k]))
   if used > have then redis.call('SET', KEYS[k], istr(used)) end
-  if redis.call('EXISTS', KEYS[k]) == 1 then redis.call('PEXPIREAT', KEYS[k], expire_at) end
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    redis.call('PEXPIRE', KEYS[k], expire_at - now)
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 return {1}

@@ -8,10 +8,20 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.settings import Settings
 from reconciler.main import Reconciler
-from tests.support import apply_plan, balance_debit, debit, new_user, put_plan, unique_plan
+from tests.support import (
+    DAY_MS,
+    T0,
+    apply_plan,
+    balance_debit,
+    debit,
+    new_user,
+    put_plan,
+    unique_plan,
+)
 
 
 @pytest.fixture
@@ -70,3 +80,38 @@ async def test_redelivered_entries_are_written_once(
     await reconciler.consumer.done(entries)
     rows = await engine.db.fetch("user_usage", user, ["d:2026-11-23"])
     assert [(r["meter"], r["used_micro"]) for r in rows] == [("chat", 3_000_000)]
+
+
+async def test_counters_expire_by_the_script_clock_not_the_wall_clock(
+    client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine, clock: FixedClock,
+    raw_redis: aioredis.Redis, settings: Settings,
+) -> None:
+    """A counter lives until its period's end plus the grace, counted from the script's
+    clock: with the clock pinned a year back, day and month usage still holds, whether the
+    debit made the counter or load_user rebuilt it from PostgreSQL. (Absolute expiry times
+    would be a year past on the wall clock, so Redis would drop the counters at once.)"""
+    clock.set(T0 - 365 * DAY_MS)
+    user, plan = new_user(), unique_plan()
+    await put_plan(client, plan, {"chat": {"limit": 10, "period": "day"},
+                                  "units": {"limit": 100, "period": "month"}})
+    await apply_plan(client, user, plan)
+    assert (await debit(client, user, 4)).status_code == 200
+    assert (await balance_debit(client, user, 30)).status_code == 200
+    windows = engine.calendar.windows(clock.now_ms())
+    grace_ms = settings.counter_grace_seconds * 1000
+    day = engine.keys.counters(user, "chat", windows)[0]
+    month = engine.keys.counters(user, "units", windows)[1]
+
+    async def assert_counters_live() -> None:
+        for key, kind, used in ((day, "d", 4), (month, "m", 30)):
+            assert int(await raw_redis.get(key)) == used * 1_000_000
+            expected = windows.period_end_ms(kind) + grace_ms - clock.now_ms()
+            assert expected - 60_000 < await raw_redis.pttl(key) <= expected
+
+    await assert_counters_live()
+    await reconciler.drain()
+    assert await _wipe_user(raw_redis, settings, user) >= 3
+    check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
+    assert check["meters"]["chat"]["remaining"] == 6  # rebuilt by load_user
+    await assert_counters_live()
+    assert (await debit(client, user, 7)).status_code == 403
