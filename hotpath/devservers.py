@@ -103,6 +103,10 @@ class EmbeddedRedis:
             self.process = None
 
 
+class ToolFailed(RuntimeError):
+    """A PostgreSQL tool (initdb, pg_ctl) exited with an error; the message has its stderr."""
+
+
 class EmbeddedPostgres:
     """A private PostgreSQL cluster run with the pgserver wheel's binaries."""
 
@@ -140,8 +144,11 @@ class EmbeddedPostgres:
         self.data_dir.chmod(0o755)
 
     def _pg(self, tool: str, *args: str, timeout: float = 60) -> None:
-        subprocess.run([str(self.bin / tool), *args], check=True, timeout=timeout,
-                       user=self._run_as, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = subprocess.run([str(self.bin / tool), *args], timeout=timeout, user=self._run_as,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if done.returncode:
+            said = done.stderr.decode(errors="replace").strip()[-2000:]
+            raise ToolFailed(f"{tool} failed with exit status {done.returncode}: {said}")
 
     def start(self) -> str:
         """initdb when new, then start and wait; returns the DSN."""
@@ -157,16 +164,16 @@ class EmbeddedPostgres:
         try:
             self._pg("pg_ctl", "-D", str(self.pgdata), "-l", str(log), "-o", options, "-w",
                      "-t", "60", "start", timeout=90)
-        except subprocess.CalledProcessError as exc:
+        except ToolFailed as exc:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"PostgreSQL did not start: {exc.stderr!r}\n{tail}") from None
+            raise ToolFailed(f"PostgreSQL did not start: {exc}\n{tail}") from None
         atexit.register(self.stop)
         return self.dsn
 
     def stop(self) -> None:
         """A fast, clean shutdown (idempotent)."""
         if (self.pgdata / "postmaster.pid").exists():
-            with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ToolFailed, subprocess.TimeoutExpired):
                 self._pg("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
 
     def kill(self) -> None:

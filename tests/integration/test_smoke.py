@@ -21,7 +21,9 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], seconds: float) -> h
     deadline = time.monotonic() + seconds
     last: httpx.Response | None = None
     while time.monotonic() < deadline:
-        assert process.poll() is None, "the service exited during start-up"
+        if process.poll() is not None:
+            said = process.stdout.read().decode(errors="replace") if process.stdout else ""
+            raise AssertionError(f"the service exited during start-up:\n{said[-4000:]}")
         try:
             last = httpx.get(f"{url}/ready", timeout=2)
             if last.status_code == 200:
