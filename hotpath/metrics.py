@@ -43,6 +43,10 @@ DEPENDENCY_ERRORS = Counter(
     ["dependency"],
 )
 USER_LOADS = Counter("quota_user_loads_total", "User states rebuilt from PostgreSQL")
+REFS_RESTORED = Counter(
+    "quota_refs_restored_total",
+    "Idempotency keys Redis had lost, restored from the ledger while loading a user",
+)
 BACKLOG_REFUSALS = Counter(
     "quota_backlog_refusals_total", "Debits refused because the unflushed ledger is too long",
 )

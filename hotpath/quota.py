@@ -30,6 +30,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 READY_PROBE_USER = "~ready-probe"
 _RETRYABLE = (Status.NOT_LOADED, Status.STALE_WINDOW, Status.NEED_METERS)
 _DEBIT_MANY = SCRIPTS["debit_many"]
+#: Idempotency keys restored per restore_refs call.
+_RESTORE_CHUNK = 256
 
 
 def to_ms(moment: datetime) -> int:
@@ -206,10 +208,12 @@ class Engine:
         return sum(results)
 
     async def load_user(self, user_id: str, windows: Windows) -> None:
-        """Write the user's PostgreSQL state into Redis where Redis lacks it."""
+        """Write the user's PostgreSQL state into Redis where Redis lacks it: first the
+        idempotency keys of recent debits, then the state (which marks the user loaded)."""
         keys = self.keys
         user_key = keys.user(user_id)
         grace_ms = self.settings.counter_grace_seconds * 1000
+        await self._restore_refs(user_id)
         for _ in range(self.settings.load_retries):
             generation = await self.redis.execute("HGET", user_key, "wg") or "0"
             periods = [windows.period_id("d"), windows.period_id("m"), "n"]
@@ -245,6 +249,34 @@ class Engine:
             if reply[0] != -1:
                 return
         raise DependencyUnavailable("redis", f"user {user_id!r} kept changing while loading")
+
+    async def _restore_refs(self, user_id: str) -> int:
+        """Put back the idempotency keys of the user's flushed debits still within their TTL
+        (Redis may have lost them with the user's state), so that a retry of one answers
+        DUPLICATE with its tx id and remaining instead of debiting again. Keys that exist
+        are kept. Returns the number of keys written."""
+        now_ms = self.clock.now_ms()
+        ttl_ms = self.settings.idempotency_ttl_seconds * 1000
+        rows = await self.db.fetch("user_recent_debits", user_id, from_ms(now_ms - ttl_ms))
+        keys: list[str] = []
+        args: list[str | int] = []
+        for row in rows:
+            left = to_ms(row["occurred_at"]) + ttl_ms - now_ms
+            if left <= 0:
+                continue
+            # A debit flushed before migration 0004 has no remaining amount recorded: 0.
+            value = (f"{fingerprint(row['meter'], -row['amount_micro'], row['reason'] or '')}"
+                     f"\n{row['tx_id']}\n{row['remaining_micro'] or 0}")
+            keys.append(self.keys.idempotency(user_id, row["ref"]))
+            args += [value, left]
+        written = 0
+        for i in range(0, len(keys), _RESTORE_CHUNK):  # short calls: Redis serves others
+            reply = await self._run(SCRIPTS["restore_refs"], keys[i : i + _RESTORE_CHUNK],
+                                    args[2 * i : 2 * (i + _RESTORE_CHUNK)])
+            written += reply[1]
+        if written:
+            metrics.REFS_RESTORED.inc(written)
+        return written
 
     # -- plans -----------------------------------------------------------------------------
     async def apply_plan(

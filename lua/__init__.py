@@ -76,8 +76,8 @@ class Script:
 #: lua/connection.py), with the same per-debit logic as "debit" (lua/_debit.lua).
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
-    for name in ("debit", "debit_many", "check", "load_user", "load_catalog", "set_plan",
-                 "apply_payment")
+    for name in ("debit", "debit_many", "check", "load_user", "restore_refs", "load_catalog",
+                 "set_plan", "apply_payment")
 }
 
 

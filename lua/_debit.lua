@@ -132,17 +132,19 @@ local function debit_one(ctx, k_user, k_ref, k_plans, k_day, k_month, k_ledger,
     redis.call('HINCRBY', k_user, 'cr:' .. meter, -from_credits)
   end
   local remaining = allowance + credits - amount
-  redis.call('SET', k_ref, fp .. '\n' .. tx .. '\n' .. istr(remaining), 'PX', ctx.idem_ttl_s)
+  local remaining_s = istr(remaining)
+  redis.call('SET', k_ref, fp .. '\n' .. tx .. '\n' .. remaining_s, 'PX', ctx.idem_ttl_s)
   -- One field, values joined by the unit separator (ids, refs and reasons cannot contain
   -- control characters): a fraction of the cost and memory of one field per value.
   -- Layout (reconciler/events.py): v1 kind tx user meter amount from_allowance from_credits
-  -- period ref reason caller action plan ts. The amounts are texts made without
-  -- string.format where they can be: the amount's own digits, '0'.
+  -- period ref reason caller action plan ts remaining. The amounts are texts made without
+  -- string.format where they can be: the amount's own digits, '0'. The remaining amount
+  -- goes to the ledger so that the idempotency key can be restored from it (load_user).
   local fa_s, fc_s = amount_arg, '0'
   if from_credits > 0 then fa_s, fc_s = istr(from_allowance), istr(from_credits) end
   redis.call('XADD', k_ledger, '*', 'e', table.concat({
     'v1', 'debit', tx, user_id, meter, '-' .. amount_arg, fa_s, fc_s, period_id, ref, reason,
-    caller, action, code, ctx.now_s}, '\031'))
+    caller, action, code, ctx.now_s, remaining_s}, '\031'))
   ctx.xlen[k_ledger] = backlog + 1
   -- The user hash's TTL is pushed back when less than half of it is left (not on every
   -- debit): 'xt' holds the expiry this script last set. Other scripts only ever set the

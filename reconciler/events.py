@@ -39,10 +39,13 @@ class LedgerEvent:
     occurred_at: datetime
     shard: int
     stream_id: str
+    remaining: int | None = None  # debits: what was left of the meter after it
 
 
 #: The values of an event's single stream field ``e``, in order, after the version ``v1``.
-LAYOUT = ("k", "tx", "u", "m", "a", "al", "cr", "p", "ref", "rs", "c", "ac", "pl", "ts")
+#: ``rm`` (a debit's remaining amount) is last and optional: refunds, and debits written
+#: before it existed, end at ``ts``.
+LAYOUT = ("k", "tx", "u", "m", "a", "al", "cr", "p", "ref", "rs", "c", "ac", "pl", "ts", "rm")
 SEPARATOR = "\x1f"
 
 
@@ -52,9 +55,9 @@ def unpack(fields: dict[str, str]) -> dict[str, str]:
     if packed is None:
         raise BadEvent("missing field 'e'")
     version, *values = packed.split(SEPARATOR)
-    if version != "v1" or len(values) != len(LAYOUT):
+    if version != "v1" or len(values) not in (len(LAYOUT) - 1, len(LAYOUT)):
         raise BadEvent(f"unknown event layout {version!r} with {len(values)} values")
-    return dict(zip(LAYOUT, values, strict=True))
+    return dict(zip(LAYOUT, values, strict=False))
 
 
 def _int(fields: dict[str, str], name: str, *, signed: bool = False) -> int:
@@ -97,11 +100,12 @@ def decode(shard: int, stream_id: str, entry_fields: dict[str, str]) -> LedgerEv
         plan_code=fields.get("pl") or None,
         occurred_at=_EPOCH + timedelta(milliseconds=_int(fields, "ts")),
         shard=shard, stream_id=stream_id,
+        remaining=_int(fields, "rm") if kind == "debit" and fields.get("rm") else None,
     )
 
 
 def columns(events: list[LedgerEvent]) -> tuple[list[object], ...]:
-    """The batch as the 16 arrays of the flush_events query, in its parameter order."""
+    """The batch as the 17 arrays of the flush_events query, in its parameter order."""
     return (
         [e.tx_id for e in events], [e.kind for e in events], [e.user_id for e in events],
         [e.meter for e in events], [e.amount for e in events],
@@ -110,4 +114,5 @@ def columns(events: list[LedgerEvent]) -> tuple[list[object], ...]:
         [e.caller for e in events], [e.action for e in events],
         [e.plan_code for e in events], [e.shard for e in events],
         [e.stream_id for e in events], [e.occurred_at for e in events],
+        [e.remaining for e in events],
     )

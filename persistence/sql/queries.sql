@@ -74,6 +74,12 @@ SELECT meter, balance_micro FROM credit_balances WHERE user_id = $1;
 SELECT meter, period_id, used_micro FROM usage_counters
 WHERE user_id = $1 AND period_id = ANY($2::text[]);
 
+-- name: user_recent_debits --
+-- A user's debits whose idempotency keys may still live: what load_user restores when Redis
+-- lost them; $1 user_id, $2 since (occurred_at, exclusive).
+SELECT ref, tx_id, meter, amount_micro, reason, remaining_micro, occurred_at FROM ledger
+WHERE user_id = $1 AND kind = 'debit' AND ref IS NOT NULL AND occurred_at > $2;
+
 -- name: user_transactions --
 -- A user's ledger, newest first; $1 user_id, $2 before (occurred_at, exclusive; NULL = now),
 -- $3 before tx_id (tie-breaker, NULL = none), $4 limit.
@@ -110,15 +116,16 @@ ORDER BY id LIMIT $2;
 -- Counter rows are upserted in key order so concurrent reconcilers cannot deadlock.
 -- $1 tx_id[], $2 kind[], $3 user_id[], $4 meter[], $5 amount_micro[],
 -- $6 from_allowance_micro[], $7 from_credits_micro[], $8 period_id[], $9 ref[], $10 reason[],
--- $11 caller[], $12 action[], $13 plan_code[], $14 shard[], $15 stream_id[], $16 occurred_at[].
+-- $11 caller[], $12 action[], $13 plan_code[], $14 shard[], $15 stream_id[], $16 occurred_at[],
+-- $17 remaining_micro[].
 WITH inserted AS (
     INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, from_allowance_micro,
                         from_credits_micro, period_id, ref, reason, caller, action, plan_code,
-                        shard, stream_id, occurred_at)
+                        shard, stream_id, occurred_at, remaining_micro)
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
                          $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[],
                          $11::text[], $12::text[], $13::text[], $14::int[], $15::text[],
-                         $16::timestamptz[])
+                         $16::timestamptz[], $17::bigint[])
     ON CONFLICT (tx_id) DO NOTHING
     RETURNING kind, user_id, meter, period_id, from_allowance_micro, from_credits_micro
 ), usage AS (

@@ -893,8 +893,9 @@ async def test_flushall_after_full_flush_rebuilds_every_user_from_postgres(
     """After every debit is flushed, FLUSHALL on a private Redis loses nothing: every user
     (custom plan with day/month/lifetime meters, pro_month, free) is rebuilt from PostgreSQL
     with the same plan, usage and remaining amounts as before the wipe, to the micro-unit
-    (one more micro-unit than remains is refused, exactly what remains is accepted), and the
-    reconciler recreates its groups so later debits reach the ledger exactly once."""
+    (one more micro-unit than remains is refused, exactly what remains is accepted); a retry
+    of every accepted debit answers 409 with its original tx_id; and the reconciler
+    recreates its groups so later debits reach the ledger exactly once."""
     private = EmbeddedRedis(tmp_path / "redis")
     url = await asyncio.to_thread(private.start)
     local = settings.with_overrides(redis_url=url)
@@ -947,6 +948,17 @@ async def test_flushall_after_full_flush_rebuilds_every_user_from_postgres(
             after = await checks()
             differ = [u for u in users if after[u] != before[u]]
             assert not differ, [(before[u], after[u]) for u in differ[:2]]
+            # Invariant 2 across the wipe: loading each user restored the idempotency keys
+            # of its debits from the ledger, so every retry is a 409 with the original tx_id.
+            action_of = dict(kinds)
+            accepted = [a for a in attempts if a.status == 200]
+            retries = await asyncio.gather(*(
+                send_debit(http, a.user, a.ref, a.micro, action)
+                if (action := action_of[a.meter]) else
+                send_balance_debit(http, a.user, a.ref, a.micro) for a in accepted))
+            assert [(r.status_code, parse(r)["tx_id"]) for r in retries] == [
+                (409, a.tx_id) for a in accepted]
+            assert await checks() == after
             assert {before[u]["plan_code"] for u in custom} == {plan}
             assert any(to_micro(before[u]["meters"]["units"]["used"]) for u in custom)
             # Exact to the micro-unit: one more than remains is refused, all of it accepted.

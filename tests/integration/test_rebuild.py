@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -14,10 +15,12 @@ from hotpath.settings import Settings
 from reconciler.main import Reconciler
 from tests.support import (
     DAY_MS,
+    HOUR_MS,
     T0,
     apply_plan,
     balance_debit,
     debit,
+    new_ref,
     new_user,
     put_plan,
     unique_plan,
@@ -115,3 +118,68 @@ async def test_counters_expire_by_the_script_clock_not_the_wall_clock(
     assert check["meters"]["chat"]["remaining"] == 6  # rebuilt by load_user
     await assert_counters_live()
     assert (await debit(client, user, 7)).status_code == 403
+
+
+async def test_a_retry_after_redis_lost_the_user_answers_409_and_debits_nothing(
+    client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine, clock: FixedClock,
+    raw_redis: aioredis.Redis, settings: Settings,
+) -> None:
+    """Invariant 2 across a loss of Redis data: the idempotency keys of flushed debits are
+    restored from the ledger when the user is loaded, with the TTL they had left, so a
+    retry (20 at once here) answers 409 with the original tx_id and remaining; the same
+    ref with another amount is still 422; nothing is debited twice, in Redis or the ledger."""
+    user, plan = new_user(), unique_plan()
+    await put_plan(client, plan, {"chat": {"limit": 10, "period": "day"},
+                                  "units": {"limit": 100, "period": "month"}})
+    await apply_plan(client, user, plan)
+    chat_ref, units_ref = new_ref(), new_ref()
+    chat = (await debit(client, user, 3, ref=chat_ref)).json()
+    units = (await balance_debit(client, user, 12.5, ref=units_ref, reason="pdf export")).json()
+    clock.advance(HOUR_MS)
+    await reconciler.drain()
+    assert await _wipe_user(raw_redis, settings, user) >= 5  # state, 2 counters, 2 refs
+    ref_key = engine.keys.idempotency(user, chat_ref)
+    assert await raw_redis.exists(ref_key) == 0
+
+    retries = await asyncio.gather(*(debit(client, user, 3, ref=chat_ref) for _ in range(20)))
+    assert {r.status_code for r in retries} == {409}
+    assert {(r.json()["tx_id"], r.json()["remaining"]) for r in retries} == {
+        (chat["tx_id"], chat["remaining"])}
+    assert chat["remaining"] == 7
+    ttl_ms = settings.idempotency_ttl_seconds * 1000
+    assert ttl_ms - HOUR_MS - 60_000 < await raw_redis.pttl(ref_key) <= ttl_ms - HOUR_MS
+    again = await balance_debit(client, user, 12.5, ref=units_ref, reason="pdf export")
+    assert again.status_code == 409
+    assert (again.json()["tx_id"], again.json()["balance"]) == (units["tx_id"], units["balance"])
+    reused = await balance_debit(client, user, 12.5, ref=units_ref, reason="another reason")
+    assert reused.status_code == 422 and reused.json()["error"]["code"] == "ref_reused"
+    assert (await debit(client, user, 4, ref=chat_ref)).status_code == 422
+
+    check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
+    assert (check["meters"]["chat"]["remaining"], check["meters"]["units"]["remaining"]) == (
+        7, 87.5)
+    await reconciler.drain()
+    async with engine.db.connection() as conn:
+        rows = await conn.fetch("SELECT ref, remaining_micro FROM ledger "
+                                "WHERE user_id = $1 AND kind = 'debit'", user)
+    assert sorted((r["ref"], r["remaining_micro"]) for r in rows) == sorted(
+        [(chat_ref, 7_000_000), (units_ref, 87_500_000)])
+
+
+async def test_refs_past_their_ttl_are_not_restored(
+    client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine, clock: FixedClock,
+    raw_redis: aioredis.Redis, settings: Settings,
+) -> None:
+    """Only refs within IDEMPOTENCY_TTL_SECONDS come back: after it, a ref is new again,
+    as it would be had Redis lost nothing."""
+    user = new_user()
+    old_ref, recent_ref = new_ref(), new_ref()
+    assert (await debit(client, user, 1, ref=old_ref)).status_code == 200
+    clock.advance(settings.idempotency_ttl_seconds * 1000 - HOUR_MS)
+    assert (await debit(client, user, 1, ref=recent_ref)).status_code == 200
+    await reconciler.drain()
+    clock.advance(2 * HOUR_MS)  # old_ref is past its TTL, recent_ref is not
+    await _wipe_user(raw_redis, settings, user)
+    assert (await debit(client, user, 1, ref=recent_ref)).status_code == 409
+    assert await raw_redis.exists(engine.keys.idempotency(user, old_ref)) == 0
+    assert (await debit(client, user, 1, ref=old_ref)).status_code == 200

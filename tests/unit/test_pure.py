@@ -175,8 +175,13 @@ def test_stream_events_are_checked_when_read() -> None:
     assert (event.amount, event.from_allowance, event.from_credits) == (-2_500_000, 2_000_000,
                                                                        500_000)
     assert event.reason is None and event.caller == "chat-svc" and event.shard == 3
+    assert event.remaining is None  # written before debits recorded what they left
+    event = decode(3, "1-0", {"e": "\x1f".join([*values, "7500000"])})
+    assert event.remaining == 7_500_000
     broken = [
         {"e": "\x1f".join(values[:-1])},
+        {"e": "\x1f".join([*values, "7500000", "extra"])},
+        {"e": "\x1f".join([*values, "-1"])},
         {"e": "\x1f".join(["v1", "gift", *values[2:]])},
         {"e": "\x1f".join([*values[:5], "-2500001", *values[6:]])},
         {"e": "\x1f".join([*values[:2], "not-a-uuid", *values[3:]])},
