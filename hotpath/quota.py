@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,8 +31,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 READY_PROBE_USER = "~ready-probe"
 _RETRYABLE = (Status.NOT_LOADED, Status.STALE_WINDOW, Status.NEED_METERS)
 _DEBIT_MANY = SCRIPTS["debit_many"]
-#: Idempotency keys restored per restore_refs call.
-_RESTORE_CHUNK = 256
+#: Ledger rows read, and idempotency keys restored, per page (one restore_refs call each).
+_RESTORE_PAGE = 500
 
 
 def to_ms(moment: datetime) -> int:
@@ -254,26 +255,31 @@ class Engine:
         """Put back the idempotency keys of the user's flushed debits still within their TTL
         (Redis may have lost them with the user's state), so that a retry of one answers
         DUPLICATE with its tx id and remaining instead of debiting again. Keys that exist
-        are kept. Returns the number of keys written."""
+        are kept. The ledger is read a page at a time, each page restored by one short
+        script call, so a user with many refs costs neither memory nor a long Redis call.
+        Returns the number of keys written."""
         now_ms = self.clock.now_ms()
         ttl_ms = self.settings.idempotency_ttl_seconds * 1000
-        rows = await self.db.fetch("user_recent_debits", user_id, from_ms(now_ms - ttl_ms))
-        keys: list[str] = []
-        args: list[str | int] = []
-        for row in rows:
-            left = to_ms(row["occurred_at"]) + ttl_ms - now_ms
-            if left <= 0:
-                continue
-            # A debit flushed before migration 0004 has no remaining amount recorded: 0.
-            value = (f"{fingerprint(row['meter'], -row['amount_micro'], row['reason'] or '')}"
-                     f"\n{row['tx_id']}\n{row['remaining_micro'] or 0}")
-            keys.append(self.keys.idempotency(user_id, row["ref"]))
-            args += [value, left]
+        after: tuple[datetime, uuid.UUID] = (from_ms(now_ms - ttl_ms), uuid.UUID(int=0))
         written = 0
-        for i in range(0, len(keys), _RESTORE_CHUNK):  # short calls: Redis serves others
-            reply = await self._run(SCRIPTS["restore_refs"], keys[i : i + _RESTORE_CHUNK],
-                                    args[2 * i : 2 * (i + _RESTORE_CHUNK)])
-            written += reply[1]
+        while True:
+            rows = await self.db.fetch("user_recent_debits", user_id, *after, _RESTORE_PAGE)
+            keys: list[str] = []
+            args: list[str | int] = []
+            for row in rows:
+                left = to_ms(row["occurred_at"]) + ttl_ms - now_ms
+                if left <= 0:
+                    continue
+                # A debit flushed before migration 0004 has no remaining recorded: 0.
+                value = (f"{fingerprint(row['meter'], -row['amount_micro'], row['reason'] or '')}"
+                         f"\n{row['tx_id']}\n{row['remaining_micro'] or 0}")
+                keys.append(self.keys.idempotency(user_id, row["ref"]))
+                args += [value, left]
+            if keys:
+                written += (await self._run(SCRIPTS["restore_refs"], keys, args))[1]
+            if len(rows) < _RESTORE_PAGE:
+                break
+            after = (rows[-1]["occurred_at"], rows[-1]["tx_id"])
         if written:
             metrics.REFS_RESTORED.inc(written)
         return written

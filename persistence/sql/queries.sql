@@ -75,10 +75,14 @@ SELECT meter, period_id, used_micro FROM usage_counters
 WHERE user_id = $1 AND period_id = ANY($2::text[]);
 
 -- name: user_recent_debits --
--- A user's debits whose idempotency keys may still live: what load_user restores when Redis
--- lost them; $1 user_id, $2 since (occurred_at, exclusive).
+-- One page, oldest first, of a user's debits whose idempotency keys may still live: what
+-- load_user restores when Redis lost them. $1 user_id; $2, $3 the (occurred_at, tx_id)
+-- after which the page starts (the previous page's last row; at first the start of the TTL
+-- window and the nil UUID); $4 the page size. Walks the ledger_user_time index.
 SELECT ref, tx_id, meter, amount_micro, reason, remaining_micro, occurred_at FROM ledger
-WHERE user_id = $1 AND kind = 'debit' AND ref IS NOT NULL AND occurred_at > $2;
+WHERE user_id = $1 AND (occurred_at, tx_id) > ($2::timestamptz, $3::uuid)
+  AND kind = 'debit' AND ref IS NOT NULL
+ORDER BY occurred_at, tx_id LIMIT $4;
 
 -- name: user_transactions --
 -- A user's ledger, newest first; $1 user_id, $2 before (occurred_at, exclusive; NULL = now),

@@ -9,6 +9,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from hotpath import quota
 from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.settings import Settings
@@ -122,12 +123,14 @@ async def test_counters_expire_by_the_script_clock_not_the_wall_clock(
 
 async def test_a_retry_after_redis_lost_the_user_answers_409_and_debits_nothing(
     client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine, clock: FixedClock,
-    raw_redis: aioredis.Redis, settings: Settings,
+    raw_redis: aioredis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Invariant 2 across a loss of Redis data: the idempotency keys of flushed debits are
     restored from the ledger when the user is loaded, with the TTL they had left, so a
     retry (20 at once here) answers 409 with the original tx_id and remaining; the same
-    ref with another amount is still 422; nothing is debited twice, in Redis or the ledger."""
+    ref with another amount is still 422; nothing is debited twice, in Redis or the ledger.
+    Pages of one ledger row, so that the restore walks several pages."""
+    monkeypatch.setattr(quota, "_RESTORE_PAGE", 1)
     user, plan = new_user(), unique_plan()
     await put_plan(client, plan, {"chat": {"limit": 10, "period": "day"},
                                   "units": {"limit": 100, "period": "month"}})
