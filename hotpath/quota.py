@@ -25,6 +25,7 @@ from lua.periods import Calendar, Windows
 from persistence.db import Database
 from persistence.plans import Plan, catalog_fields, list_plans, put_plan
 from persistence.queries import QUERIES
+from reconciler.events import LedgerEvent, columns
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: The user id /ready checks: it proves a script runs by EVALSHA end to end.
@@ -326,7 +327,8 @@ class Engine:
             elif op in ("credit", "refund"):
                 result = await self.apply_payment(outbox_id, user_id, op, payload)
                 if op == "refund":
-                    await self.db.fetchval("set_refund_taken", payload["refund_id"], result)
+                    await self._record_refund(outbox_id, user_id, payload, result)
+                    return True
             else:
                 raise InvariantBroken(f"unknown outbox operation {op!r}")
             async with self.db.connection() as conn:
@@ -336,6 +338,35 @@ class Engine:
                 raise
             return False
         return True
+
+    async def _record_refund(self, outbox_id: int, user_id: str, payload: dict[str, Any],
+                             taken: dict[str, int]) -> None:
+        """Write what a refund took back in Redis through to PostgreSQL, in one transaction:
+        the refund's ``taken``, its ledger events and the outbox row's "applied" mark.
+
+        The shard stream carries the same events (the same tx ids), which the flush then
+        inserts no second time. Written here, they do not depend on the stream: were Redis
+        to lose it before the flush, the next load would otherwise give the refunded
+        credits back (PostgreSQL's balance would not hold the refund, and the outbox row,
+        already marked applied, would not be applied again).
+        """
+        now = from_ms(self.clock.now_ms())
+        shard = self.keys.shard(user_id)
+        events = [
+            LedgerEvent(
+                tx_id=uuid.UUID(tx), kind="refund", user_id=user_id, meter=meter,
+                amount=-taken.get(meter, 0), from_allowance=0, from_credits=taken.get(meter, 0),
+                period_id="n", ref=payload["refund_id"], reason=f"wanted={wanted}",
+                caller=payload.get("caller", ""), action=None, plan_code=None,
+                occurred_at=now, shard=shard, stream_id="",
+            )
+            for meter, wanted, tx in payload["credits"]
+        ]
+        async with self.db.transaction() as conn:
+            await conn.execute(QUERIES["set_refund_taken"], payload["refund_id"], taken)
+            if events:
+                await conn.fetchval(QUERIES["flush_events"], *columns(events))
+            await conn.execute(QUERIES["mark_outbox_applied"], outbox_id)
 
     async def apply_payment(
         self, outbox_id: int, user_id: str, op: str, payload: dict[str, Any]

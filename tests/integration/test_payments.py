@@ -436,6 +436,39 @@ async def test_refund_after_partial_spending_takes_back_what_is_left(
     await pg(pay, "DELETE FROM payment_receipts WHERE order_id = $1", payment)
 
 
+async def test_refund_survives_redis_losing_its_stream_before_the_flush(
+    pay: httpx.AsyncClient, client: httpx.AsyncClient, engine: Engine,
+    raw_redis: aioredis.Redis, settings: Settings,
+) -> None:
+    """A refund takes 40 of 100 credits in Redis; then Redis loses every key (the refund's
+    ledger event among them) before the reconciler flushed it. Its ledger events were
+    written through with the refund, so the reload from PostgreSQL keeps the 40 taken back;
+    the ledger holds the refund once, and PostgreSQL's balance the refund and a later debit."""
+    plan, user, payment = unique_plan(), new_user(), new_payment()
+    await put_plan(client, plan, {"chat": {"limit": 0, "period": "month"}})
+    body = notification("payment.succeeded", payment_object(
+        payment, user, plan, amount="100.00", units_chat="100"))
+    assert (await signed(pay, body)).status_code == 200
+    refund_id = "rf-lost-" + payment
+    refund = notification("refund.succeeded", refund_object(refund_id, payment, "40.00"))
+    assert (await signed(pay, refund)).status_code == 200
+    assert (await remaining(pay, user))["remain_chat"] == 60
+
+    lost = [k async for k in raw_redis.scan_iter(match=f"{settings.key_prefix}:*")]
+    assert await raw_redis.delete(*lost) >= 2  # the user's state and the shard stream
+    assert (await remaining(pay, user))["remain_chat"] == 60  # reloaded from PostgreSQL
+    assert (await debit(client, user, 5)).status_code == 200
+    await Reconciler(engine, raw_redis, name="lost-stream").drain()
+    ledger = await pg(pay, "SELECT amount_micro, from_credits_micro FROM ledger "
+                           "WHERE kind = 'refund' AND ref = $1", refund_id)
+    assert [(r["amount_micro"], r["from_credits_micro"]) for r in ledger] == [
+        (-40_000_000, 40_000_000)]
+    balance = await pg(pay, "SELECT balance_micro FROM credit_balances WHERE user_id = $1 "
+                            "AND meter = 'chat'", user)
+    assert balance[0]["balance_micro"] == 55_000_000
+    assert (await remaining(pay, user))["remain_chat"] == 55
+
+
 async def test_report_matches_every_payment_of_the_day(
     pay: httpx.AsyncClient, engine: Engine, raw_redis: aioredis.Redis, tmp_path: Path,
     clock: FixedClock,
