@@ -8,6 +8,7 @@ plan assignments through PostgreSQL first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import uuid
 from collections.abc import Callable, Sequence
@@ -93,6 +94,7 @@ class Engine:
             s.user_state_ttl_seconds * 1000, s.max_backlog_entries, s.default_plan,
         )
         self._header: tuple[Windows, int, tuple[str | int, ...]] | None = None
+        self._loading: dict[str, asyncio.Task[None]] = {}  # user loads in flight
 
     # -- script calls ----------------------------------------------------------------------
     async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
@@ -211,9 +213,29 @@ class Engine:
 
     async def load_user(self, user_id: str, windows: Windows) -> None:
         """Write the user's PostgreSQL state into Redis where Redis lacks it: first the
-        idempotency keys of recent debits, then the state (which marks the user loaded)."""
+        idempotency keys of recent debits, then the state (which marks the user loaded).
+
+        Concurrent loads of one user in this process share one: after Redis lost its data,
+        every request of a busy user answers "not loaded" at once, and each would otherwise
+        read the same rows from PostgreSQL.
+        """
+        task = self._loading.get(user_id)
+        if task is None:
+            task = asyncio.ensure_future(self._load_user(user_id, windows))
+            self._loading[user_id] = task
+            task.add_done_callback(functools.partial(self._load_done, user_id))
+        await asyncio.shield(task)  # a caller that goes away leaves the load running
+
+    def _load_done(self, user_id: str, task: asyncio.Task[None]) -> None:
+        self._loading.pop(user_id, None)
+        if not task.cancelled():
+            task.exception()  # seen here too, in case every caller went away
+
+    async def _load_user(self, user_id: str, windows: Windows) -> None:
         keys = self.keys
         user_key = keys.user(user_id)
+        if await self.redis.execute("HEXISTS", user_key, "loaded"):
+            return  # another process loaded it meanwhile
         grace_ms = self.settings.counter_grace_seconds * 1000
         await self._restore_refs(user_id)
         for _ in range(self.settings.load_retries):
@@ -248,6 +270,8 @@ class Engine:
                  self.clock.script_now(), len(credits), *credit_args, len(lifetime) // 2, *lifetime,
                  len(included), *(r["id"] for r in included), *counter_args),
             )
+            if reply[0] == 1:
+                metrics.USER_LOADS.inc()
             if reply[0] != -1:
                 return
         raise DependencyUnavailable("redis", f"user {user_id!r} kept changing while loading")
@@ -325,9 +349,12 @@ class Engine:
                      self.settings.user_state_ttl_seconds * 1000),
                 )
             elif op in ("credit", "refund"):
-                result = await self.apply_payment(outbox_id, user_id, op, payload)
+                now_ms = self.clock.now_ms()
+                result, plan_code = await self.apply_payment(outbox_id, user_id, op, payload,
+                                                             now_ms)
                 if op == "refund":
-                    await self._record_refund(outbox_id, user_id, payload, result)
+                    await self._record_refund(outbox_id, user_id, payload, result, plan_code,
+                                              now_ms)
                     return True
             else:
                 raise InvariantBroken(f"unknown outbox operation {op!r}")
@@ -340,25 +367,26 @@ class Engine:
         return True
 
     async def _record_refund(self, outbox_id: int, user_id: str, payload: dict[str, Any],
-                             taken: dict[str, int]) -> None:
+                             taken: dict[str, int], plan_code: str, now_ms: int) -> None:
         """Write what a refund took back in Redis through to PostgreSQL, in one transaction:
         the refund's ``taken``, its ledger events and the outbox row's "applied" mark.
 
         The shard stream carries the same events (the same tx ids), which the flush then
-        inserts no second time. Written here, they do not depend on the stream: were Redis
-        to lose it before the flush, the next load would otherwise give the refunded
-        credits back (PostgreSQL's balance would not hold the refund, and the outbox row,
-        already marked applied, would not be applied again).
+        inserts no second time (both copies carry the same time and plan code). Written here,
+        they do not depend on the stream: were Redis to lose it before the flush, the next
+        load would otherwise give the refunded credits back (PostgreSQL's balance would not
+        hold the refund, and the outbox row, already marked applied, would not be applied
+        again).
         """
-        now = from_ms(self.clock.now_ms())
+        now = from_ms(now_ms)
         shard = self.keys.shard(user_id)
         events = [
             LedgerEvent(
                 tx_id=uuid.UUID(tx), kind="refund", user_id=user_id, meter=meter,
                 amount=-taken.get(meter, 0), from_allowance=0, from_credits=taken.get(meter, 0),
                 period_id="n", ref=payload["refund_id"], reason=f"wanted={wanted}",
-                caller=payload.get("caller", ""), action=None, plan_code=None,
-                occurred_at=now, shard=shard, stream_id="",
+                caller=payload.get("caller", ""), action=None, plan_code=plan_code or None,
+                occurred_at=now, shard=shard, stream_id=None,
             )
             for meter, wanted, tx in payload["credits"]
         ]
@@ -369,9 +397,10 @@ class Engine:
             await conn.execute(QUERIES["mark_outbox_applied"], outbox_id)
 
     async def apply_payment(
-        self, outbox_id: int, user_id: str, op: str, payload: dict[str, Any]
-    ) -> dict[str, int]:
-        """Run apply_payment.lua for a committed credit or refund; what it added or took.
+        self, outbox_id: int, user_id: str, op: str, payload: dict[str, Any], now_ms: int
+    ) -> tuple[dict[str, int], str]:
+        """Run apply_payment.lua for a committed credit or refund: what it added or took,
+        and the user's plan code in Redis. ``now_ms`` stamps a refund's ledger events.
 
         A refund needs the user's state in Redis (it takes back only what is left), so a
         "not loaded" answer loads the user and retries. A change applied before whose
@@ -381,13 +410,15 @@ class Engine:
         triples = [v for meter, amount, tx in payload["credits"] for v in (meter, amount, tx)]
         args = (op, outbox_id, plan.get("plan_code", ""), plan.get("expires_ms", 0),
                 plan.get("version", 0), self.settings.user_state_ttl_seconds * 1000,
-                self.clock.script_now(), payload.get("caller", ""),
+                now_ms, payload.get("caller", ""),
                 payload.get("refund_id") or payload["order_id"], user_id,
                 len(payload["credits"]), *triples)
         keys = (self.keys.user(user_id), self.keys.ledger(self.keys.shard(user_id)))
         for _ in range(self.settings.load_retries + 1):
-            status, text = await self._run(SCRIPTS["apply_payment"], keys, args)
+            reply = await self._run(SCRIPTS["apply_payment"], keys, args)
+            status, text = reply[0], reply[1]
             if Status(status) is not Status.NOT_LOADED:
+                plan_code = reply[2]
                 break
             await self.load_user(user_id, self._windows())
         else:
@@ -397,11 +428,11 @@ class Engine:
                 (metrics.CREDITS if op == "credit" else metrics.REFUNDS).labels(meter).inc()
         if text in ("loaded", "deferred"):
             if op == "credit":
-                return {meter: amount for meter, amount, _ in payload["credits"]}
+                return {meter: amount for meter, amount, _ in payload["credits"]}, plan_code
             rows = await self.db.fetch("refund_events", payload["refund_id"])
-            return {r["meter"]: r["from_credits_micro"] for r in rows}
+            return {r["meter"]: r["from_credits_micro"] for r in rows}, plan_code
         pairs = (item.partition("=") for item in text.split(",") if item)
-        return {meter: int(amount) for meter, _, amount in pairs}
+        return {meter: int(amount) for meter, _, amount in pairs}, plan_code
 
     async def put_plan_and_sync(self, plan: Plan) -> Plan:
         """Write a plan to PostgreSQL, then push the new catalog to every shard."""

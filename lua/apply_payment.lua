@@ -8,17 +8,19 @@
 -- ARGV[3]  plan code to write ('' = leave the plan alone)
 -- ARGV[4]  plan expiry ms (0 = none)     ARGV[5] plan version (user_plans.version)
 -- ARGV[6]  user state TTL, ms
--- ARGV[7]  now, ms since epoch; 0 = use Redis TIME (refund events only)
+-- ARGV[7]  now, ms since epoch; 0 = use Redis TIME (refund events only; the hot path
+--          passes its own clock, the time it also gives the same events it writes through)
 -- ARGV[8]  caller name    ARGV[9] ref: the order id (credit) or the refund id (refund)
 -- ARGV[10] user id
 -- ARGV[11] n, then n triples: meter, amount in micro-units, transaction id
 --
 -- Replies:
---   {OK, result}         applied now; result is 'meter=micro,...' of what was added (credit)
+--   {OK, result, plan}   applied now; result is 'meter=micro,...' of what was added (credit)
 --                        or taken back (refund); 'deferred' for a credit to a user whose state
---                        is not in Redis (PostgreSQL already holds it: the load brings it)
---   {DUPLICATE, result}  this outbox row was applied before ('loaded' when the user was
---                        loaded from PostgreSQL after the change was committed)
+--                        is not in Redis (PostgreSQL already holds it: the load brings it);
+--                        plan: the user's plan code in Redis, as the refund events carry it
+--   {DUPLICATE, result, plan}  this outbox row was applied before ('loaded' when the user
+--                        was loaded from PostgreSQL after the change was committed)
 --   {NOT_LOADED, 'user'} a refund needs the user's state: load it and call again
 --
 -- A credit adds to 'cr:<meter>'. A refund takes back at most what is left of each meter's
@@ -34,8 +36,8 @@ local n = int_arg(ARGV[11], 'pair count')
 if #ARGV ~= 11 + 3 * n then error('qg: apply_payment needs three values per meter') end
 for i = 0, n - 1 do int_arg(ARGV[13 + 3 * i], 'amount') end
 
-local state = redis.call('HMGET', KEYS[1], 'loaded', marker, 'pv')
-if state[2] then return {DUPLICATE, state[2]} end
+local state = redis.call('HMGET', KEYS[1], 'loaded', marker, 'pv', 'plan')
+if state[2] then return {DUPLICATE, state[2], state[4] or ''} end
 local loaded = state[1] ~= false
 if op == 'refund' and not loaded then return {NOT_LOADED, 'user'} end
 
@@ -45,6 +47,7 @@ if ARGV[3] ~= '' and int_or_zero(state[3]) < version then
 end
 
 local result = {}
+local code = ''
 if op == 'credit' then
   if loaded then
     for i = 0, n - 1 do
@@ -57,7 +60,7 @@ if op == 'credit' then
   end
 else
   local now = clock(ARGV[7])
-  local code = redis.call('HGET', KEYS[1], 'plan') or ''
+  code = redis.call('HGET', KEYS[1], 'plan') or ''
   for i = 0, n - 1 do
     local meter, wanted, tx = ARGV[12 + 3 * i], tonumber(ARGV[13 + 3 * i]), ARGV[14 + 3 * i]
     local have = int_or_zero(redis.call('HGET', KEYS[1], 'cr:' .. meter))
@@ -74,4 +77,4 @@ if loaded then redis.call('HSET', KEYS[1], marker, text) end
 -- A load that read PostgreSQL before this change must read it again.
 redis.call('HINCRBY', KEYS[1], 'wg', 1)
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {OK, text}
+return {OK, text, code}

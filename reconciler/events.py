@@ -38,7 +38,7 @@ class LedgerEvent:
     plan_code: str | None
     occurred_at: datetime
     shard: int
-    stream_id: str
+    stream_id: str | None  # None: written through, not read from a stream
     remaining: int | None = None  # debits: what was left of the meter after it
 
 

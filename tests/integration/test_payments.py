@@ -459,10 +459,10 @@ async def test_refund_survives_redis_losing_its_stream_before_the_flush(
     assert (await remaining(pay, user))["remain_chat"] == 60  # reloaded from PostgreSQL
     assert (await debit(client, user, 5)).status_code == 200
     await Reconciler(engine, raw_redis, name="lost-stream").drain()
-    ledger = await pg(pay, "SELECT amount_micro, from_credits_micro FROM ledger "
-                           "WHERE kind = 'refund' AND ref = $1", refund_id)
-    assert [(r["amount_micro"], r["from_credits_micro"]) for r in ledger] == [
-        (-40_000_000, 40_000_000)]
+    ledger = await pg(pay, "SELECT amount_micro, from_credits_micro, plan_code, occurred_at "
+                           "FROM ledger WHERE kind = 'refund' AND ref = $1", refund_id)
+    assert [tuple(r) for r in ledger] == [
+        (-40_000_000, 40_000_000, plan, datetime.fromtimestamp(T0 / 1000, UTC))]
     balance = await pg(pay, "SELECT balance_micro FROM credit_balances WHERE user_id = $1 "
                             "AND meter = 'chat'", user)
     assert balance[0]["balance_micro"] == 55_000_000

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from hotpath import quota
+from hotpath import metrics, quota
 from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.settings import Settings
@@ -144,7 +144,18 @@ async def test_a_retry_after_redis_lost_the_user_answers_409_and_debits_nothing(
     ref_key = engine.keys.idempotency(user, chat_ref)
     assert await raw_redis.exists(ref_key) == 0
 
+    restores: list[str] = []
+    restore = engine._restore_refs
+
+    async def counted(user_id: str) -> int:
+        restores.append(user_id)
+        return await restore(user_id)
+
+    monkeypatch.setattr(engine, "_restore_refs", counted)
+    loads = metrics.USER_LOADS._value.get()
     retries = await asyncio.gather(*(debit(client, user, 3, ref=chat_ref) for _ in range(20)))
+    assert restores == [user]  # 20 requests, one load (single flight)
+    assert metrics.USER_LOADS._value.get() == loads + 1
     assert {r.status_code for r in retries} == {409}
     assert {(r.json()["tx_id"], r.json()["remaining"]) for r in retries} == {
         (chat["tx_id"], chat["remaining"])}
