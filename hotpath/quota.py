@@ -24,6 +24,7 @@ from lua import SCRIPTS, CheckReply, DebitReply, Keys, Script, Status
 from lua.connection import PipelinedRedis, RedisReplyError
 from lua.periods import Calendar, Windows
 from persistence.db import Database
+from persistence.migrate import schema_behind
 from persistence.plans import Plan, catalog_fields, list_plans, put_plan
 from persistence.queries import QUERIES
 from reconciler.events import LedgerEvent, columns
@@ -451,6 +452,10 @@ class Engine:
             status["redis" if exc.dependency == "redis" else "postgres"] = exc.message
         try:
             await self.db.fetchval("ping")
+            async with self.db.connection() as conn:
+                behind = await schema_behind(conn)
+            if behind:
+                status["postgres"] = behind
         except DependencyUnavailable as exc:
             status["postgres"] = exc.message
         return status

@@ -8,6 +8,7 @@ checksum so an edited applied file is caught. See docs/architecture.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -46,6 +47,28 @@ def discover() -> list[Migration]:
     if [m.version for m in found] != expected:
         raise RuntimeError(f"migrations must be numbered 1..n without gaps: {found}")
     return found
+
+
+@functools.cache
+def latest() -> int:
+    """The newest migration this build ships: the schema its code needs."""
+    return len(discover())
+
+
+async def schema_behind(conn: asyncpg.Connection) -> str | None:
+    """None when the database holds every migration of this build; else what to do.
+
+    A build whose schema is not there yet must not serve or flush: its queries would fail
+    on every call (an unknown column), and the reconciler would set events aside as poison.
+    """
+    try:
+        have = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        have = 0
+    if have >= latest():
+        return None
+    return (f"the database schema is at migration {have} and this build needs {latest()}: "
+            "run `quota-gateway migrate`")
 
 
 class MigrationError(RuntimeError):

@@ -22,6 +22,8 @@ import redis.exceptions
 from hotpath import metrics
 from hotpath.errors import DependencyUnavailable
 from hotpath.quota import Engine
+from persistence.db import PostgresUnavailable
+from persistence.migrate import schema_behind
 from persistence.queries import QUERIES
 from reconciler.consumer import Entry, StreamConsumer
 from reconciler.writer import LedgerWriter
@@ -73,6 +75,7 @@ class Reconciler:
         self._next_claim = 0.0
         self._next_chores = 0.0
         self._groups_ready = False
+        self._schema_ready = False
         self._retry: list[Entry] = []
 
     async def flush(self, entries: list[Entry]) -> None:
@@ -100,6 +103,12 @@ class Reconciler:
 
     async def step(self) -> int:
         """One iteration; returns how many entries it handled."""
+        if not self._schema_ready:  # events wait in the streams until the schema is there
+            async with self.engine.db.connection() as conn:
+                behind = await schema_behind(conn)
+            if behind:
+                raise PostgresUnavailable(behind)
+            self._schema_ready = True
         if not self._groups_ready:
             await self.consumer.ensure_groups()
             self._groups_ready = True

@@ -10,7 +10,11 @@ import redis.asyncio as aioredis
 
 from hotpath.clock import FixedClock
 from hotpath.devservers import EmbeddedRedis, free_port
+from hotpath.quota import Engine
 from hotpath.settings import Settings
+from persistence.db import PostgresUnavailable
+from persistence.migrate import latest
+from reconciler.main import Reconciler
 from tests.support import app_client, debit, new_user
 
 
@@ -78,3 +82,34 @@ async def test_redis_restart_mid_service_reconnects(
         private_redis.start()
         back = await debit(http, user, 1)
         assert back.status_code == 200, back.text
+
+
+async def test_a_schema_behind_the_build_is_not_ready_and_holds_the_flush(
+    settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis,
+) -> None:
+    """A build deployed before `quota-gateway migrate` ran: /ready answers 503 naming the
+    migration to run, and the reconciler flushes nothing (its events wait in the stream, none
+    set aside as poison) until the schema is there."""
+    async with app_client(settings, clock) as http:
+        engine: Engine = http.engine  # type: ignore[attr-defined]
+        assert (await debit(http, new_user(), 1)).status_code == 200
+        async with engine.db.connection() as conn:
+            row = await conn.fetchrow("DELETE FROM schema_migrations WHERE version = $1 "
+                                      "RETURNING version, name, checksum", latest())
+        assert row is not None
+        try:
+            ready = await http.get("/ready")
+            assert ready.status_code == 503
+            message = ready.json()["checks"]["postgres"]
+            assert f"needs {latest()}" in message and "quota-gateway migrate" in message
+            reconciler = Reconciler(engine, raw_redis, name="schema-test")
+            with pytest.raises(PostgresUnavailable, match="quota-gateway migrate"):
+                await reconciler.drain()
+            assert reconciler.stats.inserted == 0
+        finally:
+            async with engine.db.connection() as conn:
+                await conn.execute("INSERT INTO schema_migrations (version, name, checksum) "
+                                   "VALUES ($1, $2, $3)", *row)
+        assert (await http.get("/ready")).status_code == 200
+        await reconciler.drain()
+        assert reconciler.stats.inserted == 1 and reconciler.stats.poisoned == 0
