@@ -451,8 +451,8 @@ class Engine:
             # A probe user is "not loaded"; loading it needs PostgreSQL, so tell them apart.
             status["redis" if exc.dependency == "redis" else "postgres"] = exc.message
         try:
-            await self.db.fetchval("ping")
             async with self.db.connection() as conn:
+                await conn.fetchval(QUERIES["ping"])
                 behind = await schema_behind(conn)
             if behind:
                 status["postgres"] = behind
