@@ -13,7 +13,8 @@ from hotpath.auth import Authenticator
 from hotpath.clock import _TxIds, new_tx_id
 from hotpath.errors import Forbidden, Unauthorized
 from hotpath.settings import Caller, SettingsError, load_settings
-from lua import Keys
+from lua import SCRIPTS, Keys
+from lua.connection import _PACKED_HEADERS_MAX, _Batch
 from lua.periods import Calendar
 from persistence.plans import read_catalog_file
 from persistence.queries import QUERIES, parse
@@ -190,3 +191,27 @@ def test_stream_events_are_checked_when_read() -> None:
     for fields in broken:
         with pytest.raises(BadEvent):
             decode(3, "1-0", fields)
+
+
+@pytest.mark.parametrize("items", [1, 2, 14, 32])
+def test_a_batch_packs_to_the_same_bytes_as_hiredis(items: int) -> None:
+    """The batch call is packed from pre-packed parts (a cached header): byte for byte
+    the command hiredis packs, non-ASCII and empty arguments included, and EVAL after
+    NOSCRIPT; more distinct headers than the cache holds change nothing."""
+    import hiredis
+
+    script = SCRIPTS["debit_many"]
+    for h in range(_PACKED_HEADERS_MAX + 2):
+        header = (h, "2026-11-23", 1_763_856_000_000, 1_763_942_400_000, "2026-11",
+                  1_761_955_200_000, 1_764_547_200_000, 604_800_000, 86_400, 3_600_000,
+                  1_000_000, "free")
+        batch = _Batch(script, header)
+        for i in range(items):
+            batch.item_keys.extend(f"qg:{{{i:03d}}}:k{j}:пользователь" for j in range(6))
+            batch.item_args.extend([f"u{i}", "chat", 10**6 + i, f"ref-{i}", "chat:1:", "",
+                                    "caller", "tx", "чат"])
+        for evaled in (False, True):
+            batch.evaled = evaled
+            head = ("EVAL", script.source) if evaled else ("EVALSHA", script.sha)
+            assert batch.pack() == hiredis.pack_command((
+                *head, 6 * items, *batch.item_keys, *header, *batch.item_args))
