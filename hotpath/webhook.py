@@ -118,6 +118,9 @@ def parse_object(event: str, obj: dict[str, Any]) -> Notification:
         raise Rejected(422, "invalid_notification", "must be an ISO 4217 code",
                        field="object.amount.currency")
     if event.startswith("refund."):
+        if amount == 0:  # payment_refunds.amount > 0: a refund of nothing is not one
+            raise Rejected(422, "invalid_notification", "a refund must be of a positive amount",
+                           field="object.amount.value")
         payment_id = _text(obj.get("payment_id"), "object.payment_id")
         metadata: Any = {}
     else:

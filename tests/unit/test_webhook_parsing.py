@@ -49,6 +49,16 @@ def test_bad_payment_objects_name_the_field(change: dict[str, object], field: st
     assert caught.value.field == field and caught.value.status == 422
 
 
+def test_a_refund_of_zero_is_refused_naming_the_amount() -> None:
+    """payment_refunds.amount > 0: before, a zero refund reached the INSERT and answered
+    500 with no dead letter kept, and the provider retried it forever."""
+    with pytest.raises(Rejected) as caught:
+        parse_object("refund.succeeded", refund_object("ref-1", "pay-1", amount="0.00"))
+    assert caught.value.field == "object.amount.value" and caught.value.status == 422
+    assert parse_object("refund.succeeded",
+                        refund_object("ref-1", "pay-1", amount="0.01")).amount == Decimal("0.01")
+
+
 def test_objects_parse_exactly() -> None:
     note = parse_object("payment.succeeded", payment_object("pay-1", "u", "p", amount="990.10"))
     assert note.amount == Decimal("990.10") and note.payment_id == "pay-1"
