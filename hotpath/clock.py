@@ -59,9 +59,12 @@ class _TxIds:
 
     Layout: 48 bits of ms | version 7 and 12 random bits | variant 0b10 and a 14-bit
     counter | 48 random bits. The random bits are drawn once per process (again after a
-    fork): ids need to be unique, not secret. Within a process the (ms, counter) pair does
-    not repeat (16,384 ids in one millisecond before the counter wraps); between processes
-    the 60 random bits tell them apart. The text up to the counter is made once per ms.
+    fork, and whenever the clock goes back): ids need to be unique, not secret. Within a
+    process the (ms, counter) pair does not repeat while time moves forward (16,384 ids in
+    one millisecond before the counter wraps); a clock stepped back (NTP, a VM resumed)
+    would revisit milliseconds with the counter elsewhere, so new random bits are drawn
+    then. Between processes the 60 random bits tell them apart. The text up to the counter
+    is made once per ms.
     """
 
     def __init__(self) -> None:
@@ -78,6 +81,8 @@ class _TxIds:
     def new(self, now_ms: int | None = None) -> str:
         ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         if ms != self.ms:
+            if ms < self.ms:  # an earlier ms comes again: ids from other random bits
+                self.reseed()
             self.ms = ms
             self.prefix = "%08x-%04x-%04x-" % (  # noqa: UP031  (measured faster)
                 ms >> 16 & 0xFFFF_FFFF, ms & 0xFFFF, 0x7000 | self.rand_a)

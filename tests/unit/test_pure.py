@@ -84,6 +84,18 @@ def test_tx_ids_are_uuid7_time_ordered_and_unique() -> None:
     assert [u.int >> 80 for u in parsed] == sorted(u.int >> 80 for u in parsed)
 
 
+def test_tx_ids_stay_unique_when_the_clock_steps_back() -> None:
+    """16,384 ids after a millisecond, the counter is where it was then: a clock stepped
+    back to that millisecond would have made the same id (a flushed debit would then be
+    skipped as a duplicate of another)."""
+    ids = _TxIds()
+    first = ids.new(1_000)
+    later = [ids.new(1_001) for _ in range(16_383)]
+    again = ids.new(1_000)  # the clock went back one millisecond
+    assert again != first and len({first, again, *later}) == 16_385
+    assert uuid.UUID(again).version == 7 and again[:13] == first[:13]  # it carries that ms
+
+
 def test_tx_ids_of_two_processes_differ_in_the_same_millisecond() -> None:
     """Each process draws its own random bits (again after a fork), so two generators
     asked in the same millisecond never meet; the variant bits stay RFC 9562's."""
