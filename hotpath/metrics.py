@@ -68,6 +68,10 @@ FLUSH_LAG_ENTRIES = Gauge(
     multiprocess_mode="max",
 )
 POISON_EVENTS = Counter("quota_poison_events_total", "Ledger entries moved to the poison table")
+LEDGER_REF_CONFLICTS = Counter(
+    "quota_ledger_ref_conflicts_total",
+    "Debits not written because their (user, ref) was already debited in the ledger",
+)
 
 
 def render() -> tuple[bytes, str]:

@@ -42,6 +42,7 @@ class Stats:
 
     inserted: int = 0
     duplicates: int = 0
+    ref_conflicts: int = 0
     poisoned: int = 0
     batches: int = 0
     outbox_applied: int = 0
@@ -96,8 +97,11 @@ class Reconciler:
             metrics.FLUSHED_EVENTS.inc(written.inserted)
             if written.poisoned:
                 metrics.POISON_EVENTS.inc(written.poisoned)
+            if written.ref_conflicts:
+                metrics.LEDGER_REF_CONFLICTS.inc(len(written.ref_conflicts))
             self.stats.inserted += written.inserted
             self.stats.duplicates += written.duplicates
+            self.stats.ref_conflicts += len(written.ref_conflicts)
             self.stats.poisoned += written.poisoned
             self.stats.batches += 1
 

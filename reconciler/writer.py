@@ -31,6 +31,10 @@ class Written:
     inserted: int  # new ledger rows
     duplicates: int  # events already in the ledger (redelivered after a crash)
     poisoned: int  # entries set aside in poison_events
+    #: Debits not written because their (user, ref) was already debited in the ledger with
+    #: another tx id: Redis lost the first one's traces before it was flushed (a retry was
+    #: debited again), or a caller reused a ref past the idempotency TTL.
+    ref_conflicts: tuple[str, ...] = ()
 
 
 class LedgerWriter:
@@ -52,7 +56,7 @@ class LedgerWriter:
                 continue
             events.append(event)
             source[str(event.tx_id)] = entry
-        refused = 0
+        refused: set[str] = set()
         try:
             inserted = await self._batch(events, bad)
         except TRANSIENT as exc:
@@ -62,7 +66,18 @@ class LedgerWriter:
             # One event broke the statement: write them one by one to find it.
             log.warning("batch of %d refused (%r); writing events one by one", len(events), exc)
             inserted, refused = await self._one_by_one(events, source, bad)
-        return Written(inserted, len(events) - inserted - refused, len(bad))
+        skipped = len(events) - inserted - len(refused)
+        conflicts: tuple[str, ...] = ()
+        if skipped:  # redelivered, or (debits only) refused by the ledger's (user_id, ref)
+            debits = [e.tx_id for e in events
+                      if e.kind == "debit" and str(e.tx_id) not in refused]
+            if debits:
+                rows = await self.db.fetch("ledger_missing_tx", debits)
+                conflicts = tuple(str(r["tx_id"]) for r in rows)
+            for tx in conflicts:
+                log.warning("debit %s not written: its (user, ref) is already debited in the "
+                            "ledger by another tx", tx)
+        return Written(inserted, skipped - len(conflicts), len(bad), conflicts)
 
     async def _batch(self, events: list[LedgerEvent], bad: list[tuple[Entry, str]]) -> int:
         async with self.db.transaction() as conn:
@@ -73,9 +88,10 @@ class LedgerWriter:
         return inserted
 
     async def _one_by_one(self, events: list[LedgerEvent], source: dict[str, Entry],
-                          bad: list[tuple[Entry, str]]) -> tuple[int, int]:
-        """Returns (inserted, refused): refused events join ``bad``."""
-        inserted = refused = 0
+                          bad: list[tuple[Entry, str]]) -> tuple[int, set[str]]:
+        """Returns (inserted, tx ids refused): refused events join ``bad``."""
+        inserted = 0
+        refused: set[str] = set()
         for event in events:
             try:
                 inserted += await self._batch([event], [])
@@ -83,7 +99,7 @@ class LedgerWriter:
                 raise PostgresUnavailable(f"transient failure: {exc!r}") from None
             except asyncpg.PostgresError as exc:
                 bad.append((source[str(event.tx_id)], f"{type(exc).__name__}: {exc}"))
-                refused += 1
+                refused.add(str(event.tx_id))
         async with self.db.transaction() as conn:
             await self._poison(conn, bad)
         return inserted, refused

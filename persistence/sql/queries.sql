@@ -114,8 +114,9 @@ WHERE applied_at IS NULL AND created_at < now() - $1::interval
 ORDER BY id LIMIT $2;
 
 -- name: flush_events --
--- Write a batch of ledger events in one statement, idempotent on tx_id, and advance usage
--- and credit counters by the rows really inserted (a redelivered event inserts nothing).
+-- Write a batch of ledger events in one statement, idempotent on tx_id and on a debit's
+-- (user_id, ref), and advance usage and credit counters by the rows really inserted (a
+-- redelivered event, or a second debit of one ref after Redis lost data, inserts nothing).
 -- Debits and refunds both take their from_credits part off the credit balance.
 -- Counter rows are upserted in key order so concurrent reconcilers cannot deadlock.
 -- $1 tx_id[], $2 kind[], $3 user_id[], $4 meter[], $5 amount_micro[],
@@ -130,7 +131,7 @@ WITH inserted AS (
                          $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[],
                          $11::text[], $12::text[], $13::text[], $14::int[], $15::text[],
                          $16::timestamptz[], $17::bigint[])
-    ON CONFLICT (tx_id) DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING kind, user_id, meter, period_id, from_allowance_micro, from_credits_micro
 ), usage AS (
     INSERT INTO usage_counters AS u (user_id, meter, period_id, used_micro)
@@ -150,6 +151,12 @@ WITH inserted AS (
     DO UPDATE SET balance_micro = c.balance_micro + EXCLUDED.balance_micro, updated_at = now()
 )
 SELECT count(*) AS inserted FROM inserted;
+
+-- name: ledger_missing_tx --
+-- Which of the tx ids $1 the ledger does not hold (after a flush: the debits refused as a
+-- second debit of their (user_id, ref)).
+SELECT t.tx_id FROM unnest($1::uuid[]) AS t(tx_id)
+WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.tx_id = t.tx_id);
 
 -- name: insert_poison --
 -- Keep a stream entry that cannot be written; $1 shard, $2 stream_id, $3 fields (jsonb),

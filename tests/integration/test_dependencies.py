@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -113,3 +115,35 @@ async def test_a_schema_behind_the_build_is_not_ready_and_holds_the_flush(
         assert (await http.get("/ready")).status_code == 200
         await reconciler.drain()
         assert reconciler.stats.inserted == 1 and reconciler.stats.poisoned == 0
+
+
+async def test_migration_0005_refuses_a_ledger_with_a_ref_debited_twice(
+    settings: Settings, clock: FixedClock,
+) -> None:
+    """The unique (user_id, ref) index of debits cannot be built over a ledger that already
+    holds a ref debited twice: the migration stops, says how many and how to find them, and
+    changes nothing (its transaction is rolled back)."""
+    migration = (Path(__file__).parents[2] / "persistence" / "sql" / "migrations"
+                 / "0005_debit_ref_unique.sql").read_text()
+    user = new_user()
+    async with app_client(settings, clock) as http:
+        engine: Engine = http.engine  # type: ignore[attr-defined]
+        async with engine.db.connection() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await conn.execute("DROP INDEX ledger_debit_ref")
+                for tx in (uuid.uuid4(), uuid.uuid4()):
+                    await conn.execute(
+                        "INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, "
+                        "from_allowance_micro, ref, "
+                        "occurred_at) VALUES ($1, 'debit', $2, 'chat', -1, 1, 'r-1', now())",
+                        tx, user)
+                with pytest.raises(asyncpg.RaiseError, match=r"1 \(user_id, ref\) pairs debited"):
+                    await conn.execute(migration)
+            finally:
+                await transaction.rollback()
+            assert await conn.fetchval("SELECT count(*) FROM ledger WHERE user_id = $1",
+                                       user) == 0
+            assert await conn.fetchval(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'ledger_debit_ref'") == 1

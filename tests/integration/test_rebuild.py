@@ -13,6 +13,7 @@ from hotpath import metrics, quota
 from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.settings import Settings
+from reconciler.events import decode
 from reconciler.main import Reconciler
 from tests.support import (
     DAY_MS,
@@ -178,6 +179,43 @@ async def test_a_retry_after_redis_lost_the_user_answers_409_and_debits_nothing(
                                 "WHERE user_id = $1 AND kind = 'debit'", user)
     assert sorted((r["ref"], r["remaining_micro"]) for r in rows) == sorted(
         [(chat_ref, 7_000_000), (units_ref, 87_500_000)])
+
+
+async def test_a_debit_held_by_the_reconciler_when_redis_lost_it_is_not_doubled(
+    client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine, clock: FixedClock,
+    raw_redis: aioredis.Redis, settings: Settings,
+) -> None:
+    """Invariant 2 when Redis loses a debit that a reconciler has read but not committed:
+    the retry of its ref finds it neither in Redis nor in the ledger and is debited again
+    with a new tx id. The ledger keeps one debit per (user, ref): the second flush inserts
+    nothing, counts nothing, and is reported as a ref conflict."""
+    user, plan = new_user(), unique_plan()
+    await put_plan(client, plan, {"chat": {"limit": 10, "period": "day"}})
+    await apply_plan(client, user, plan)
+    await reconciler.drain()
+    ref = new_ref()
+    first = (await debit(client, user, 3, ref=ref)).json()
+    held = [e for e in await reconciler.consumer.read()  # read, not yet written
+            if str(decode(e.shard, e.stream_id, e.fields).tx_id) == first["tx_id"]]
+    assert len(held) == 1
+    assert await _wipe_user(raw_redis, settings, user) >= 3  # Redis lost the user and ref
+
+    retry = await debit(client, user, 3, ref=ref)
+    assert retry.status_code == 200 and retry.json()["tx_id"] != first["tx_id"]
+    conflicts = metrics.LEDGER_REF_CONFLICTS._value.get()
+    await reconciler.drain()  # the retry's debit is flushed (and the held one, if claimed)
+    await reconciler.flush(held)  # the held one commits
+    assert reconciler.stats.ref_conflicts == 1
+    assert metrics.LEDGER_REF_CONFLICTS._value.get() == conflicts + 1
+    async with engine.db.connection() as conn:
+        rows = await conn.fetch("SELECT tx_id::text FROM ledger "
+                                "WHERE user_id = $1 AND kind = 'debit'", user)
+        used = await conn.fetchval("SELECT sum(used_micro) FROM usage_counters "
+                                   "WHERE user_id = $1 AND meter = 'chat'", user)
+    assert len(rows) == 1 and rows[0]["tx_id"] in {first["tx_id"], retry.json()["tx_id"]}
+    assert used == 3_000_000  # one debit of 3, as Redis holds it
+    check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
+    assert check["meters"]["chat"]["remaining"] == 7
 
 
 async def test_refs_past_their_ttl_are_not_restored(
