@@ -91,8 +91,7 @@ async def load(settings: Settings, events: int, rate: float | None, seconds: flo
             i = due
             await asyncio.gather(*batch)
             await asyncio.sleep(tick)
-    await engine.redis.close()
-    await engine.db.close()
+    await engine.close()
     return done
 
 
@@ -123,8 +122,7 @@ async def main() -> None:
                         max_backlog_entries=10**9)
     engine = make_engine(settings)
     await seed_missing(engine.db, read_catalog_file())
-    await engine.db.close()
-    await engine.redis.close()
+    await engine.close()
     env = {**os.environ, "REDIS_URL": redis_url, "DB_DSN": dsn, "KEY_PREFIX": PREFIX}
     redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
     results: dict[str, object] = {}
@@ -137,8 +135,7 @@ async def main() -> None:
         started = time.monotonic()
         await reconciler.drain()
         elapsed = time.monotonic() - started
-        await engine.db.close()
-        await engine.redis.close()
+        await engine.close()
         results["drain"] = {"accepted": accepted, "entries": entries,
                             "inserted": reconciler.stats.inserted,
                             "seconds": round(elapsed, 2),

@@ -74,8 +74,7 @@ async def _debits(url: str, db_dsn: str, users: int, batch: int, rounds: int,
                 raise RuntimeError(f"a debit was refused: {replies}")
         between("stop")
     finally:
-        await engine.redis.close()
-        await engine.db.close()
+        await engine.close()
 
 
 def redis_side(db_dsn: str, users: int, batch: int, rounds: int) -> dict[str, Any]:

@@ -186,8 +186,7 @@ async def _measure(redis_url: str, db_dsn: str, users: int, prefix: str,
         m3 = _used(client)
     finally:
         client.close()
-        await engine.redis.close()
-        await engine.db.close()
+        await engine.close()
 
     debits = 2 * users
     per_user = (m3 - m0) / users

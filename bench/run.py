@@ -427,8 +427,7 @@ def evalsha_benchmark(redis_url: str, env: dict[str, str], args: argparse.Namesp
                                        action="chat_tokens")
             assert reply.status.name == "OK", reply
         finally:
-            await engine.redis.close()
-            await engine.db.close()
+            await engine.close()
 
     asyncio.run(prepare())
     keys, s = engine.keys, settings

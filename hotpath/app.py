@@ -515,8 +515,7 @@ def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True
         yield
         await api.webhook.verifier.aclose()
         if owns_resources:
-            await engine.redis.close()
-            await engine.db.close()
+            await engine.close()
 
     app = Starlette(
         routes=routes, lifespan=lifespan,

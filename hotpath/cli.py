@@ -118,8 +118,7 @@ async def _migrate(settings: Settings) -> None:
         except DependencyUnavailable as exc:
             click.echo(f"Redis not reachable, catalog will load on first use: {exc.message}")
     finally:
-        await engine.redis.close()
-        await engine.db.close()
+        await engine.close()
 
 
 @click.group()
@@ -157,8 +156,7 @@ async def _reconcile(settings: Settings) -> None:
         await serve_forever(engine, client)
     finally:
         await client.aclose()
-        await engine.redis.close()
-        await engine.db.close()
+        await engine.close()
 
 
 @main.command()
@@ -183,8 +181,7 @@ async def _report(settings: Settings, day: date, out: Path) -> int:
         report = await run(engine, client, day, out)
     finally:
         await client.aclose()
-        await engine.redis.close()
-        await engine.db.close()
+        await engine.close()
     click.echo(f"report {day}: {len(report.totals)} plan/meter totals, "
                f"{report.counters_checked} counters checked, {report.drift_count} drifting, "
                f"flush lag {report.flush_lag_seconds}s; files in {out}")
@@ -267,8 +264,7 @@ async def _with_webhook(settings: Settings, action: Callable[[PaymentWebhook], A
         return await action(webhook)
     finally:
         await webhook.verifier.aclose()
-        await engine.redis.close()
-        await engine.db.close()
+        await engine.close()
 
 
 def _dead_letter_settings() -> Settings:

@@ -19,6 +19,7 @@ from typing import Any
 from hotpath import metrics
 from hotpath.clock import Clock, new_tx_id
 from hotpath.errors import DependencyUnavailable, InvariantBroken, NotFound, invariant
+from hotpath.instance import InstanceGuard
 from hotpath.settings import Settings
 from lua import SCRIPTS, CheckReply, DebitReply, Keys, Script, Status
 from lua.connection import PipelinedRedis, RedisReplyError
@@ -96,6 +97,15 @@ class Engine:
         )
         self._header: tuple[Windows, int, tuple[str | int, ...]] | None = None
         self._loading: dict[str, asyncio.Task[None]] = {}  # user loads in flight
+        # Each new Redis connection first proves that Redis is not older than it was.
+        self.guard = InstanceGuard(settings.redis_url, self.keys)
+        redis.on_connect = self.guard.check
+
+    async def close(self) -> None:
+        """Release Redis and PostgreSQL (and stop a rebuild this process runs)."""
+        await self.guard.close()
+        await self.redis.close()
+        await self.db.close()
 
     # -- script calls ----------------------------------------------------------------------
     async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:

@@ -25,7 +25,7 @@ import contextlib
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -285,6 +285,10 @@ class PipelinedRedis:
         self._locks = [asyncio.Lock() for _ in range(connections)]
         self._next = 0
         self._watchdog: asyncio.Task[None] | None = None
+        #: Run on every new connection before it serves a call, with a function that sends
+        #: one command on it; raising (RedisUnavailable) refuses the connection. The engine
+        #: checks here that this Redis still holds data it has vouched for (quota.py).
+        self.on_connect: Callable[[Callable[..., Awaitable[Any]]], Awaitable[None]] | None = None
 
     async def _connect(self) -> _Pipe:
         loop = asyncio.get_running_loop()
@@ -309,6 +313,17 @@ class PipelinedRedis:
                 deadline = time.monotonic() + self.connect_timeout
                 for command in handshake:
                     await pipe.send(hiredis.pack_command(command), deadline)
+
+                async def execute(*args: str | int) -> Any:
+                    command: Any = args
+                    return await pipe.send(hiredis.pack_command(command), deadline)
+
+                try:
+                    if self.on_connect is not None:
+                        await self.on_connect(execute)
+                except BaseException:
+                    pipe.abort("refused by the connection check")
+                    raise
         except (OSError, TimeoutError, RedisReplyError) as exc:
             raise RedisUnavailable(f"cannot connect to Redis: {exc!r}") from None
         if self._watchdog is None or self._watchdog.done():

@@ -122,8 +122,7 @@ async def engine(settings: Settings, clock: FixedClock, raw_redis: aioredis.Redi
     try:
         yield eng
     finally:
-        await eng.redis.close()
-        await eng.db.close()
+        await eng.close()
 
 
 @pytest.fixture

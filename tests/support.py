@@ -113,5 +113,4 @@ async def app_client(settings: Settings, clock: FixedClock, key: str = KEY, *,
             yield http
     finally:
         await app.state.api.webhook.verifier.aclose()
-        await engine.redis.close()
-        await engine.db.close()
+        await engine.close()

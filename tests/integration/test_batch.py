@@ -213,6 +213,7 @@ async def test_lost_connection_fails_every_item_of_the_batch_with_503(
         broken = settings.with_overrides(redis_url=f"redis://127.0.0.1:{port}/0")
         async with app_client(broken, clock) as http:
             engine: Engine = http.engine  # type: ignore[attr-defined]
+            engine.redis.on_connect = None  # no instance check: it would be refused first
             await engine.redis._pipe()  # connected; nothing sent yet
             body = {"action": "chat_tokens", "units": 1}
             responses = await asyncio.gather(*(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,42 @@ async def test_redis_restart_mid_service_reconnects(
         private_redis.start()
         back = await debit(http, user, 1)
         assert back.status_code == 200, back.text
+
+
+async def test_redis_restarted_from_an_older_snapshot_is_rebuilt_from_postgres(
+    settings: Settings, clock: FixedClock, private_redis: EmbeddedRedis
+) -> None:
+    """The real thing: Redis saves a snapshot, accepts one more debit (flushed to
+    PostgreSQL), is killed and starts again from the snapshot, i.e. older than it was and
+    with its users still marked loaded. The service answers 503 until it has rebuilt them
+    from PostgreSQL; then the lost debit's retry is a 409 with its tx id, usage is whole."""
+    local = settings.with_overrides(redis_url=private_redis.url)
+    admin = aioredis.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        async with app_client(local, clock) as http:
+            engine: Engine = http.engine  # type: ignore[attr-defined]
+            reconciler = Reconciler(engine, admin, name="snapshot-test")
+            user, ref = new_user(), "the-last-second"
+            assert (await debit(http, user, 1)).status_code == 200
+            await reconciler.drain()
+            await admin.save()  # the file Redis will come back from
+            lost = (await debit(http, user, 2, ref=ref)).json()
+            await reconciler.drain()  # in PostgreSQL, not in the snapshot
+            private_redis.kill()
+            private_redis.start()
+            await admin.connection_pool.disconnect()
+            assert await admin.exists(engine.keys.user(user)) == 1  # loaded, and stale
+            refused = await debit(http, user, 2, ref=ref)
+            assert refused.status_code == 503
+            assert engine.guard.rebuild is not None
+            await asyncio.wait_for(engine.guard.rebuild, 10)
+            retry = await debit(http, user, 2, ref=ref)
+            assert retry.status_code == 409, retry.text
+            assert (retry.json()["tx_id"], retry.json()["remaining"]) == (lost["tx_id"], 47)
+            assert (await debit(http, user, 1)).json()["remaining"] == 46
+            assert (await http.get("/ready")).status_code == 200
+    finally:
+        await admin.aclose()
 
 
 async def test_a_schema_behind_the_build_is_not_ready_and_holds_the_flush(

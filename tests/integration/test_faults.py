@@ -328,8 +328,7 @@ async def app_client(settings: Settings, engine: Engine) -> AsyncIterator[httpx.
 
 async def close_engine(engine: Engine) -> None:
     """Close an engine made by make_engine."""
-    await engine.redis.close()
-    await engine.db.close()
+    await engine.close()
 
 
 def log_tail(path: Path, chars: int = 3000) -> str:

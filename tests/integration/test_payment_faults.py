@@ -61,10 +61,10 @@ async def test_redis_killed_between_commit_and_apply_credits_exactly_once(
     settings: Settings, clock: FixedClock, tmp_path: Path
 ) -> None:
     """Redis (with its append-only file) is SIGKILLed after the credit's PostgreSQL commit
-    and before its Redis apply: the answer is 200 with ``applied: false``. After the restart
-    the reconciler applies it once for a user Redis still holds; for a user whose state is
-    loaded from PostgreSQL first, the load brings the credit and the later apply adds
-    nothing. Re-running the reconciler changes nothing."""
+    and before its Redis apply: the answer is 200 with ``applied: false``. Redis comes back
+    from its AOF as another process (run_id): the service answers 503 until it has rebuilt
+    the users from PostgreSQL (hotpath/instance.py), whose loads bring the credit; the
+    reconciler's later apply of the outbox adds nothing. Re-running it changes nothing."""
     private = EmbeddedRedis(tmp_path / "redis", persist=True, appendfsync="always")
     url = await asyncio.to_thread(private.start)
     local = settings.with_overrides(redis_url=url)
@@ -93,6 +93,10 @@ async def test_redis_killed_between_commit_and_apply_credits_exactly_once(
             assert pending[0]["n"] == 2
 
             await asyncio.to_thread(private.start)  # same port, state from the AOF
+            refused = await http.get(f"/internal/billing/quota/check/{loaded_later}")
+            assert refused.status_code == 503  # a Redis back from a file is rebuilt first
+            assert engine.guard.rebuild is not None
+            await asyncio.wait_for(engine.guard.rebuild, 10)
             assert await remain_chat(http, loaded_later) == 10_500  # loaded with the credit
             reconciler = Reconciler(make_engine(local, clock), admin, name="credit-redo")
             reconciler.outbox_min_age = timedelta(0)
@@ -100,8 +104,7 @@ async def test_redis_killed_between_commit_and_apply_credits_exactly_once(
                 assert await reconciler.apply_pending_outbox() == 2
                 assert await reconciler.apply_pending_outbox() == 0
             finally:
-                await reconciler.engine.redis.close()
-                await reconciler.engine.db.close()
+                await reconciler.engine.close()
             assert base == 50  # the free plan's daily chat allowance
             assert await remain_chat(http, held) == 10_500  # pro_month + 500 credits, once
             assert await remain_chat(http, loaded_later) == 10_500

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from hotpath import metrics, quota
+from hotpath import instance, metrics, quota
 from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.settings import Settings
@@ -216,6 +216,73 @@ async def test_a_debit_held_by_the_reconciler_when_redis_lost_it_is_not_doubled(
     assert used == 3_000_000  # one debit of 3, as Redis holds it
     check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
     assert check["meters"]["chat"]["remaining"] == 7
+
+
+async def test_a_redis_back_with_older_data_is_rebuilt_from_postgres(
+    client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine,
+    raw_redis: aioredis.Redis, settings: Settings,
+) -> None:
+    """Invariants 2 and 4 when Redis comes back older than it was (restarted from an AOF
+    that lacks its last second, or a lagging replica promoted): its users are still marked
+    loaded, so without a check nothing would be rebuilt. A new connection sees another
+    run_id than the one recorded, answers 503, and the rebuild waits for the reconciler to
+    flush what the streams still hold before it drops user and catalog state; then the
+    lost debit's retry is a 409 with its tx id, and usage is PostgreSQL's."""
+    user, plan = new_user(), unique_plan()
+    await put_plan(client, plan, {"chat": {"limit": 10, "period": "day"}})
+    await apply_plan(client, user, plan)
+    lost_ref = new_ref()
+    assert (await debit(client, user, 3)).status_code == 200
+    lost = (await debit(client, user, 2, ref=lost_ref)).json()
+    await reconciler.drain()
+    kept = (await debit(client, user, 1)).json()  # still in the stream only
+    run_id = (await raw_redis.info("server"))["run_id"]
+    guard = engine.guard
+    assert await raw_redis.get(guard.instance_key) == run_id  # recorded on first connect
+
+    # The Redis that comes back lacks the 2-unit debit, and its data was another process's.
+    counter = engine.keys.counters(user, "chat", engine._windows())[0]
+    await raw_redis.decrby(counter, 2_000_000)
+    await raw_redis.delete(engine.keys.idempotency(user, lost_ref))
+    await raw_redis.set(guard.instance_key, "f" * 40)
+    await engine.redis.close()  # a restart drops every connection
+
+    refused = await debit(client, user, 2, ref=lost_ref)
+    assert refused.status_code == 503
+    assert "older data" in refused.json()["error"]["message"]
+    assert guard.rebuild is not None
+    await asyncio.sleep(3 * instance.POLL_SECONDS)
+    assert not guard.rebuild.done()  # the stream still holds the 1-unit debit
+    assert await raw_redis.exists(engine.keys.user(user)) == 1
+    assert (await debit(client, user, 1)).status_code == 503
+    await reconciler.drain()
+    await asyncio.wait_for(guard.rebuild, 10)
+    assert await raw_redis.get(guard.instance_key) == run_id
+    assert await raw_redis.exists(engine.keys.user(user)) == 0  # reloads on first use
+
+    retry = await debit(client, user, 2, ref=lost_ref)
+    assert retry.status_code == 409, retry.text
+    assert (retry.json()["tx_id"], retry.json()["remaining"]) == (lost["tx_id"], 5)
+    check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
+    assert check["meters"]["chat"]["remaining"] == 4  # 10 - 3 - 2 - 1, none of it free
+    assert kept["remaining"] == 4
+
+
+async def test_an_empty_redis_is_recorded_and_served_at_once(
+    client: httpx.AsyncClient, engine: Engine, raw_redis: aioredis.Redis,
+) -> None:
+    """No instance key (a new or emptied Redis): nothing to rebuild, the first connection
+    records the run_id and serves; the same run_id serves again after a reconnect."""
+    run_id = (await raw_redis.info("server"))["run_id"]
+    user = new_user()
+    assert (await debit(client, user, 1)).status_code == 200
+    assert await raw_redis.get(engine.guard.instance_key) == run_id
+    await raw_redis.delete(engine.guard.instance_key)  # FLUSHALL-like
+    await engine.redis.close()
+    assert (await debit(client, user, 1)).status_code == 200
+    await engine.redis.close()
+    assert (await debit(client, user, 1)).status_code == 200
+    assert engine.guard.rebuild is None
 
 
 async def test_refs_past_their_ttl_are_not_restored(
