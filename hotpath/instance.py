@@ -92,6 +92,8 @@ class InstanceGuard:
             log.warning("Redis %s holds data older than it answered: rebuilding users from "
                         "PostgreSQL", run_id)
             await self._wait_for_flush(client)
+            if await client.get(self.instance_key) == run_id:
+                return  # another process finished it while this one waited (its lock expired)
             deleted = await self._drop_state(client)
             await client.set(self.instance_key, run_id)
             log.warning("Redis %s rebuilt: %d user and catalog hashes dropped; they load "
