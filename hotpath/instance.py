@@ -13,11 +13,13 @@ the services have kept in step with PostgreSQL:
 * the same run_id: the connection serves;
 * no key: an empty Redis (or one never checked): the key is set, the connection serves;
 * another run_id: the data came from a file or another server. The connection is refused
-  (503) and one process (lock ``<prefix>:{meta}:recovery``) rebuilds: it waits until the
-  reconcilers have flushed every ledger stream (the surviving events reach PostgreSQL),
-  deletes every user state hash and shard catalog copy (users and plans then load from
-  PostgreSQL on first use: usage, credits, plans and the idempotency keys of their refs),
-  and records the new run_id. Connections serve again from then on.
+  (503) and one process (redis-py's token lock ``<prefix>:{meta}:recovery``) rebuilds: it
+  waits until the reconcilers have flushed every ledger stream (the surviving events reach
+  PostgreSQL), deletes every user state hash and shard catalog copy (users and plans then
+  load from PostgreSQL on first use: usage, credits, plans and the idempotency keys of
+  their refs), and records the new run_id. Connections serve again from then on. The lock
+  is renewed, by its token, at every poll and every SCAN page, and each page is deleted
+  only while the lock is still this process's and the run_id is not recorded yet.
 
 No reconciler running means no rebuild: the service answers 503 and says why, rather than
 serve from data it cannot trust.
@@ -26,21 +28,22 @@ serve from data it cannot trust.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
 
 from lua import Keys
-from lua.connection import RedisUnavailable
+from lua.connection import RedisReplyError, RedisUnavailable
 
 log = logging.getLogger("quota_gateway.instance")
 
-#: The rebuild lock's lifetime; the process holding it renews it while it works.
-LOCK_MS = 30_000
+#: The rebuild lock's lifetime, seconds; the process holding it renews it while it works.
+LOCK_SECONDS = 30.0
 #: How often the rebuild looks at the streams again while the reconcilers flush them.
 POLL_SECONDS = 0.5
 _RUN_ID = re.compile(r"^run_id:(\w+)", re.M)
@@ -52,8 +55,8 @@ class InstanceGuard:
     def __init__(self, redis_url: str | None, keys: Keys) -> None:
         self.redis_url = redis_url
         self.keys = keys
-        self.token = secrets.token_hex(8)
         self.rebuild: asyncio.Task[None] | None = None
+        self._warned = False
 
     @property
     def instance_key(self) -> str:
@@ -65,8 +68,17 @@ class InstanceGuard:
 
     async def check(self, execute: Callable[..., Awaitable[Any]]) -> None:
         """``PipelinedRedis.on_connect``: return to serve, raise RedisUnavailable to refuse."""
-        match = _RUN_ID.search(await execute("INFO", "server"))
-        if match is None:  # not a Redis we know how to ask: nothing to compare
+        reason = "no run_id in INFO"
+        try:
+            info = await execute("INFO", "server")
+        except RedisReplyError as exc:  # e.g. an ACL user without +info
+            info, reason = "", str(exc)
+        match = _RUN_ID.search(info)
+        if match is None:  # serve, but say once that the check is off
+            if not self._warned:
+                self._warned = True
+                log.warning("Redis does not tell its run_id (%s): a Redis that comes back "
+                            "older than it was cannot be detected", reason)
             return
         run_id = match[1]
         stored = await execute("GET", self.instance_key)
@@ -75,8 +87,7 @@ class InstanceGuard:
         if stored is None:  # empty, flushed, or never checked
             await execute("SET", self.instance_key, run_id, "NX")
             return
-        if await execute("SET", self.lock_key, self.token, "NX", "PX", LOCK_MS) is not None \
-                and (self.rebuild is None or self.rebuild.done()):
+        if self.rebuild is None or self.rebuild.done():  # one process wins the lock
             self.rebuild = asyncio.create_task(self._rebuild(run_id), name="redis-rebuild")
         raise RedisUnavailable(
             "Redis came back with older data (its run_id changed): users are rebuilt from "
@@ -86,30 +97,29 @@ class InstanceGuard:
         if self.redis_url is None:
             return
         client = aioredis.Redis.from_url(self.redis_url, decode_responses=True)
+        lock = client.lock(self.lock_key, timeout=LOCK_SECONDS, blocking=False,
+                           thread_local=False)
         try:
+            if not await lock.acquire():
+                return  # another process rebuilds
             if await client.get(self.instance_key) == run_id:
                 return  # another process finished it
             log.warning("Redis %s holds data older than it answered: rebuilding users from "
                         "PostgreSQL", run_id)
-            await self._wait_for_flush(client)
-            if await client.get(self.instance_key) == run_id:
-                return  # another process finished it while this one waited (its lock expired)
-            deleted = await self._drop_state(client)
+            await self._wait_for_flush(client, lock)
+            deleted = await self._drop_state(client, lock, run_id)
             await client.set(self.instance_key, run_id)
             log.warning("Redis %s rebuilt: %d user and catalog hashes dropped; they load "
                         "from PostgreSQL on first use", run_id, deleted)
         except Exception:
             log.exception("rebuilding Redis failed; the next connection tries again")
         finally:
-            if await client.get(self.lock_key) == self.token:
-                await client.delete(self.lock_key)
+            with contextlib.suppress(Exception):  # Redis gone again: the lock expires
+                if await lock.owned():
+                    await lock.release()
             await client.aclose()
 
-    async def _renew(self, client: aioredis.Redis) -> None:
-        if not await client.set(self.lock_key, self.token, xx=True, px=LOCK_MS):
-            raise RuntimeError("the rebuild lock expired")
-
-    async def _wait_for_flush(self, client: aioredis.Redis) -> None:
+    async def _wait_for_flush(self, client: aioredis.Redis, lock: Lock) -> None:
         """Until every ledger stream is empty (the reconcilers delete what they flushed)."""
         polls = 0
         while True:
@@ -123,22 +133,22 @@ class InstanceGuard:
                 log.warning("rebuild waits for the reconcilers: %d ledger entries unflushed",
                             waiting)
             polls += 1
-            await self._renew(client)
+            await lock.reacquire()  # raises when the lock is no longer ours
             await asyncio.sleep(POLL_SECONDS)
 
-    async def _drop_state(self, client: aioredis.Redis) -> int:
+    async def _drop_state(self, client: aioredis.Redis, lock: Lock, run_id: str) -> int:
         """Delete every hash of the deployment: user states and shard catalog copies."""
-        deleted, batch = 0, []
-        async for key in client.scan_iter(match=self.keys.pattern(), count=1000,
-                                          _type="HASH"):
-            batch.append(key)
-            if len(batch) == 1000:
-                deleted += await client.unlink(*batch)
-                batch = []
-                await self._renew(client)
-        if batch:
-            deleted += await client.unlink(*batch)
-        return deleted
+        deleted, cursor = 0, 0
+        while True:
+            cursor, keys = await client.scan(cursor, match=self.keys.pattern(), count=1000,
+                                             _type="HASH")
+            await lock.reacquire()
+            if await client.get(self.instance_key) == run_id:
+                raise RuntimeError("the rebuild was finished by another process")
+            if keys:
+                deleted += await client.unlink(*keys)
+            if cursor == 0:
+                return deleted
 
     async def close(self) -> None:
         if self.rebuild is not None and not self.rebuild.done():

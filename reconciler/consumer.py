@@ -118,11 +118,15 @@ class StreamConsumer:
         return out
 
     async def done(self, entries: Sequence[Entry]) -> None:
-        """Acknowledge and delete entries whose batch committed."""
+        """Acknowledge and delete entries whose batch committed.
+
+        In one MULTI/EXEC: a snapshot, an AOF cut or a replica never holds an entry acked
+        but not deleted, which no reader would ever take again (XREADGROUP > skips it, and
+        it is not pending), so its stream would never be empty."""
         by_stream: dict[str, list[str]] = {}
         for entry in entries:
             by_stream.setdefault(self.keys.ledger(entry.shard), []).append(entry.stream_id)
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=True)
         for stream, ids in by_stream.items():
             pipe.xack(stream, GROUP, *ids)
             pipe.xdel(stream, *ids)

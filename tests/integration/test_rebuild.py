@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +15,7 @@ from hotpath import instance, metrics, quota
 from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.settings import Settings
+from lua.connection import PipelinedRedis, RedisReplyError, RedisUnavailable
 from reconciler.events import decode
 from reconciler.main import Reconciler
 from tests.support import (
@@ -283,6 +286,69 @@ async def test_an_empty_redis_is_recorded_and_served_at_once(
     await engine.redis.close()
     assert (await debit(client, user, 1)).status_code == 200
     assert engine.guard.rebuild is None
+
+
+async def test_of_two_processes_finding_older_data_one_rebuilds(
+    engine: Engine, raw_redis: aioredis.Redis, settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two processes' guards see another run_id at once: both refuse, one takes the lock and
+    drops the state, the other's rebuild finds the lock taken and drops nothing; the run_id
+    is recorded once and both serve again."""
+    run_id = (await raw_redis.info("server"))["run_id"]
+    guards = [instance.InstanceGuard(settings.redis_url, engine.keys) for _ in range(2)]
+    await raw_redis.set(guards[0].instance_key, "e" * 40)
+    user_hash = engine.keys.user(new_user())
+    await raw_redis.hset(user_hash, mapping={"loaded": "1", "cr:chat": "5"})
+    drops: list[int] = []
+    for guard in guards:
+        original = guard._drop_state
+
+        async def counted(*args: Any, original: Any = original) -> int:
+            drops.append(1)
+            return int(await original(*args))
+
+        monkeypatch.setattr(guard, "_drop_state", counted)
+
+    assert settings.redis_url
+    clients = [PipelinedRedis(settings.redis_url, timeout_seconds=5, connect_timeout_seconds=5)
+               for _ in guards]
+    try:
+        for client, guard in zip(clients, guards, strict=True):
+            client.on_connect = guard.check
+            with pytest.raises(RedisUnavailable, match="older data"):
+                await client.execute("PING")
+        await asyncio.gather(*(g.rebuild for g in guards if g.rebuild is not None))
+        assert drops == [1]
+        assert await raw_redis.exists(user_hash) == 0
+        assert await raw_redis.get(guards[0].instance_key) == run_id
+        assert await raw_redis.exists(guards[0].lock_key) == 0  # released
+        for client in clients:
+            assert await client.execute("PING") == "PONG"  # serves
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_a_redis_that_hides_its_run_id_is_served_with_a_warning(
+    engine: Engine, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ACL user without INFO (or a managed Redis without run_id): the check cannot be
+    made; connections serve, and the log says once that the check is off."""
+    guard = instance.InstanceGuard(None, engine.keys)
+
+    async def no_info(*args: Any) -> Any:
+        if args[0] == "INFO":
+            raise RedisReplyError("NOPERM this user has no permissions to run the 'info' "
+                                  "command")
+        raise AssertionError(f"unexpected {args}")
+
+    with caplog.at_level(logging.WARNING, logger="quota_gateway.instance"):
+        await guard.check(no_info)
+        await guard.check(no_info)
+    warnings = [r.getMessage() for r in caplog.records if "run_id" in r.getMessage()]
+    assert len(warnings) == 1 and "NOPERM" in warnings[0]
+    assert guard.rebuild is None
 
 
 async def test_refs_past_their_ttl_are_not_restored(
