@@ -108,6 +108,8 @@ class InstanceGuard:
                         "PostgreSQL", run_id)
             await self._wait_for_flush(client, lock)
             deleted = await self._drop_state(client, lock, run_id)
+            if deleted is None:
+                return  # another process finished it while this one waited
             await client.set(self.instance_key, run_id)
             log.warning("Redis %s rebuilt: %d user and catalog hashes dropped; they load "
                         "from PostgreSQL on first use", run_id, deleted)
@@ -136,15 +138,17 @@ class InstanceGuard:
             await lock.reacquire()  # raises when the lock is no longer ours
             await asyncio.sleep(POLL_SECONDS)
 
-    async def _drop_state(self, client: aioredis.Redis, lock: Lock, run_id: str) -> int:
-        """Delete every hash of the deployment: user states and shard catalog copies."""
+    async def _drop_state(self, client: aioredis.Redis, lock: Lock, run_id: str
+                          ) -> int | None:
+        """Delete every hash of the deployment: user states and shard catalog copies.
+        None when another process recorded the run_id meanwhile (nothing more is dropped)."""
         deleted, cursor = 0, 0
         while True:
             cursor, keys = await client.scan(cursor, match=self.keys.pattern(), count=1000,
                                              _type="HASH")
             await lock.reacquire()
             if await client.get(self.instance_key) == run_id:
-                raise RuntimeError("the rebuild was finished by another process")
+                return None
             if keys:
                 deleted += await client.unlink(*keys)
             if cursor == 0:
