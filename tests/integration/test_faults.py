@@ -326,11 +326,6 @@ async def app_client(settings: Settings, engine: Engine) -> AsyncIterator[httpx.
         yield http
 
 
-async def close_engine(engine: Engine) -> None:
-    """Close an engine made by make_engine."""
-    await engine.close()
-
-
 def log_tail(path: Path, chars: int = 3000) -> str:
     """The end of a subprocess log (for assertion messages)."""
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
@@ -610,8 +605,8 @@ async def test_postgres_outage_hot_path_serves_and_backlog_drains(
             stop.set()
             if task is not None:
                 await asyncio.wait_for(task, 15)
-            await close_engine(engine)
-            await close_engine(reconciler.engine)
+            await engine.close()
+            await reconciler.engine.close()
     during = [a for a in load.attempts if a.started == a.ended == "down"]
     assert during and all(a.status == 200 for a in during), Counter(a.status for a in during)
     assert backlog >= len(during), "debits accepted during the outage were not all pending"
@@ -677,8 +672,8 @@ async def test_reconciler_survives_postgres_shutdown_racing_its_pooled_connectio
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 15)
         await proxy.close()  # first: connections it holds open would stall the pools' close
-        await close_engine(engine)
-        await close_engine(reconciler.engine)
+        await engine.close()
+        await reconciler.engine.close()
     assert {a.status for a in attempts} == {200}
     await assert_ledger_exact(private_postgres.dsn, attempts)
 
@@ -712,7 +707,7 @@ async def test_loading_a_user_in_the_postgres_shutdown_race_is_503_not_500(
             assert "PostgreSQL" in response.json()["error"]["message"]
     finally:
         await proxy.close()
-        await close_engine(engine)
+        await engine.close()
 
 
 @pytest.mark.slow
@@ -777,8 +772,8 @@ async def test_backlog_limit_while_postgres_down_refuses_the_excess_and_loses_no
             stop.set()
             if task is not None:
                 await asyncio.wait_for(task, 15)
-            await close_engine(engine)
-            await close_engine(reconciler.engine)
+            await engine.close()
+            await reconciler.engine.close()
     per_shard: dict[int, Counter[int]] = defaultdict(Counter)
     for a in during:
         per_shard[keys.shard(a.user)][a.status] += 1
@@ -973,7 +968,7 @@ async def test_flushall_after_full_flush_rebuilds_every_user_from_postgres(
             assert (await streams(admin, stream_keys(local)))[:2] == (0, 0)
     finally:
         await admin.aclose()
-        await close_engine(engine)
+        await engine.close()
         await asyncio.to_thread(private.stop)
     assert settings.db_dsn is not None
     summary = await assert_ledger_exact(settings.db_dsn, attempts)
