@@ -2,14 +2,15 @@
 
     .venv/bin/python -m bench.aof [--debits 30000] [--concurrency 64]
 
-For each setting, a private redis-server (AOF on) takes ``--debits`` real debit-script
-calls from one process with ``--concurrency`` in flight; then the server is SIGKILLed
-and restarted from its AOF, and the ledger entries that survived are counted. A SIGKILL of
-the process loses nothing the kernel already has (both settings write every command to
-the AOF before answering); what everysec risks is the last second of writes when the
-*machine* loses power, which no test here can cause. So the table gives the measured
-throughput and the measured survivors, and the loss bound follows from the setting:
-everysec = up to ~1 s of accepted events (its rate x 1 s), always = none.
+For each setting, a private redis-server (AOF on) takes ``--debits`` real debits
+(``Engine.debit``, batched as in the service) from one process with ``--concurrency`` in
+flight; then the server is SIGKILLed and restarted from its AOF, and the ledger entries
+that survived are counted. A SIGKILL of the process loses nothing the kernel already has
+(both settings write every command to the AOF before answering); what everysec risks is
+the last second of writes when the *machine* loses power, which no test here can cause.
+So the table gives the measured throughput and the measured survivors, and the loss bound
+follows from the setting: everysec = up to ~1 s of accepted events (its rate x 1 s),
+always = none.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError
 
+from hotpath.clock import SystemClock
 from hotpath.devservers import EmbeddedRedis
-from lua import SCRIPTS, Keys
+from hotpath.quota import Engine
+from hotpath.settings import load_settings
+from lua import Keys, Status
 from lua.connection import PipelinedRedis
-from lua.periods import Calendar
 
 
 async def run_one(fsync: str, debits: int, concurrency: int) -> dict[str, float]:
@@ -42,17 +45,15 @@ async def run_one(fsync: str, debits: int, concurrency: int) -> dict[str, float]
         for user in users:
             await admin.hset(keys.user(user), mapping={"loaded": "1", "plan": "b", "exp": "0"})
         client = PipelinedRedis(url, timeout_seconds=10, connect_timeout_seconds=5)
-        now = int(time.time() * 1000)
-        w = Calendar("UTC").windows(now)
-        script = SCRIPTS["debit"]
+        # The real Engine.debit (no PostgreSQL: every user and the catalog are in Redis).
+        settings = load_settings({"REDIS_URL": url, "DB_DSN": "postgresql://unused@127.0.0.1:1/x",
+                                  "KEY_PREFIX": "qgaof", "N_SHARDS": "16", "DEFAULT_PLAN": "b"})
+        engine = Engine(settings, client, None, SystemClock())  # type: ignore[arg-type]
 
         async def one(i: int) -> None:
-            user = users[i % len(users)]
-            ref = f"r{i}"
-            await client.run_script(script, keys.debit_keys(user, ref, "chat", w), (
-                user, "chat", 1_000_000, ref, "chat:1000000:", "", "bench", f"tx-{i}", 0,
-                w.day_id, w.day_start_ms, w.day_end_ms, w.month_id, w.month_start_ms,
-                w.month_end_ms, 86_400_000, 86_400_000, 86_400_000, 10**9, "b", "chat_tokens"))
+            reply = await engine.debit(users[i % len(users)], "chat", 1_000_000, f"r{i}",
+                                       caller="bench", action="chat_tokens")
+            assert reply.status is Status.OK, reply
 
         started = time.monotonic()
         for base in range(0, debits, concurrency):

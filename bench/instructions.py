@@ -120,8 +120,8 @@ def client_loop(rounds: int, batch: int) -> None:
     from hotpath.settings import load_settings
     from lua.connection import PipelinedRedis, _Pipe
 
-    item = b"*4\r\n:1\r\n:999999000000000\r\n:0\r\n$5\r\nbench\r\n"  # an OK reply
-    reply = b"*%d\r\n" % batch + item * batch
+    item = b":4\r\n:1\r\n:999999000000000\r\n:0\r\n$5\r\nbench\r\n"  # an OK reply
+    reply = b"*%d\r\n" % (5 * batch) + item * batch
 
     class Transport:
         def __init__(self, pipe: _Pipe) -> None:

@@ -32,7 +32,7 @@ from starlette.applications import Starlette
 from hotpath.app import build_app
 from hotpath.cli import run_uvicorn, tune_gc
 from hotpath.clock import SystemClock
-from hotpath.quota import Engine, fingerprint
+from hotpath.quota import Engine, debit_args
 from hotpath.settings import load_settings
 from lua import SCRIPTS, DebitReply, Status
 
@@ -79,7 +79,7 @@ class PythonWorkEngine(Engine):
     (keys, windows, tx id, command packing, reply parsing and decoding) plus one event-loop
     round trip, but no socket and no Redis."""
 
-    _REPLY = b"*4\r\n:1\r\n:999999000000000\r\n:0\r\n$5\r\nbench\r\n"
+    _REPLY = b"*5\r\n:4\r\n:1\r\n:999999000000000\r\n:0\r\n$5\r\nbench\r\n"
 
     async def debit(
         self, user_id: str, meter: str, amount: int, ref: str, *,
@@ -88,11 +88,11 @@ class PythonWorkEngine(Engine):
         windows = self._windows()
         script = SCRIPTS["debit_many"]
         tx_id = self.new_id(None)
-        # Packed as a batch of one (the real path shares one call among a tick's debits).
+        # Packed as a batch of one (the real path shares one call among several debits).
         packed = hiredis.pack_command((
             "EVALSHA", script.sha, 6, *self.keys.debit_keys(user_id, ref, meter, windows),
-            *self._debit_header(windows), user_id, meter, amount, ref,
-            fingerprint(meter, amount, reason), reason, caller, tx_id, action,
+            *self.debit_header(windows),
+            *debit_args(user_id, meter, amount, ref, reason, caller, action, tx_id),
         ))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -100,7 +100,7 @@ class PythonWorkEngine(Engine):
         await future
         reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
         reader.feed(self._REPLY)
-        return DebitReply.decode(reader.gets(), tx_id, amount)
+        return DebitReply.decode(reader.gets()[1:], tx_id, amount)
 
 
 _ENGINES = {"canned": NoRedisEngine, "yield": YieldEngine, "python": PythonWorkEngine}

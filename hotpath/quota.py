@@ -28,7 +28,7 @@ from persistence.db import Database
 from persistence.migrate import schema_behind
 from persistence.plans import Plan, catalog_fields, list_plans, put_plan
 from persistence.queries import QUERIES
-from reconciler.events import LedgerEvent, columns
+from reconciler.events import LedgerEvent, columns, debit_event_head
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: The user id /ready checks: it proves a script runs by EVALSHA end to end.
@@ -53,6 +53,14 @@ def fingerprint(meter: str, amount: int, reason: str) -> str:
     """What makes two debits with one ref "the same request"."""
     digest = hashlib.blake2b(reason.encode(), digest_size=8).hexdigest() if reason else ""
     return f"{meter}:{amount}:{digest}"
+
+
+def debit_args(user_id: str, meter: str, amount: int, ref: str, reason: str, caller: str,
+               action: str, tx_id: str) -> tuple[str | int, str | int, str, str]:
+    """One debit's arguments in a debit_many.lua call (they follow the call's header):
+    meter, amount, the idempotency record's head, the ledger event's head."""
+    return (meter, amount, f"{fingerprint(meter, amount, reason)}\n{tx_id}",
+            debit_event_head(tx_id, user_id, meter, amount, ref, reason, caller, action))
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,15 +132,14 @@ class Engine:
     def _windows(self) -> Windows:
         return self.calendar.windows(self.clock.now_ms())
 
-    def _debit_header(self, windows: Windows) -> tuple[str | int, ...]:
+    def debit_header(self, windows: Windows) -> tuple[str | int, ...]:
         """The arguments every debit of a debit_many call shares (cached per windows)."""
         now = self.clock.script_now()
         cached = self._header
         if cached is not None and cached[0] is windows and cached[1] == now:
             return cached[2]
         header = (now, windows.day_id, windows.day_start_ms, windows.day_end_ms,
-                  windows.month_id, windows.month_start_ms, windows.month_end_ms,
-                  *self._debit_tail)
+                  windows.month_id, windows.month_end_ms, *self._debit_tail)
         self._header = (windows, now, header)
         return header
 
@@ -143,18 +150,17 @@ class Engine:
         """Debit ``amount`` micro-units of ``meter`` once per (user, ref).
 
         The call goes out as one item of a debit_many batch with the other debits this
-        worker issues in the same event-loop tick (lua/connection.py).
+        worker issues meanwhile (lua/connection.py).
         """
         invariant(amount > 0, "debit amounts are positive")
         windows = self._windows()
         tx_id = self.new_id(None)
-        args = (user_id, meter, amount, ref, fingerprint(meter, amount, reason), reason, caller,
-                tx_id, action)
+        args = debit_args(user_id, meter, amount, ref, reason, caller, action, tx_id)
         script = _DEBIT_MANY
         for _ in range(self.settings.load_retries + 2):
             try:
                 raw = await self.redis.run_batched(
-                    script, self._debit_header(windows),
+                    script, self.debit_header(windows),
                     self.keys.debit_keys(user_id, ref, meter, windows), args)
             except RedisReplyError as exc:
                 raise self._script_error(script, exc) from None

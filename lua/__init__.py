@@ -56,27 +56,18 @@ class Script:
 
     @classmethod
     def load(cls, name: str) -> Script:
-        """Read ``<name>.lua`` and the shared prelude from the package.
-
-        A body starting with ``--@include <file>.lua`` lines gets those files after the
-        prelude (shared logic of several scripts, e.g. ``_debit.lua``).
-        """
+        """Read ``<name>.lua`` and the shared prelude from the package."""
         folder = resources.files(__package__)
-        parts = [(folder / "_common.lua").read_text(encoding="utf-8")]
-        body = (folder / f"{name}.lua").read_text(encoding="utf-8")
-        for line in body.splitlines():
-            if not line.startswith("--@include "):
-                break
-            parts.append((folder / line.split(None, 1)[1].strip()).read_text(encoding="utf-8"))
-        source = "\n".join([*parts, body])
+        source = "\n".join((folder / f).read_text(encoding="utf-8")
+                           for f in ("_common.lua", f"{name}.lua"))
         return cls(name, source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
 
 
-#: One script per operation; "debit_many" is the hot path's batch of debits (see
-#: lua/connection.py), with the same per-debit logic as "debit" (lua/_debit.lua).
+#: One script per operation; "debit_many" is the hot path's debits, one or a batch of
+#: them per call (see lua/connection.py).
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
-    for name in ("debit", "debit_many", "check", "load_user", "restore_refs", "load_catalog",
+    for name in ("debit_many", "check", "load_user", "restore_refs", "load_catalog",
                  "set_plan", "apply_payment")
 }
 

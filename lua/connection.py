@@ -132,15 +132,29 @@ class _Batch:
             _bulk(keys), _packed_header(self.header), _bulk(args)))
 
     def resolve(self, reply: Any) -> None:
-        """Hand each caller its item's reply; a whole-call error goes to every item."""
+        """Hand each caller its item's reply; a whole-call error goes to every item.
+
+        A batch script answers one flat array: per item the number of its values, then
+        the values (or 1 and an error reply)."""
         futures = self.futures
-        if isinstance(reply, hiredis.ReplyError) or not isinstance(reply, list) \
-                or len(reply) != len(futures):
+        items: list[Any] = []
+        if isinstance(reply, list):
+            at, end = 0, len(reply)
+            while at < end and len(items) < len(futures):
+                size = reply[at]
+                if not isinstance(size, int) or not 0 < size <= end - at - 1:
+                    break
+                items.append(reply[at + 1] if size == 1 and isinstance(
+                    reply[at + 1], hiredis.ReplyError) else reply[at + 1:at + 1 + size])
+                at += 1 + size
+            if at != end:
+                items = []
+        if len(items) != len(futures):
             message = str(reply) if isinstance(reply, hiredis.ReplyError) else \
                 f"{self.script.name}: {len(futures)} items, unexpected reply {reply!r:.200}"
             self.fail(RedisReplyError(message))
             return
-        for future, item in zip(futures, reply, strict=True):
+        for future, item in zip(futures, items, strict=True):
             _settle(future, item)
 
     def fail(self, exc: Exception) -> None:
@@ -160,6 +174,7 @@ class _Pipe(asyncio.Protocol):
         self.out: list[bytes] = []
         # Batch items queued in this tick, by (script, header); packed at the flush.
         self.batches: dict[tuple[str, tuple[str | int, ...]], tuple[_Batch, float]] = {}
+        self.batches_pending = 0  # batch calls written (or about to be) and not answered
         self.flush_scheduled = False
         self.closed = False
 
@@ -183,12 +198,15 @@ class _Pipe(asyncio.Protocol):
                 return
             future, deadline = pending.popleft()
             if isinstance(future, _Batch):
+                self.batches_pending -= 1
                 if isinstance(reply, hiredis.ReplyError) and not future.evaled \
                         and str(reply).startswith("NOSCRIPT"):
                     future.evaled = True  # the script cache was emptied: send the source
                     self._queue(future.pack(), future, deadline)
                 else:
                     future.resolve(reply)
+                if not self.batches_pending and self.batches:
+                    self._schedule_flush()  # the items held while this call ran go now
                 continue
             _settle(future, reply)
 
@@ -197,13 +215,18 @@ class _Pipe(asyncio.Protocol):
         self.fail_all(f"connection to Redis lost: {exc or 'closed'}")
 
     # sending ---------------------------------------------------------------------------
-    def _queue(self, packed: bytes, waiter: asyncio.Future[Any] | _Batch,
-               deadline: float) -> None:
-        self.pending.append((waiter, deadline))
-        self.out.append(packed)
+    def _schedule_flush(self) -> None:
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
+
+    def _queue(self, packed: bytes, waiter: asyncio.Future[Any] | _Batch,
+               deadline: float) -> None:
+        self.pending.append((waiter, deadline))
+        if isinstance(waiter, _Batch):
+            self.batches_pending += 1
+        self.out.append(packed)
+        self._schedule_flush()
 
     def send(self, packed: bytes, deadline: float) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = self.loop.create_future()
@@ -220,9 +243,8 @@ class _Pipe(asyncio.Protocol):
             if entry is not None:  # full: it takes its place in the stream now
                 self._queue(entry[0].pack(), entry[0], entry[1])
             entry = self.batches[group] = (_Batch(script, header), deadline)
-            if not self.flush_scheduled:
-                self.flush_scheduled = True
-                self.loop.call_soon(self.flush)
+            if not self.batches_pending:
+                self._schedule_flush()
         batch = entry[0]
         batch.item_keys.extend(keys)
         batch.item_args.extend(args)
@@ -233,11 +255,12 @@ class _Pipe(asyncio.Protocol):
         self.flush_scheduled = False
         if self.transport is None or self.closed:
             return
-        if self.batches:
+        if self.batches and not self.batches_pending:
             batches, self.batches = self.batches, {}
             for batch, deadline in batches.values():
                 self.pending.append((batch, deadline))
                 self.out.append(batch.pack())
+            self.batches_pending += len(batches)
         out, self.out = self.out, []
         if out:
             self.transport.write(b"".join(out))
@@ -246,6 +269,7 @@ class _Pipe(asyncio.Protocol):
     def fail_all(self, message: str) -> None:
         pending, self.pending = self.pending, deque()
         batches, self.batches = self.batches, {}
+        self.batches_pending = 0
         self.out = []
         exc = RedisUnavailable(message)
         for waiter, _ in pending:

@@ -46,18 +46,33 @@ class LedgerEvent:
 #: ``rm`` (a debit's remaining amount) is last and optional: refunds, and debits written
 #: before it existed, end at ``ts``.
 LAYOUT = ("k", "tx", "u", "m", "a", "al", "cr", "p", "ref", "rs", "c", "ac", "pl", "ts", "rm")
+#: Debits since ``v2``: what the hot path knows before the script runs comes first (it
+#: makes that head, ``debit_event_head``), then what the script decided.
+LAYOUT_V2 = ("k", "tx", "u", "m", "a", "ref", "rs", "c", "ac", "al", "cr", "p", "pl", "ts",
+             "rm")
 SEPARATOR = "\x1f"
 
 
+def debit_event_head(tx_id: str, user_id: str, meter: str, amount: int, ref: str,
+                     reason: str, caller: str, action: str) -> str:
+    """The first values of a ``v2`` debit event (debit_many.lua appends the rest); ids, refs
+    and reasons hold no control characters (hotpath/schemas.py), so none holds the
+    separator."""
+    return f"v2\x1fdebit\x1f{tx_id}\x1f{user_id}\x1f{meter}\x1f-{amount}\x1f{ref}\x1f{reason}" \
+        f"\x1f{caller}\x1f{action}"
+
+
 def unpack(fields: dict[str, str]) -> dict[str, str]:
-    """The named values of a stream entry (``{"e": "v1\x1f..."}``)."""
+    """The named values of a stream entry (``{"e": "v1\x1f..."}`` or ``v2``)."""
     packed = fields.get("e")
     if packed is None:
         raise BadEvent("missing field 'e'")
     version, *values = packed.split(SEPARATOR)
-    if version != "v1" or len(values) not in (len(LAYOUT) - 1, len(LAYOUT)):
-        raise BadEvent(f"unknown event layout {version!r} with {len(values)} values")
-    return dict(zip(LAYOUT, values, strict=False))
+    if version == "v1" and len(values) in (len(LAYOUT) - 1, len(LAYOUT)):
+        return dict(zip(LAYOUT, values, strict=False))
+    if version == "v2" and len(values) == len(LAYOUT_V2) and values[0] == "debit":
+        return dict(zip(LAYOUT_V2, values, strict=True))
+    raise BadEvent(f"unknown event layout {version!r} with {len(values)} values")
 
 
 def _int(fields: dict[str, str], name: str, *, signed: bool = False) -> int:

@@ -1,22 +1,37 @@
 """What a debit writes in Redis, and what a refused one leaves: counters, credits, TTLs.
 
-debit_one adds the amount to the period counter first and gives back what the debit does
-not take from the allowance (one call instead of a read and a write), and pushes the user
-hash's TTL back only when less than half of it is left. These tests pin both down against
-the real Redis: a refused debit leaves every counter as it was (a counter it created is
-gone, none is left without a TTL), and a split between allowance and credits counts only
-the allowance part.
+debit_many.lua adds the amount to the period counter first and gives back what the debit
+does not take from the allowance (one call instead of a read and a write), takes the
+idempotency key only once the debit fits (SET NX, giving the counter change back when the
+ref is already taken), and pushes the user hash's TTL back only when less than half of it
+is left. These tests pin all three down against the real Redis: a refused debit and a
+retried one leave every counter as it was (a counter either created is gone, none is left
+without a TTL), a split between allowance and credits counts only the allowance part, and
+a retry answers what its first attempt answered whatever the meter holds now.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import httpx
 import redis.asyncio as aioredis
 
 from hotpath.clock import FixedClock
 from hotpath.quota import Engine
+from hotpath.settings import Settings
 from lua import Status
-from tests.support import CREDIT, apply_plan, debit, new_ref, new_user, put_plan, unique_plan
+from tests.support import (
+    CREDIT,
+    DAY_MS,
+    apply_plan,
+    debit,
+    make_engine,
+    new_ref,
+    new_user,
+    put_plan,
+    unique_plan,
+)
 
 U = 1_000_000  # one unit in micro-units
 
@@ -105,3 +120,55 @@ async def test_user_ttl_is_pushed_back_once_half_of_it_is_gone(
     assert (await engine.debit(user, "chat", U, new_ref())).status is Status.OK
     assert await raw_redis.pttl(user_key) > ttl_ms - 60_000
     assert int(await raw_redis.hget(user_key, "xt")) == clock.now_ms() + ttl_ms
+
+
+async def test_a_retry_gives_its_counter_change_back_and_answers_the_first_outcome(
+    client: httpx.AsyncClient, engine: Engine, clock: FixedClock, raw_redis: aioredis.Redis
+) -> None:
+    """A retry that would fit, one the meter can no longer pay and one the next day: each
+    answers 409 with the first tx and balance, and no counter moves or is left behind."""
+    user, plan = new_user(), unique_plan()
+    await put_plan(client, plan, {"chat": {"limit": 10, "period": "day"}})
+    await apply_plan(client, user, plan)
+    day_counter = engine.keys.counters(user, "chat", engine.calendar.windows(clock.now_ms()))[0]
+    ref = new_ref()
+    first = (await debit(client, user, 4, ref)).json()
+    assert first["remaining"] == 6 and int(await raw_redis.get(day_counter)) == 4 * U
+
+    again = await debit(client, user, 4, ref)  # it would fit: the INCRBY is given back
+    assert again.status_code == 409
+    assert (again.json()["tx_id"], again.json()["remaining"]) == (first["tx_id"], 6)
+    assert int(await raw_redis.get(day_counter)) == 4 * U
+
+    assert (await debit(client, user, 6)).status_code == 200  # the day is used up
+    exhausted = await debit(client, user, 4, ref)  # 409, not 403: the debit stands
+    assert exhausted.status_code == 409 and exhausted.json()["tx_id"] == first["tx_id"]
+    assert int(await raw_redis.get(day_counter)) == 10 * U
+
+    clock.advance(DAY_MS)
+    next_day = engine.keys.counters(user, "chat", engine.calendar.windows(clock.now_ms()))[0]
+    later = await debit(client, user, 4, ref)
+    assert later.status_code == 409 and later.json()["tx_id"] == first["tx_id"]
+    assert await raw_redis.exists(next_day) == 0  # the counter the retry made is gone
+    assert (await debit(client, user, 4, ref + "-other")).json()["remaining"] == 6
+    assert await raw_redis.pttl(next_day) > 0
+
+
+async def test_a_retry_while_the_backlog_is_full_still_answers_409(
+    settings: Settings, engine: Engine, clock: FixedClock, raw_redis: aioredis.Redis
+) -> None:
+    """Past the backlog limit new debits are 503 but a retry learns its outcome: 409."""
+    user = new_user()
+    ref = new_ref()
+    first = await engine.debit(user, "chat", U, ref)
+    assert first.status is Status.OK
+    full = make_engine(replace(settings, max_backlog_entries=1), clock)
+    try:
+        retry = await full.debit(user, "chat", U, ref)
+        assert (retry.status, retry.tx_id, retry.remaining) == (
+            Status.DUPLICATE, first.tx_id, first.remaining)
+        assert (await full.debit(user, "chat", U, new_ref())).status is Status.BACKLOG
+    finally:
+        await full.close()
+    check = await engine.check(user, ["chat"])
+    assert check.meters[0].used == U

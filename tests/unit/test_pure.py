@@ -205,6 +205,26 @@ def test_stream_events_are_checked_when_read() -> None:
             decode(3, "1-0", fields)
 
 
+def test_v2_debit_events_read_as_their_v1_twins() -> None:
+    """The hot path's head (debit_event_head) plus the script's tail decodes to the event a
+    v1 entry with the same values gives; a v2 entry of another kind or length is poison."""
+    from reconciler.events import BadEvent, debit_event_head, decode
+
+    tx = new_tx_id()
+    head = debit_event_head(tx, "u1", "chat", 2_500_000, "ref-1", "", "chat-svc",
+                            "chat_tokens")
+    tail = ["2000000", "500000", "d:2026-11-23", "free", "1763899200000", "7500000"]
+    v2 = decode(3, "1-0", {"e": "\x1f".join([head, *tail])})
+    v1 = decode(3, "1-0", {"e": "\x1f".join([
+        "v1", "debit", tx, "u1", "chat", "-2500000", "2000000", "500000", "d:2026-11-23",
+        "ref-1", "", "chat-svc", "chat_tokens", "free", "1763899200000", "7500000"])})
+    assert v2 == v1 and v2.remaining == 7_500_000 and v2.ref == "ref-1"
+    for fields in ({"e": "\x1f".join([head, *tail[:-1]])},
+                   {"e": "\x1f".join([head.replace("debit", "credit", 1), *tail])}):
+        with pytest.raises(BadEvent):
+            decode(3, "1-0", fields)
+
+
 @pytest.mark.parametrize("items", [1, 2, 14, 32])
 def test_a_batch_packs_to_the_same_bytes_as_hiredis(items: int) -> None:
     """The batch call is packed from pre-packed parts (a cached header): byte for byte
