@@ -24,8 +24,24 @@ MAX_REASON = 256
 MAX_ACTION = 64
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
 
-UserId = Annotated[str, Meta(min_length=1, max_length=MAX_USER_ID, pattern=_PRINTABLE,
-                             description="The user's id (no control characters)")]
+#: A user id holds no ':' either: it is the part of every Redis key of the user that ends
+#: at the next ':' (lua.Keys), so ids like "a" and "a:r:x" must not both be possible.
+USER_ID_PATTERN = r"^[^\x00-\x1f\x7f:]+$"
+UserId = Annotated[str, Meta(
+    min_length=1, max_length=MAX_USER_ID, pattern=USER_ID_PATTERN,
+    description="The user's id (no ':', no control characters)")]
+
+
+def user_id_problem(user_id: object) -> str | None:
+    """Why a user id given outside a JSON body (a path, a query, a payment's metadata) is
+    not one, as UserId checks it in a body; None when it is fine."""
+    if not isinstance(user_id, str) or not user_id:
+        return "is required (a non-empty string)"
+    if len(user_id) > MAX_USER_ID:
+        return f"must be at most {MAX_USER_ID} characters"
+    if any(ord(c) < 32 or ord(c) == 127 or c == ":" for c in user_id):
+        return "must not contain ':' or control characters"
+    return None
 Ref = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=_PRINTABLE,
                           description="The caller's idempotency key for this debit")]
 Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=r"^[^\x00-\x1f\x7f]*$")]

@@ -180,7 +180,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             port=config("PORT", cast=int, default=defaults.port),
             workers=config("WORKERS", cast=int, default=defaults.workers),
             redis_url=config("REDIS_URL", default=None) or None,
-            db_dsn=config("DB_DSN", default=None) or None,
+            db_dsn=_dsn(config("DB_DSN", default=None) or None),
             data_dir=config("DATA_DIR", default=defaults.data_dir),
             service_token=config("SERVICE_TOKEN", default=DEV_SERVICE_TOKEN),
             callers=_parse_callers(config("CALLER_KEYS", default="")),
@@ -282,6 +282,18 @@ def validate(settings: Settings) -> None:
         ):
             raise SettingsError("ENV=production with WEBHOOK_VERIFIER=yookassa needs "
                                 "YOOKASSA_SHOP_ID and YOOKASSA_SECRET_KEY")
+
+
+def _dsn(value: str | None) -> str | None:
+    """DB_DSN as asyncpg takes it: the seed's SQLAlchemy form ``postgresql+asyncpg://``
+    names the driver in the scheme, which asyncpg does not read."""
+    if value is None:
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
+        raise SettingsError("DB_DSN must be a postgresql:// URL, e.g. "
+                            "postgresql://user:password@host:5432/billing_db")
+    return f"postgresql://{rest}"
 
 
 def _is_hhmm(value: str) -> bool:

@@ -41,7 +41,7 @@ from hotpath import metrics
 from hotpath.amounts import AmountError, to_micro
 from hotpath.errors import DependencyUnavailable, NotFound, OrderReused, QuotaError, Rejected
 from hotpath.payments import CreditOrder, Payments
-from hotpath.schemas import MAX_REF, MAX_USER_ID
+from hotpath.schemas import MAX_REF, user_id_problem
 from hotpath.settings import Settings
 
 log = logging.getLogger("quota_gateway.webhook")
@@ -328,7 +328,9 @@ class PaymentWebhook:
         if not isinstance(user_id, str) or not user_id:
             raise Rejected(422, "unknown_user", "the payment names no user",
                            field="object.metadata.user_id")
-        user_id = _text(user_id, "object.metadata.user_id", MAX_USER_ID)
+        problem = user_id_problem(user_id)
+        if problem is not None:
+            raise Rejected(422, "invalid_notification", problem, field="object.metadata.user_id")
         plan_code = metadata.get("plan_code")
         if note.event == "payment.canceled":
             new = await self.payments.cancel(order_id, note.payment_id, user_id,

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 
 from tests.support import debit, new_ref, new_user
 
 URL = "/internal/billing/quota/debit"
+BALANCE_DEBIT = "/internal/billing/debit"
+BALANCE_CHECK = "/internal/billing/check"
+#: Each POST route that takes an amount, with the fields of a valid body.
+ROUTES = {
+    URL: ("user_id", "action", "units", "ref"),
+    BALANCE_DEBIT: ("user_id", "units", "ref", "reason"),
+    BALANCE_CHECK: ("user_id", "units"),
+}
 
 
-def body(**overrides: object) -> dict[str, object]:
-    base: dict[str, object] = {"user_id": new_user(), "action": "chat_tokens", "units": 1,
-                               "ref": new_ref()}
+def body(route: str = URL, **overrides: object) -> dict[str, object]:
+    valid: dict[str, object] = {"user_id": new_user(), "action": "chat_tokens", "units": 1,
+                                "ref": new_ref(), "reason": "chat_message"}
+    base = {k: v for k, v in valid.items() if k in ROUTES[route]}
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not ...}
 
@@ -24,25 +35,45 @@ BAD_BODIES = [
     ({"units": None}, "units"), ({"units": ...}, "units"),
     ({"user_id": ""}, "user_id"), ({"user_id": "x" * 129}, "user_id"),
     ({"user_id": "bad\nid"}, "user_id"), ({"user_id": 5}, "user_id"),
+    ({"user_id": ...}, "user_id"), ({"user_id": "a:r:b"}, "user_id"),
     ({"ref": ""}, "ref"), ({"ref": "r" * 129}, "ref"), ({"ref": "a\x00b"}, "ref"),
+    ({"ref": ...}, "ref"),
     ({"action": "mine_bitcoin"}, "action"), ({"action": ...}, "action"),
+    ({"reason": "r" * 257}, "reason"), ({"reason": "two\nlines"}, "reason"),
+    ({"reason": 7}, "reason"),
     ({"extra": 1}, "extra"),
 ]
+#: Every bad body on every route it applies to (a field the route does not take is only
+#: the unknown-field case, "extra").
+CASES = [(route, changes, field) for route, fields in ROUTES.items()
+         for changes, field in BAD_BODIES if field in (*fields, "extra")]
 
 
-@pytest.mark.parametrize(("changes", "field"), BAD_BODIES)
-async def test_bad_debit_bodies_are_422_naming_the_field(
-    client: httpx.AsyncClient, changes: dict[str, object], field: str
+@pytest.mark.parametrize(("route", "changes", "field"), CASES)
+async def test_bad_bodies_are_422_naming_the_field(
+    client: httpx.AsyncClient, route: str, changes: dict[str, object], field: str
 ) -> None:
     """Each invalid field answers 422 with error.field set, and debits nothing."""
-    payload = body(**changes)
-    response = await client.post(URL, json=payload)
+    payload = body(route, **changes)
+    response = await client.post(route, json=payload)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == field
     user = payload.get("user_id")
-    if isinstance(user, str) and 0 < len(user) <= 128 and "\n" not in user:
-        check = await client.get(f"/internal/billing/quota/check/{user}")
-        assert check.json()["remain_chat"] == 50
+    if isinstance(user, str) and 0 < len(user) <= 128 and "\n" not in user and ":" not in user:
+        check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
+        assert check["remain_chat"] == 50
+        assert check["meters"]["units"]["used"] == 0
+
+
+async def test_bad_user_ids_in_the_path_and_the_query_are_422(
+    client: httpx.AsyncClient
+) -> None:
+    """The read routes check the user id as the bodies do."""
+    for bad in ("x" * 129, "bad%0Aid", "a:b"):
+        check = await client.get(f"/internal/billing/quota/check/{bad}")
+        assert check.status_code == 422 and check.json()["error"]["field"] == "user_id"
+        balance = await client.get(f"/internal/billing/balance?user_id={bad}")
+        assert balance.status_code == 422 and balance.json()["error"]["field"] == "user_id"
 
 
 async def test_exponent_1e400_is_refused(client: httpx.AsyncClient) -> None:
@@ -78,11 +109,12 @@ async def test_missing_or_wrong_key_is_401(client: httpx.AsyncClient) -> None:
 
 
 async def test_unknown_plan_is_404_and_bad_expiry_is_422(client: httpx.AsyncClient) -> None:
-    """Applying an unknown plan is 404; a past or naive expires_at is 422."""
+    """Applying an unknown plan is 404; a past, naive or out-of-range expires_at is 422."""
     apply = "/internal/billing/plan/apply"
     missing = await client.post(apply, json={"user_id": "u", "plan_code": "no_such_plan"})
     assert missing.status_code == 404 and missing.json()["error"]["field"] == "plan_code"
-    for expires in ("2020-01-01T00:00:00Z", "2030-01-01T00:00:00"):
+    for expires in ("2020-01-01T00:00:00Z", "2030-01-01T00:00:00",
+                    "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00"):
         bad = await client.post(apply, json={"user_id": "u", "plan_code": "pro_month",
                                              "expires_at": expires})
         assert bad.status_code == 422 and bad.json()["error"]["field"] == "expires_at"
@@ -103,6 +135,30 @@ async def test_bad_plan_definitions_are_422(client: httpx.AsyncClient) -> None:
         assert response.status_code == 422, response.text
         assert response.json()["error"]["field"] == field
     assert (await client.get(url)).status_code == 404
+
+
+async def test_a_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
+    """Without Content-Length the body is counted as it arrives: over 64 KiB is 413."""
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"user_id": "'
+        for _ in range(70):
+            yield b"x" * 1024
+
+    response = await client.post(URL, content=chunks(),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == \
+        "payload_too_large"
+
+
+async def test_a_bad_transactions_cursor_is_422(client: httpx.AsyncClient) -> None:
+    """A next_before value that is not one (huge, not a number, not a UUID) is 422."""
+    tx = "019ab0c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d"
+    for cursor in (f"99999999999999999999_{tx}", f"-99999999999999999999_{tx}", "x_y",
+                   f"12_{tx[:-1]}"):
+        response = await client.get("/internal/billing/transactions",
+                                    params={"user_id": "u", "before": cursor})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["field"] == "before"
 
 
 async def test_balance_needs_user_id(client: httpx.AsyncClient) -> None:

@@ -305,27 +305,30 @@ async def test_unprocessable_notifications_are_kept_and_answered_4xx(
     pay: httpx.AsyncClient
 ) -> None:
     """Signed but unusable: unknown plan, no user, bad JSON, unknown event, status that
-    does not match the event, reused payment id. Each is a dead letter; none credits."""
+    does not match the event, reused payment id, bad units or user id. Each is a dead
+    letter; none credits."""
     user = new_user()
     payment = new_payment()
     assert (await signed(pay, notification("payment.succeeded", payment_object(
         payment, user, "pro_month")))).status_code == 200
-    bodies = {
-        "unknown_plan": notification("payment.succeeded",
-                                     payment_object(new_payment(), user, "gold")),
-        "unknown_user": notification("payment.succeeded",
-                                     payment_object(new_payment(), None, "pro_month")),
-        "malformed_json": b'{"event": "payment.succeeded", ',
-        "unknown_event": notification("payment.waiting_for_capture",
-                                      payment_object(new_payment(), user, "pro_month")),
-        "status_mismatch": notification("payment.succeeded", payment_object(
-            new_payment(), user, "pro_month", status="pending")),
-        "order_reused": notification("payment.succeeded", payment_object(
-            payment, new_user(), "pro_month")),
-        "invalid_notification": notification("payment.succeeded", payment_object(
-            new_payment(), user, "pro_month", units_chat="-5")),
-    }
-    for code, body in bodies.items():
+    bodies = [
+        ("unknown_plan", notification("payment.succeeded",
+                                      payment_object(new_payment(), user, "gold"))),
+        ("unknown_user", notification("payment.succeeded",
+                                      payment_object(new_payment(), None, "pro_month"))),
+        ("malformed_json", b'{"event": "payment.succeeded", '),
+        ("unknown_event", notification("payment.waiting_for_capture",
+                                       payment_object(new_payment(), user, "pro_month"))),
+        ("status_mismatch", notification("payment.succeeded", payment_object(
+            new_payment(), user, "pro_month", status="pending"))),
+        ("order_reused", notification("payment.succeeded", payment_object(
+            payment, new_user(), "pro_month"))),
+        ("invalid_notification", notification("payment.succeeded", payment_object(
+            new_payment(), user, "pro_month", units_chat="-5"))),
+        ("invalid_notification", notification("payment.succeeded", payment_object(
+            new_payment(), f"{user}:r:x", "pro_month"))),
+    ]
+    for code, body in bodies:
         response = await signed(pay, body)
         assert 400 <= response.status_code < 500, (code, response.text)
         assert response.json()["error"]["code"] == code, (code, response.text)

@@ -119,6 +119,17 @@ def test_keys_share_one_hash_tag_per_user() -> None:
     assert built[0] == keys.user("user-1") and built[5] == keys.ledger(keys.shard("user-1"))
 
 
+def test_db_dsn_takes_the_seeds_sqlalchemy_form() -> None:
+    """The seed writes DB_DSN=postgresql+asyncpg://...; asyncpg wants postgresql://; a DSN
+    of another database is refused at start-up, naming DB_DSN."""
+    seed = load_settings({"DB_DSN": "postgresql+asyncpg://billing_user:pw@db:5456/billing_db"})
+    assert seed.db_dsn == "postgresql://billing_user:pw@db:5456/billing_db"
+    assert load_settings({"DB_DSN": "postgres://u@h/d"}).db_dsn == "postgresql://u@h/d"
+    for bad in ("mysql://u@h/d", "host=h dbname=d"):
+        with pytest.raises(SettingsError, match="DB_DSN"):
+            load_settings({"DB_DSN": bad})
+
+
 def test_settings_refuse_development_shortcuts_in_production() -> None:
     """ENV=production stops on the dev token or without real servers, naming the variable."""
     with pytest.raises(SettingsError, match="SERVICE_TOKEN"):
