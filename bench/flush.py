@@ -67,7 +67,7 @@ async def load(settings: Settings, events: int, rate: float | None, seconds: flo
     """Debits through the real engine: ``events`` as fast as possible, or at ``rate``/s."""
     engine = make_engine(settings, SystemClock())
     big = Plan("flushbench", {"chat": MeterRule("month", 10**15)}, None, "0.00", "RUB")
-    await put_plan(engine.db, big)
+    await put_plan(engine.db, big, "bench")
     await engine.sync_catalog()
     for i in range(USERS):
         await engine.apply_plan(f"fb-{i}", "flushbench", None, "bench")

@@ -153,7 +153,7 @@ async def _measure(redis_url: str, db_dsn: str, users: int, prefix: str,
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         plan = validate_plan("bench", msgspec.convert(BENCH_PLAN, PlanBody))
-        await engine.put_plan_and_sync(plan)
+        await engine.put_plan_and_sync(plan, "bench")
         for script in SCRIPTS.values():
             client.script_load(script.source)
         client.execute_command("MEMORY", "PURGE")

@@ -46,22 +46,29 @@ from hotpath.schemas import (
     ENCODER,
     BalanceCheckIn,
     BalanceCheckOut,
+    BalanceDebitErrorOut,
     BalanceDebitIn,
     BalanceDebitOut,
     BalanceOut,
+    CreditConflictOut,
     ErrorBody,
     ErrorOut,
     MeterOut,
     PlanApplyIn,
     PlanApplyOut,
+    PlanOut,
+    PlansOut,
     PlanStateOut,
     QuotaCheckOut,
     QuotaCreditIn,
     QuotaCreditOut,
+    QuotaDebitErrorOut,
     QuotaDebitIn,
     QuotaDebitOut,
     TransactionOut,
     TransactionsOut,
+    VersionConflictOut,
+    WebhookErrorOut,
     WebhookOut,
     decode,
     micro,
@@ -81,8 +88,21 @@ _JSON = "application/json"
 
 
 @dataclass(frozen=True, slots=True)
+class QueryParam:
+    """A query parameter of a route, as the spec shows it (the handler parses it)."""
+
+    name: str
+    schema: dict[str, Any]
+    required: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Operation:
-    """One route: what it is, who may call it, what it takes and returns."""
+    """One route: what it is, who may call it, what it takes and returns.
+
+    ``errors`` are the statuses it answers besides 200, each with the ErrorOut envelope
+    unless ``error_bodies`` names a model that carries more (a 409's original tx_id)."""
 
     method: str
     path: str
@@ -93,6 +113,8 @@ class Operation:
     body: type | None = None
     result: type | None = None
     errors: tuple[int, ...] = ()
+    query: tuple[QueryParam, ...] = ()
+    error_bodies: tuple[tuple[int, type], ...] = ()
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
@@ -332,9 +354,10 @@ class Api:
         body = decode(await self.body(request), BalanceCheckIn)
         amount = micro(body.units, "units")
         reply = await self.engine.check(body.user_id, [self.settings.balance_meter])
-        remaining = reply.meters[0].remaining
-        return json_response(BalanceCheckOut(allowed=amount <= remaining,
-                                             balance=from_micro(remaining)))
+        view = reply.meters[0]
+        return json_response(BalanceCheckOut(allowed=amount <= view.remaining,
+                                             balance=from_micro(view.remaining),
+                                             resets_at=self._iso(view.period_end_ms)))
 
     async def balance_debit(self, request: Request, caller: Caller | None) -> Response:
         assert caller is not None
@@ -371,9 +394,12 @@ class Api:
         raise NotFound(f"unknown plan {code!r}", field="plan_code")
 
     async def plan_put(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
         code = request.path_params["plan_code"]
-        plan = validate_plan(code, decode(await self.body(request), PlanBody))
-        stored = await self.engine.put_plan_and_sync(plan)
+        body = decode(await self.body(request), PlanBody)
+        plan = validate_plan(code, body)
+        stored = await self.engine.put_plan_and_sync(plan, caller.name,
+                                                     from_version=body.version)
         return json_response(stored.to_json())
 
     async def plan_apply(self, request: Request, caller: Caller | None) -> Response:
@@ -444,6 +470,9 @@ class Api:
     def operations(self) -> list[Operation]:
         """The route table: the single source of the routes and of the spec."""
         q, b = "/internal/billing/quota", "/internal/billing"
+        user_query = QueryParam("user_id", {"type": "string"}, required=True)
+        quota_refused = ((403, QuotaDebitErrorOut), (409, QuotaDebitErrorOut))
+        balance_refused = ((403, BalanceDebitErrorOut), (409, BalanceDebitErrorOut))
         return [
             Operation("GET", f"{q}/check/{{user_id}}", "quota_check",
                       "Remaining quota of every meter (seed 000)", "read", self.quota_check,
@@ -451,36 +480,50 @@ class Api:
             Operation("POST", f"{q}/debit", "quota_debit",
                       "Debit an action's meter once per ref (seed 000)", "debit",
                       self.quota_debit, QuotaDebitIn, QuotaDebitOut,
-                      (401, 403, 409, 413, 415, 422, 503)),
+                      (401, 403, 409, 413, 415, 422, 503), error_bodies=quota_refused),
             Operation("POST", f"{q}/credit", "quota_credit",
                       "Apply a paid plan and add credits, once per order_id (seed 000)",
                       "credit", self.quota_credit, QuotaCreditIn, QuotaCreditOut,
-                      (401, 403, 404, 409, 413, 415, 422, 503)),
+                      (401, 403, 404, 409, 413, 415, 422, 503),
+                      error_bodies=((409, CreditConflictOut),)),
             Operation("POST", f"{b}/webhook/payment", "payment_webhook",
                       "Payment provider notification, verified by WEBHOOK_VERIFIER (no "
                       "X-Internal-Key); what fails is kept as a dead letter", None,
-                      self.payment_webhook, None, WebhookOut, (401, 403, 409, 413, 422, 503)),
+                      self.payment_webhook, None, WebhookOut, (401, 403, 409, 413, 422, 503),
+                      error_bodies=tuple((st, WebhookErrorOut) for st in (401, 403, 409, 413,
+                                                                           422))),
             Operation("POST", f"{b}/check", "balance_check",
                       "Would this many units be allowed? (seed 002)", "read",
                       self.balance_check, BalanceCheckIn, BalanceCheckOut,
                       (401, 403, 413, 415, 422, 503)),
             Operation("POST", f"{b}/debit", "balance_debit",
                       "Debit the balance once per ref (seed 002)", "debit", self.balance_debit,
-                      BalanceDebitIn, BalanceDebitOut, (401, 403, 409, 413, 415, 422, 503)),
+                      BalanceDebitIn, BalanceDebitOut, (401, 403, 409, 413, 415, 422, 503),
+                      error_bodies=balance_refused),
             Operation("GET", f"{b}/balance", "balance", "Balance and plan (seed 002)", "read",
-                      self.balance, None, BalanceOut, (401, 403, 422, 503)),
+                      self.balance, None, BalanceOut, (401, 403, 422, 503),
+                      query=(user_query,)),
             Operation("GET", f"{b}/plans", "plans_list", "The plan catalog", "read",
-                      self.plans_list, None, None, (401, 403, 503)),
+                      self.plans_list, None, PlansOut, (401, 403, 503)),
             Operation("GET", f"{b}/plans/{{plan_code}}", "plan_get", "One plan", "read",
-                      self.plan_get, None, None, (401, 403, 404, 503)),
-            Operation("PUT", f"{b}/plans/{{plan_code}}", "plan_put", "Create or replace a plan",
-                      "plans", self.plan_put, PlanBody, None, (401, 403, 413, 415, 422, 503)),
+                      self.plan_get, None, PlanOut, (401, 403, 404, 503)),
+            Operation("PUT", f"{b}/plans/{{plan_code}}", "plan_put",
+                      "Create or replace a plan (with version: only if it is still at it)",
+                      "plans", self.plan_put, PlanBody, PlanOut,
+                      (401, 403, 409, 413, 415, 422, 503),
+                      error_bodies=((409, VersionConflictOut),)),
             Operation("POST", f"{b}/plan/apply", "plan_apply", "Assign a plan to a user",
                       "plans", self.plan_apply, PlanApplyIn, PlanApplyOut,
                       (401, 403, 404, 413, 415, 422, 503)),
             Operation("GET", f"{b}/transactions", "transactions",
                       "A user's ledger from PostgreSQL, newest first, paginated", "read",
-                      self.transactions, None, TransactionsOut, (401, 403, 422, 503)),
+                      self.transactions, None, TransactionsOut, (401, 403, 422, 503),
+                      query=(user_query,
+                             QueryParam("limit", {"type": "integer", "minimum": 1,
+                                                  "maximum": MAX_PAGE,
+                                                  "default": DEFAULT_PAGE}),
+                             QueryParam("before", {"type": "string"},
+                                        description="next_before of the previous page"))),
             Operation("GET", "/health", "health", "Liveness", None, self.health),
             Operation("GET", "/ready", "ready",
                       "Readiness: a script by EVALSHA and a PostgreSQL query", None, self.ready,

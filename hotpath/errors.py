@@ -100,6 +100,16 @@ class OrderReused(InvalidInput):
         super().__init__(message, field=field, code="order_reused")
 
 
+class VersionConflict(QuotaError):
+    """A change made from a version of a resource that is not the current one any more."""
+
+    status = 409
+    code = "version_conflict"
+
+    def __init__(self, message: str, current: int) -> None:
+        super().__init__(message, field="version", extra={"version": current})
+
+
 class Rejected(QuotaError):
     """A payment notification that is not processed: it is kept as a dead letter."""
 

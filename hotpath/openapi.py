@@ -16,7 +16,8 @@ _STATUS_TEXT = {
     401: "Missing or invalid X-Internal-Key",
     403: "Insufficient quota, or the caller lacks the scope",
     404: "Unknown plan",
-    409: "Duplicate ref: the body carries the original tx_id and balance",
+    409: "Already done: a duplicate ref or order (the body carries the original), or a "
+         "plan changed since the version the change names",
     413: "Body over the size limit",
     415: "Body is not application/json",
     422: "Invalid input; error.field names the field (ref_reused: same ref, other request)",
@@ -29,6 +30,7 @@ def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any
     models: set[type] = {ErrorOut}
     for op in operations:
         models |= {m for m in (op.body, op.result) if m is not None}
+        models |= {m for _, m in op.error_bodies}
     ordered = sorted(models, key=lambda m: m.__name__)
     refs, components = msgspec.json.schema_components(
         ordered, ref_template="#/components/schemas/{name}"
@@ -44,14 +46,9 @@ def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any
         params = [{"name": name[1:-1], "in": "path", "required": True,
                    "schema": {"type": "string"}}
                   for name in op.path.split("/") if name.startswith("{")]
-        if op.name in ("balance", "transactions"):
-            params.append({"name": "user_id", "in": "query", "required": True,
-                           "schema": {"type": "string"}})
-        if op.name == "transactions":
-            params += [{"name": "limit", "in": "query", "schema": {"type": "integer",
-                        "minimum": 1, "maximum": 500, "default": 50}},
-                       {"name": "before", "in": "query", "schema": {"type": "string"},
-                        "description": "next_before of the previous page"}]
+        params += [{"name": q.name, "in": "query", "required": q.required, "schema": q.schema,
+                    **({"description": q.description} if q.description else {})}
+                   for q in op.query]
         if params:
             entry["parameters"] = params
         if op.body is not None:
@@ -61,10 +58,12 @@ def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any
         if op.result is not None:
             ok["content"] = {"application/json": {"schema": ref_of[op.result]}}
         entry["responses"]["200"] = ok
+        bodies = dict(op.error_bodies)
         for status in op.errors:
             entry["responses"][str(status)] = {
                 "description": _STATUS_TEXT[status],
-                "content": {"application/json": {"schema": ref_of[ErrorOut]}},
+                "content": {"application/json": {
+                    "schema": ref_of[bodies.get(status, ErrorOut)]}},
             }
         paths.setdefault(op.path, {})[op.method.lower()] = entry
     return {

@@ -451,11 +451,28 @@ class Engine:
         pairs = (item.partition("=") for item in text.split(",") if item)
         return {meter: int(amount) for meter, _, amount in pairs}, plan_code
 
-    async def put_plan_and_sync(self, plan: Plan) -> Plan:
-        """Write a plan to PostgreSQL, then push the new catalog to every shard."""
-        stored = await put_plan(self.db, plan)
+    async def put_plan_and_sync(self, plan: Plan, caller: str, *,
+                                from_version: int | None = None) -> Plan:
+        """Write a plan to PostgreSQL as ``caller`` (see ``put_plan``), then push the new
+        catalog to every shard (a copy cut short by a Redis error is finished by
+        ``resync_catalog``)."""
+        stored = await put_plan(self.db, plan, caller, from_version=from_version)
         await self.sync_catalog()
         return stored
+
+    async def resync_catalog(self) -> int:
+        """Bring every shard copy that is older than PostgreSQL's catalog up to date;
+        returns how many were. A plan change committed in PostgreSQL whose copying to the
+        shards failed half-way (Redis went away: the caller got 503) would otherwise
+        leave those shards on the old rules for good: only a missing copy is refilled by
+        the debits themselves. The reconciler runs this with its chores."""
+        version = await self.db.fetchval("catalog_version")
+        held = await asyncio.gather(*(self.redis.execute("HGET", self.keys.plans(s), "~v")
+                                      for s in range(self.settings.n_shards)))
+        stale = [s for s, v in enumerate(held) if v is not None and int(v) < version]
+        if stale:
+            await self.sync_catalog(stale)
+        return len(stale)
 
     # -- readiness -------------------------------------------------------------------------
     async def ready(self) -> dict[str, str]:

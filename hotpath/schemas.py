@@ -163,10 +163,11 @@ class QuotaDebitOut(msgspec.Struct):
 
 
 class BalanceCheckOut(msgspec.Struct):
-    """Seed 002 pre-check answer."""
+    """Seed 002 pre-check answer; resets_at: when the balance meter's allowance renews."""
 
     allowed: bool
     balance: Amount
+    resets_at: str | None = None
 
 
 class BalanceDebitOut(msgspec.Struct):
@@ -201,6 +202,31 @@ class PlanApplyOut(msgspec.Struct):
     status: str
     tx_id: str
     applied: bool
+
+
+class PlanMeterOut(msgspec.Struct):
+    """A meter of a plan: its allowance per period ('none': never renews)."""
+
+    limit: Amount
+    period: str
+
+
+class PlanOut(msgspec.Struct):
+    """A plan of the catalog; version and updated_by as the last change left them."""
+
+    plan_code: str
+    meters: dict[str, PlanMeterOut]
+    duration_days: int | None
+    price: str
+    currency: str
+    version: int
+    updated_by: str
+
+
+class PlansOut(msgspec.Struct):
+    """The plan catalog."""
+
+    plans: list[PlanOut]
 
 
 class TransactionOut(msgspec.Struct):
@@ -240,6 +266,44 @@ class ErrorOut(msgspec.Struct):
     """The envelope of every error answer."""
 
     error: ErrorBody
+
+
+class QuotaDebitErrorOut(msgspec.Struct):
+    """A refused seed 000 debit: 409 duplicate ref (the original tx_id and what it left),
+    403 insufficient quota (what remains)."""
+
+    error: ErrorBody
+    tx_id: str | None = None
+    remaining: Amount | None = None
+
+
+class BalanceDebitErrorOut(msgspec.Struct):
+    """A refused seed 002 debit: 409 duplicate ref (the original tx_id and balance), 403
+    insufficient balance."""
+
+    error: ErrorBody
+    tx_id: str | None = None
+    balance: Amount | None = None
+
+
+class CreditConflictOut(QuotaCreditOut):
+    """409 duplicate order: the original credit, as it was answered, with the error."""
+
+    error: ErrorBody
+
+
+class VersionConflictOut(msgspec.Struct):
+    """409: the plan changed since the version the PUT names; its current version."""
+
+    error: ErrorBody
+    version: int
+
+
+class WebhookErrorOut(msgspec.Struct):
+    """A notification not processed: kept as a dead letter (its id) for finance."""
+
+    error: ErrorBody
+    dead_letter_id: int | None = None
 
 
 T = TypeVar("T")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import msgspec
 
 from hotpath.amounts import AmountError, from_micro, to_micro
-from hotpath.errors import InvalidInput
+from hotpath.errors import InvalidInput, VersionConflict
 from persistence.db import Database
 from persistence.queries import QUERIES
 
@@ -35,13 +35,21 @@ class MeterBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class PlanBody(msgspec.Struct, forbid_unknown_fields=True):
-    """A plan on the wire (PUT body, catalog file); plan_code is optional in a PUT body."""
+    """A plan on the wire (PUT body, catalog file); plan_code is optional in a PUT body.
+
+    ``version`` and ``updated_by`` are what a GET answers: a body read, changed and put
+    back carries them. ``version``, when given, is the version the change was made from:
+    the PUT is refused (409) if the plan has another one by now (or does not exist, unless
+    it is 0), so that two editors cannot overwrite each other unseen. ``updated_by`` is
+    the server's to set (the caller's name) and is ignored."""
 
     meters: dict[str, MeterBody]
     plan_code: str | None = None
     duration_days: int | None = None
     price: Decimal = Decimal(0)
     currency: str = "RUB"
+    version: int | None = None
+    updated_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,7 @@ class Plan:
     price: str
     currency: str
     version: int = 0
+    updated_by: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The wire format (amounts exact)."""
@@ -75,6 +84,7 @@ class Plan:
             "price": self.price,
             "currency": self.currency,
             "version": self.version,
+            "updated_by": self.updated_by,
         }
 
 
@@ -127,6 +137,7 @@ def _from_row(row: Any, meters: list[dict[str, str]]) -> Plan:
         price=row["price"],
         currency=row["currency"],
         version=row["version"],
+        updated_by=row["updated_by"],
     )
 
 
@@ -136,12 +147,24 @@ async def list_plans(db: Database) -> list[Plan]:
     return [_from_row(row, row["meters"]) for row in rows]
 
 
-async def put_plan(db: Database, plan: Plan) -> Plan:
-    """Create or replace a plan; returns it with its new catalog version."""
+async def put_plan(db: Database, plan: Plan, caller: str, *,
+                   from_version: int | None = None) -> Plan:
+    """Create or replace a plan as ``caller``; returns it with its new catalog version.
+
+    With ``from_version`` the plan must still be at that version (0: must not exist yet),
+    else VersionConflict, and nothing changes."""
     async with db.transaction() as conn:
         await conn.execute(QUERIES["lock_catalog"])
+        if from_version is not None:
+            row = await conn.fetchrow(QUERIES["get_plan_row"], plan.plan_code)
+            current = row["version"] if row is not None else 0
+            if current != from_version:
+                raise VersionConflict(
+                    f"the plan is at version {current}, not {from_version}: read it again",
+                    current)
         version = await conn.fetchval(
-            QUERIES["upsert_plan"], plan.plan_code, plan.duration_days, plan.price, plan.currency
+            QUERIES["upsert_plan"], plan.plan_code, plan.duration_days, plan.price,
+            plan.currency, caller,
         )
         await conn.execute(QUERIES["delete_plan_meters"], plan.plan_code)
         names = sorted(plan.meters)
@@ -150,7 +173,7 @@ async def put_plan(db: Database, plan: Plan) -> Plan:
             [plan.meters[n].period for n in names], [plan.meters[n].limit_micro for n in names],
         )
     return Plan(plan.plan_code, plan.meters, plan.duration_days, plan.price, plan.currency,
-                version)
+                version, caller)
 
 
 async def seed_missing(db: Database, plans: list[Plan]) -> list[str]:
@@ -159,7 +182,7 @@ async def seed_missing(db: Database, plans: list[Plan]) -> list[str]:
     added = []
     for plan in plans:
         if plan.plan_code not in existing:
-            await put_plan(db, plan)
+            await put_plan(db, plan, "migrate")
             added.append(plan.plan_code)
     return added
 

@@ -134,13 +134,17 @@ class Reconciler:
         return len(entries)
 
     async def chores(self) -> None:
-        """Publish lag; apply write-through changes left pending."""
+        """Publish lag; apply write-through changes left pending; finish catalog copies a
+        Redis error cut short."""
         for lag in await self.consumer.lag():
             shard = str(lag.shard)
             metrics.FLUSH_LAG_ENTRIES.labels(shard).set(lag.entries)
             age = (time.time_ns() // 1_000_000 - lag.oldest_ms) / 1000 if lag.oldest_ms else 0
             metrics.FLUSH_LAG_SECONDS.labels(shard).set(max(0.0, age))
         await self.apply_pending_outbox()
+        if resynced := await self.engine.resync_catalog():
+            log.warning("plan catalog: %d shard copies were behind PostgreSQL, refreshed",
+                        resynced)
         if self.settings.report_at:
             await self.scheduled_report()
 

@@ -8,6 +8,7 @@ SELECT coalesce(max(version), 0) AS version FROM plans;
 -- name: list_plans --
 -- Every plan with its meters as JSON rows, ordered by code.
 SELECT p.plan_code, p.duration_days, p.price::text AS price, p.currency, p.version,
+       p.updated_by,
        coalesce(
            jsonb_agg(jsonb_build_object('meter', m.meter, 'period', m.period,
                                         'limit_micro', m.limit_micro::text)
@@ -20,17 +21,19 @@ ORDER BY p.plan_code;
 
 -- name: get_plan_row --
 -- One plan's header row; $1 plan_code.
-SELECT plan_code, duration_days, price::text AS price, currency, version
+SELECT plan_code, duration_days, price::text AS price, currency, version, updated_by
 FROM plans WHERE plan_code = $1;
 
 -- name: upsert_plan --
 -- Create or replace a plan header and give it a new catalog version;
--- $1 plan_code, $2 duration_days (NULL = no expiry), $3 price (text), $4 currency.
-INSERT INTO plans (plan_code, duration_days, price, currency)
-VALUES ($1, $2, $3::numeric, $4)
+-- $1 plan_code, $2 duration_days (NULL = no expiry), $3 price (text), $4 currency,
+-- $5 updated_by (the caller's name).
+INSERT INTO plans (plan_code, duration_days, price, currency, updated_by)
+VALUES ($1, $2, $3::numeric, $4, $5)
 ON CONFLICT (plan_code) DO UPDATE
 SET duration_days = EXCLUDED.duration_days, price = EXCLUDED.price,
-    currency = EXCLUDED.currency, version = nextval('catalog_version_seq'), updated_at = now()
+    currency = EXCLUDED.currency, version = nextval('catalog_version_seq'), updated_at = now(),
+    updated_by = EXCLUDED.updated_by
 RETURNING version;
 
 -- name: delete_plan_meters --

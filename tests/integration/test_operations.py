@@ -8,7 +8,14 @@ import redis.asyncio as aioredis
 
 from hotpath.clock import FixedClock
 from hotpath.quota import Engine
-from hotpath.schemas import QuotaCheckOut, QuotaDebitOut
+from hotpath.schemas import (
+    BalanceCheckOut,
+    PlanOut,
+    PlansOut,
+    QuotaCheckOut,
+    QuotaDebitErrorOut,
+    QuotaDebitOut,
+)
 from reconciler.main import Reconciler
 from tests.support import DAY_MS, apply_plan, debit, new_ref, new_user, put_plan, unique_plan
 
@@ -31,6 +38,28 @@ async def test_plan_catalog_reads_and_writes(client: httpx.AsyncClient) -> None:
     assert (await debit(client, user, 5)).status_code == 200
 
 
+async def test_a_plan_change_that_missed_a_shard_reaches_it_with_the_reconciler(
+    client: httpx.AsyncClient, engine: Engine, raw_redis: aioredis.Redis
+) -> None:
+    """A PUT whose copy to the shards failed half-way (the caller got 503) leaves shards
+    on the old rules; the reconciler's chores bring them to PostgreSQL's version."""
+    code, user = unique_plan(), new_user()
+    await put_plan(client, code, {"chat": {"limit": 3, "period": "day"}})
+    await apply_plan(client, user, code)
+    shard_copy = engine.keys.plans(engine.keys.shard(user))
+    before = await raw_redis.hgetall(shard_copy)
+    await put_plan(client, code, {"chat": {"limit": 5, "period": "day"}})
+    await raw_redis.delete(shard_copy)  # this shard missed the new version
+    await raw_redis.hset(shard_copy, mapping=before)
+    assert (await debit(client, user, 5)).status_code == 403  # still the old limit
+    reconciler = Reconciler(engine, raw_redis, name="catalog-test")
+    await reconciler.chores()
+    assert await raw_redis.hget(shard_copy, "~v") == str(
+        await engine.db.fetchval("catalog_version"))
+    assert (await debit(client, user, 5)).status_code == 200
+    assert await engine.resync_catalog() == 0  # nothing left behind
+
+
 async def test_a_ref_retried_a_day_later_is_still_a_duplicate(
     client: httpx.AsyncClient, clock: FixedClock
 ) -> None:
@@ -46,15 +75,70 @@ async def test_a_ref_retried_a_day_later_is_still_a_duplicate(
 
 
 async def test_responses_match_the_published_spec(client: httpx.AsyncClient) -> None:
-    """The spec lists every route; real answers convert to the models it was built from."""
+    """The spec lists every route with the models its answers are made from (a refused
+    debit's extra fields, the query parameters included); real answers convert to them."""
     spec = (await client.get("/openapi.json")).json()
-    assert "/internal/billing/quota/debit" in spec["paths"]
-    assert spec["paths"]["/internal/billing/quota/debit"]["post"]["responses"]["409"]
-    user = new_user()
-    ok = await debit(client, user, 1)
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+    for path, method in (("/internal/billing/plans", "get"),
+                         ("/internal/billing/plans/{plan_code}", "put")):
+        assert paths[path][method]["responses"]["200"]["content"]
+    refused = paths["/internal/billing/quota/debit"]["post"]["responses"]["409"]
+    ref = refused["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert {"error", "tx_id", "remaining"} <= set(schemas[ref]["properties"])
+    assert [q["name"] for q in paths["/internal/billing/transactions"]["get"]["parameters"]] \
+        == ["user_id", "limit", "before"]
+    user, ref_id = new_user(), new_ref()
+    ok = await debit(client, user, 1, ref_id)
     msgspec.convert(ok.json(), QuotaDebitOut)
+    again = await debit(client, user, 1, ref_id)
+    assert msgspec.convert(again.json(), QuotaDebitErrorOut).tx_id == ok.json()["tx_id"]
     check = await client.get(f"/internal/billing/quota/check/{user}")
     msgspec.convert(check.json(), QuotaCheckOut)
+    msgspec.convert((await client.get("/internal/billing/plans")).json(), PlansOut)
+    plan = (await client.get("/internal/billing/plans/pro_month")).json()
+    msgspec.convert(plan, PlanOut)
+
+
+async def test_balance_answers_say_when_the_balance_renews(client: httpx.AsyncClient) -> None:
+    """base750's units renew monthly: the balance and the pre-check give the month's end;
+    on free (units never renew) resets_at is null."""
+    user = new_user()
+    await apply_plan(client, user, "base750")
+    balance = (await client.get("/internal/billing/balance", params={"user_id": user})).json()
+    assert balance["balance"] == 750 and balance["resets_at"] == "2026-12-01T00:00:00Z"
+    pre = await client.post("/internal/billing/check", json={"user_id": user, "units": 1})
+    assert msgspec.convert(pre.json(), BalanceCheckOut).resets_at == "2026-12-01T00:00:00Z"
+    free = (await client.get("/internal/billing/balance",
+                             params={"user_id": new_user()})).json()
+    assert free["resets_at"] is None and free["plan"]["plan_code"] == "free"
+
+
+async def test_a_plan_put_back_with_its_version_is_refused_if_it_changed_since(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    """GET, change, PUT with the version read: 200, recorded with the caller; a second PUT
+    from the same (now stale) version is 409 naming the current one, and changes nothing;
+    version 0 creates only a plan that does not exist."""
+    code = unique_plan()
+    created = await client.put(f"/internal/billing/plans/{code}", json={
+        "meters": {"chat": {"limit": 1, "period": "day"}}, "version": 0})
+    assert created.status_code == 200 and created.json()["updated_by"] == "service"
+    read = (await client.get(f"/internal/billing/plans/{code}")).json()
+    read["meters"]["chat"]["limit"] = 2
+    changed = await client.put(f"/internal/billing/plans/{code}", json=read)
+    assert changed.status_code == 200 and changed.json()["version"] > read["version"]
+    read["meters"]["chat"]["limit"] = 3
+    stale = await client.put(f"/internal/billing/plans/{code}", json=read)
+    assert stale.status_code == 409
+    assert stale.json()["error"]["code"] == "version_conflict"
+    assert stale.json()["version"] == changed.json()["version"]
+    current = (await client.get(f"/internal/billing/plans/{code}")).json()
+    assert current["meters"]["chat"]["limit"] == 2
+    again = await client.put(f"/internal/billing/plans/{code}", json={
+        "meters": {"chat": {"limit": 9, "period": "day"}}, "version": 0})
+    assert again.status_code == 409
+    assert (await client.put(f"/internal/billing/plans/{code}", json={
+        "meters": {"chat": {"limit": 4, "period": "day"}}})).status_code == 200  # no check
 
 
 async def test_metrics_count_outcomes_without_user_labels(client: httpx.AsyncClient) -> None:
