@@ -199,7 +199,9 @@ class Api:
                     require(caller, op.scope)
                 response = await handler(request, caller)
             except QuotaError as exc:
-                if isinstance(exc, DependencyUnavailable):
+                # A full backlog is a refusal of ours (counted on its own), not an error of
+                # Redis or PostgreSQL.
+                if isinstance(exc, DependencyUnavailable) and not isinstance(exc, BacklogFull):
                     metrics.DEPENDENCY_ERRORS.labels(exc.dependency).inc()
                     log.warning("%s %s: %s unavailable: %s", op.method, op.path,
                                 exc.dependency, exc.message)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from hotpath.settings import Settings, SettingsError, load_settings
+from hotpath.settings import Settings, SettingsError, load_settings, validate
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -66,7 +66,14 @@ def _settings(**overrides: object) -> Settings:
     except SettingsError as exc:
         raise click.ClickException(f"configuration: {exc}") from None
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return settings.with_overrides(**changes) if changes else settings
+    if not changes:
+        return settings
+    settings = settings.with_overrides(**changes)
+    try:
+        validate(settings)  # --port 0, --workers 0: refused as the variables would be
+    except SettingsError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+    return settings
 
 
 def ensure_servers(settings: Settings) -> Settings:
@@ -242,10 +249,6 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
             shutil.rmtree(multiproc, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # -- dead letters --------------------------------------------------------------------------
 @main.group("dead-letters")
 def dead_letters() -> None:
@@ -339,3 +342,7 @@ def dead_letters_replay(dead_letter_id: int, body_file: Path | None, no_verify: 
     except QuotaError as exc:
         click.echo(f"not processed: {exc.code}: {exc.message}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":  # python -m hotpath.cli: after every command is defined
+    main()

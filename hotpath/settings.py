@@ -251,6 +251,8 @@ def validate(settings: Settings) -> None:
         "flush_block_ms", "flush_claim_idle_ms", "provider_timeout_seconds",
     ):
         _positive(name.upper(), getattr(settings, name))
+    if settings.port > 65535:
+        raise SettingsError(f"PORT must be at most 65535, got {settings.port}")
     if settings.n_shards > 16384:
         raise SettingsError("N_SHARDS must be at most 16384 (one per Redis Cluster slot)")
     if settings.env not in ("development", "test", "production"):

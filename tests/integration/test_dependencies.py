@@ -34,7 +34,9 @@ async def test_redis_down_answers_503_and_ready_says_redis(settings: Settings,
                                                            clock: FixedClock) -> None:
     """With nothing listening on the Redis port, debits and /ready answer 503."""
     dead = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    errors = 'quota_dependency_errors_total{dependency="redis"}'
     async with app_client(dead, clock) as http:
+        before = _sample((await http.get("/metrics")).text, errors)
         response = await debit(http, new_user(), 1)
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "unavailable"
@@ -43,6 +45,7 @@ async def test_redis_down_answers_503_and_ready_says_redis(settings: Settings,
         assert ready.status_code == 503
         assert ready.json()["checks"]["postgres"] == "ok"
         assert "Redis" in ready.json()["checks"]["redis"]
+        assert _sample((await http.get("/metrics")).text, errors) == before + 1  # the debit
 
 
 async def test_postgres_down_blocks_loading_new_users_with_503(settings: Settings,
@@ -50,12 +53,23 @@ async def test_postgres_down_blocks_loading_new_users_with_503(settings: Setting
     """A user not in Redis cannot be loaded without PostgreSQL: 503, nothing assumed zero."""
     dead = settings.with_overrides(db_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
                                    db_timeout_seconds=2.0)
+    errors = 'quota_dependency_errors_total{dependency="postgres"}'
     async with app_client(dead, clock) as http:
+        before = _sample((await http.get("/metrics")).text, errors)
         response = await debit(http, new_user(), 1)
         assert response.status_code == 503
         assert "PostgreSQL" in response.json()["error"]["message"]
         ready = (await http.get("/ready")).json()
         assert ready["checks"]["redis"] == "ok" and ready["checks"]["postgres"] != "ok"
+        assert _sample((await http.get("/metrics")).text, errors) == before + 1
+
+
+def _sample(text: str, name: str) -> float:
+    """The value of one sample in a Prometheus text page (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 async def test_emptied_script_cache_falls_back_to_eval(

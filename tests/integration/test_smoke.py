@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -34,14 +37,24 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], seconds: float) -> h
     raise AssertionError(f"not ready in {seconds}s: {last and last.text}")
 
 
+def _debit_counter_pids(metrics_dir: Path) -> set[str]:
+    """The processes that have counted debits (prometheus' per-pid counter files: the
+    reconciler and the parent have files too, without debits)."""
+    return {f.stem.rsplit("_", 1)[1] for f in metrics_dir.glob("counter_*.db")
+            if b"quota_debits_total" in f.read_bytes()}
+
+
 def test_serve_without_urls_starts_embedded_servers_and_flushes(tmp_path: Path) -> None:
-    """No REDIS_URL/DB_DSN: serve migrates, serves with 2 workers, counts, and flushes."""
+    """No REDIS_URL/DB_DSN: serve migrates, serves with 2 workers (both counting: the
+    metrics add up across them), flushes, and stops its embedded servers on exit."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DB_DSN")}
-    env.update(DATA_DIR=str(tmp_path / "data"), PORT=str(port))
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DB_DSN", "PORT")}
+    env.update(DATA_DIR=str(tmp_path / "data"), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     process = subprocess.Popen(
         [sys.executable, "-m", "hotpath.cli", "serve", "--migrate", "--with-reconciler",
-         "--workers", "2"],
+         "--workers", "2", "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -56,24 +69,38 @@ def test_serve_without_urls_starts_embedded_servers_and_flushes(tmp_path: Path) 
         assert debit.json()["remaining"] == 48
         check = httpx.get(f"{url}/internal/billing/quota/check/{user}", headers=headers)
         assert check.json()["remain_chat"] == 48
-        for _ in range(9):  # spread over both workers by the kernel; metrics must add up
-            more = dict(body, ref=new_ref(), units=1)
+
+        def one_more() -> int:  # a hundredth of a unit: the free plan allows 50 a day
+            more = dict(body, ref=new_ref(), units=0.01)
             with httpx.Client() as fresh:  # a new connection each time
-                assert fresh.post(f"{url}/internal/billing/quota/debit", json=more,
-                                  headers=headers).status_code == 200
+                return fresh.post(f"{url}/internal/billing/quota/debit", json=more,
+                                  headers=headers).status_code
+
+        # More on parallel connections until both workers have counted some (the kernel
+        # hands a burst of connections to whichever worker wakes first).
+        debits = 1
+        with ThreadPoolExecutor(8) as pool:
+            while len(_debit_counter_pids(metrics_dir)) < 2 and debits < 200:
+                assert list(pool.map(lambda _: one_more(), range(8))) == [200] * 8
+                debits += 8
+        assert len(_debit_counter_pids(metrics_dir)) == 2, "one worker served every debit"
         metrics = httpx.get(f"{url}/metrics").text
-        assert 'quota_debits_total{meter="chat",result="ok"} 10.0' in metrics
+        assert f'quota_debits_total{{meter="chat",result="ok"}} {debits}.0' in metrics
         deadline = time.monotonic() + 30  # the reconciler child flushes them to PostgreSQL
         flushed: list[object] = []
-        while time.monotonic() < deadline and len(flushed) < 10:
+        while time.monotonic() < deadline and len(flushed) < debits:
             page = httpx.get(f"{url}/internal/billing/transactions",
-                             params={"user_id": user, "limit": "50"}, headers=headers)
+                             params={"user_id": user, "limit": "500"}, headers=headers)
             flushed = page.json()["transactions"]
             time.sleep(0.2)
-        assert len(flushed) == 10
+        assert len(flushed) == debits
         assert httpx.get(f"{url}/openapi.json").json()["openapi"].startswith("3.")
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=60)
     text = output.decode(errors="replace")
     assert "embedded Redis" in text and "embedded PostgreSQL" in text, text
+    redis_port = int(re.search(r"embedded Redis: redis://127\.0\.0\.1:(\d+)", text)[1])
+    with pytest.raises(OSError):  # stopped on exit: nothing listens any more
+        socket.create_connection(("127.0.0.1", redis_port), 1).close()
+    assert not (tmp_path / "data" / "postgres" / "pgdata" / "postmaster.pid").exists()
