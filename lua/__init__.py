@@ -148,6 +148,35 @@ class Keys:
         """A SCAN pattern matching every key of this deployment."""
         return f"{self.prefix}:{{*"
 
+    def instance(self) -> str:
+        """The run_id of the Redis process whose data is in step with PostgreSQL."""
+        return f"{self.prefix}:{{meta}}:instance"
+
+    def recovery_lock(self) -> str:
+        """The lock of the process that rebuilds after Redis came back older."""
+        return f"{self.prefix}:{{meta}}:recovery"
+
+    def counter_pattern(self) -> str:
+        """A SCAN pattern matching every period counter of every user."""
+        return f"{self.prefix}:{{*}}:u:*:c:*"
+
+    def user_pattern(self) -> str:
+        """A SCAN pattern matching every user key (SCAN with TYPE hash: the state hashes)."""
+        return f"{self.prefix}:{{*}}:u:*"
+
+    @staticmethod
+    def user_of(key: str) -> str:
+        """The user id of a user state hash key (user ids hold no ':')."""
+        return key.split("}:u:", 1)[1]
+
+    @staticmethod
+    def parse_counter(key: str) -> tuple[str, str, str] | None:
+        """(user, meter, period id like 'd:2026-11-23') of a period counter key, or None."""
+        parts = key.split("}:u:", 1)[1].split(":")
+        if len(parts) != 5 or parts[1] != "c" or parts[3] not in ("d", "m"):
+            return None
+        return parts[0], parts[2], f"{parts[3]}:{parts[4]}"
+
 
 @dataclass(slots=True)
 class DebitReply:

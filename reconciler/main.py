@@ -142,7 +142,12 @@ class Reconciler:
             age = (time.time_ns() // 1_000_000 - lag.oldest_ms) / 1000 if lag.oldest_ms else 0
             metrics.FLUSH_LAG_SECONDS.labels(shard).set(max(0.0, age))
         await self.apply_pending_outbox()
-        if resynced := await self.engine.resync_catalog():
+        try:
+            resynced = await self.engine.resync_catalog()
+        except DependencyUnavailable as exc:  # e.g. while the hot path refuses an older
+            log.info("plan catalog check skipped: %s", exc.message)  # Redis: flush first
+            resynced = 0
+        if resynced:
             log.warning("plan catalog: %d shard copies were behind PostgreSQL, refreshed",
                         resynced)
         if self.settings.report_at:

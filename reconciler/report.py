@@ -55,18 +55,16 @@ class Report:
 async def _redis_counters(redis: aioredis.Redis, engine: Engine, periods: set[str]
                           ) -> dict[CounterKey, int]:
     """Every period counter and lifetime usage of the open periods, from Redis."""
-    prefix = engine.settings.key_prefix
+    keys_of = engine.keys
     found: dict[CounterKey, int] = {}
-    keys = [k async for k in redis.scan_iter(match=f"{prefix}:{{*}}:u:*:c:*", count=1000)]
+    keys = [k async for k in redis.scan_iter(match=keys_of.counter_pattern(), count=1000)]
     values = await redis.mget(keys) if keys else []
     for key, value in zip(keys, values, strict=True):
-        rest = key.split("}:u:", 1)[1]
-        head, meter, kind, period = rest.rsplit(":", 3)
-        period_id = f"{kind}:{period}"
-        if value is not None and head.endswith(":c") and period_id in periods:
-            found[(head[:-2], meter, period_id)] = int(value)
-    async for key in redis.scan_iter(match=f"{prefix}:{{*}}:u:*", count=1000, _type="hash"):
-        user = key.split("}:u:", 1)[1]
+        parsed = keys_of.parse_counter(key)
+        if value is not None and parsed is not None and parsed[2] in periods:
+            found[parsed] = int(value)
+    async for key in redis.scan_iter(match=keys_of.user_pattern(), count=1000, _type="hash"):
+        user = keys_of.user_of(key)
         state: dict[str, str] = await redis.hgetall(key)  # type: ignore[assignment]
         for name, value in state.items():
             if name.startswith("n:"):

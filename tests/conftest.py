@@ -108,8 +108,10 @@ def clock() -> FixedClock:
 
 
 @pytest.fixture
-def settings(servers: Servers, db_dsn: str, prefix: str) -> Settings:
-    """Settings for one test: its own prefix, 16 shards to keep catalog copies cheap."""
+def settings(servers: Servers, db_dsn: str, prefix: str, raw_redis: aioredis.Redis
+             ) -> Settings:
+    """Settings for one test: its own prefix (whose keys raw_redis deletes afterwards,
+    whatever wrote them), 16 shards to keep catalog copies cheap."""
     return Settings(env="test", redis_url=servers.redis_url, db_dsn=db_dsn, key_prefix=prefix,
                     n_shards=16, redis_timeout_seconds=5.0, db_timeout_seconds=10.0)
 

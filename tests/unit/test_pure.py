@@ -130,6 +130,19 @@ def test_db_dsn_takes_the_seeds_sqlalchemy_form() -> None:
             load_settings({"DB_DSN": bad})
 
 
+def test_counter_keys_parse_back_to_user_meter_and_period() -> None:
+    """The report reads counters back from their keys: every counter key parses to what
+    built it; other keys of the user do not parse as counters."""
+    keys = Keys("qg", 256)
+    windows = Calendar("UTC").windows(1_763_899_200_000)
+    day, month = keys.counters("user-1", "chat", windows)
+    assert keys.parse_counter(day) == ("user-1", "chat", f"d:{windows.day_id}")
+    assert keys.parse_counter(month) == ("user-1", "chat", f"m:{windows.month_id}")
+    assert keys.parse_counter(keys.idempotency("user-1", "c:chat:d:2026")) is None
+    assert keys.parse_counter(keys.user("user-1")) is None
+    assert keys.user_of(keys.user("user-1")) == "user-1"
+
+
 def test_settings_refuse_development_shortcuts_in_production() -> None:
     """ENV=production stops on the dev token or without real servers, naming the variable."""
     with pytest.raises(SettingsError, match="SERVICE_TOKEN"):
