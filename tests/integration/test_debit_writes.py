@@ -172,3 +172,20 @@ async def test_a_retry_while_the_backlog_is_full_still_answers_409(
         await full.close()
     check = await engine.check(user, ["chat"])
     assert check.meters[0].used == U
+
+
+async def test_refs_live_as_long_as_idempotency_ttl_seconds_says(
+    settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis
+) -> None:
+    """The idempotency key of a debit expires after IDEMPOTENCY_TTL_SECONDS (here an hour,
+    the default being 7 days); past it, the ref is new again."""
+    hourly = make_engine(replace(settings, idempotency_ttl_seconds=3600), clock)
+    try:
+        user, ref = new_user(), new_ref()
+        assert (await hourly.debit(user, "chat", U, ref)).status is Status.OK
+        ttl = await raw_redis.pttl(hourly.keys.idempotency(user, ref))
+        assert 3_590_000 < ttl <= 3_600_000
+        await raw_redis.delete(hourly.keys.idempotency(user, ref))  # what the hour's end does
+        assert (await hourly.debit(user, "chat", U, ref)).status is Status.OK
+    finally:
+        await hourly.close()
