@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -122,6 +123,10 @@ def _parse_callers(raw: str) -> tuple[Caller, ...]:
         raise SettingsError("CALLER_KEYS must be a JSON object of caller name -> {key, scopes}")
     callers = []
     for name, spec in data.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+            # recorded with every operation (ledger events are joined by a control char)
+            raise SettingsError(f"CALLER_KEYS name {name!r} must be 1 to 64 letters, digits, "
+                                "'_', '.' or '-'")
         if not isinstance(spec, dict) or not isinstance(spec.get("key"), str):
             raise SettingsError(f"CALLER_KEYS[{name!r}] needs a string 'key'")
         if len(spec["key"]) < 16:

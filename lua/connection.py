@@ -7,10 +7,12 @@ and parser set-up of a general client, which is where a straightforward redis-py
 spends most of its time (see docs/architecture.md and docs/benchmarks.md).
 
 Batches: ``run_batched`` queues one item of a batch script (``debit_many.lua``); at the
-tick's flush, the items queued on a connection with the same script and header (the
-arguments they share) go out as one EVALSHA of at most ``BATCH_MAX`` items, and each
-caller gets its own item's reply (or error). Redis then parses one command, sets up one
-script call and reads the clock once for the whole batch.
+flush, the items queued on a connection with the same script and header (the arguments
+they share) go out as one EVALSHA of at most ``BATCH_MAX`` items, and each caller gets its
+own item's reply (or error). Redis then parses one command, sets up one script call and
+reads the clock once for the whole batch. While a batch call is unanswered, new items are
+held and go out together when its reply comes: an idle connection sends at once, a busy
+one sends fewer and larger calls (a full batch goes out at once either way).
 
 Failure model: a timeout of the oldest outstanding call, or a lost connection, fails every
 outstanding call (every item of an outstanding batch) with ``RedisUnavailable`` (the
@@ -172,7 +174,8 @@ class _Pipe(asyncio.Protocol):
         self.pending: deque[tuple[asyncio.Future[Any] | _Batch, float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
-        # Batch items queued in this tick, by (script, header); packed at the flush.
+        # Batch items queued since the last flush (held while a batch call is unanswered),
+        # by (script, header); packed at the flush.
         self.batches: dict[tuple[str, tuple[str | int, ...]], tuple[_Batch, float]] = {}
         self.batches_pending = 0  # batch calls written (or about to be) and not answered
         self.flush_scheduled = False
