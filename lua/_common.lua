@@ -47,10 +47,15 @@ local function plan_in_force(user_fields_plan, user_fields_exp, now, default_cod
   return assigned, 'active', assigned, exp
 end
 
--- A meter's rule in a plan: period ('d', 'm' or 'n') and allowance in micro-units.
--- A meter the plan does not name has no allowance (credits can still pay for it).
+-- A catalog rule's text ('<period>:<allowance>', see load_catalog.lua, or false) as
+-- period ('d', 'm' or 'n') and allowance in micro-units. A meter the plan does not name
+-- has no allowance (credits can still pay for it).
+local function parse_rule(text)
+  if not text then return 'n', 0 end
+  return string.sub(text, 1, 1), tonumber(string.sub(text, 3))
+end
+
+-- A meter's rule in a plan, read from a shard's catalog copy (see parse_rule).
 local function meter_rule(plans_key, code, meter)
-  local rule = redis.call('HGET', plans_key, code .. '|' .. meter)
-  if not rule then return 'n', 0 end
-  return string.sub(rule, 1, 1), tonumber(string.sub(rule, 3))
+  return parse_rule(redis.call('HGET', plans_key, code .. '|' .. meter))
 end

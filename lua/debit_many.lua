@@ -142,8 +142,7 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
   if not rule then
     local plan = redis.call('HMGET', k_plans, code, code .. '|' .. meter)
     if not plan[1] then return {NOT_LOADED, 'catalog'} end  -- asked for again next time
-    rule = {'n', 0}  -- a meter the plan does not name: credits only
-    if plan[2] then rule = {string.sub(plan[2], 1, 1), tonumber(string.sub(plan[2], 3))} end
+    rule = {parse_rule(plan[2])}  -- a meter the plan does not name: credits only
     if not by_meter then
       by_meter = {}
       rules[code] = by_meter
