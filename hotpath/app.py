@@ -53,6 +53,7 @@ from hotpath.schemas import (
     CreditConflictOut,
     ErrorBody,
     ErrorOut,
+    HealthOut,
     MeterOut,
     PlanApplyIn,
     PlanApplyOut,
@@ -65,6 +66,7 @@ from hotpath.schemas import (
     QuotaDebitErrorOut,
     QuotaDebitIn,
     QuotaDebitOut,
+    ReadyOut,
     TransactionOut,
     TransactionsOut,
     VersionConflictOut,
@@ -451,13 +453,13 @@ class Api:
 
     # -- operations ------------------------------------------------------------------------
     async def health(self, request: Request, caller: Caller | None) -> Response:
-        return json_response({"status": "ok", "service": self.settings.service_name,
-                              "version": self.settings.service_version})
+        return json_response(HealthOut("ok", self.settings.service_name,
+                                       self.settings.service_version))
 
     async def ready(self, request: Request, caller: Caller | None) -> Response:
         checks = await self.engine.ready()
         ok = all(v == "ok" for v in checks.values())
-        return json_response({"status": "ready" if ok else "unavailable", "checks": checks},
+        return json_response(ReadyOut("ready" if ok else "unavailable", checks),
                              200 if ok else 503)
 
     async def metrics(self, request: Request, caller: Caller | None) -> Response:
@@ -526,10 +528,11 @@ class Api:
                                                   "default": DEFAULT_PAGE}),
                              QueryParam("before", {"type": "string"},
                                         description="next_before of the previous page"))),
-            Operation("GET", "/health", "health", "Liveness", None, self.health),
+            Operation("GET", "/health", "health", "Liveness", None, self.health,
+                      result=HealthOut),
             Operation("GET", "/ready", "ready",
                       "Readiness: a script by EVALSHA and a PostgreSQL query", None, self.ready,
-                      errors=(503,)),
+                      result=ReadyOut, errors=(503,), error_bodies=((503, ReadyOut),)),
             Operation("GET", "/metrics", "metrics", "Prometheus metrics", None, self.metrics),
             Operation("GET", "/openapi.json", "openapi", "This specification", None,
                       self.openapi),

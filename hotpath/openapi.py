@@ -25,6 +25,40 @@ _STATUS_TEXT = {
 }
 
 
+def _reachable(names: set[str], components: dict[str, Any]) -> set[str]:
+    """The components ``names`` refer to, directly or through others, and themselves."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += _refs(components[name])
+    return seen
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"].rsplit("/", 1)[1]] if isinstance(node.get("$ref"), str) else []
+        return found + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def _decimal_types(node: Any, types: str | list[str]) -> None:
+    """msgspec describes a Decimal as a string; the API reads a JSON number (or the same
+    digits as a string) and always writes a JSON number."""
+    if isinstance(node, dict):
+        if node.get("format") == "decimal":
+            node["type"] = types
+        for value in node.values():
+            _decimal_types(value, types)
+    elif isinstance(node, list):
+        for value in node:
+            _decimal_types(value, types)
+
+
 def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any]:
     """Paths from the route table, components from the request and response models."""
     models: set[type] = {ErrorOut}
@@ -36,6 +70,10 @@ def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any
         ordered, ref_template="#/components/schemas/{name}"
     )
     ref_of = dict(zip(ordered, refs, strict=True))
+    read = _reachable({op.body.__name__ for op in operations if op.body is not None},
+                      components)
+    for name, schema in components.items():
+        _decimal_types(schema, ["number", "string"] if name in read else "number")
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         entry: dict[str, Any] = {"operationId": op.name, "summary": op.summary,

@@ -48,8 +48,10 @@ Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=r"^[^\x00-\x1f\x7f]*
 Action = Annotated[str, Meta(min_length=1, max_length=MAX_ACTION, pattern=r"^[a-z][a-z0-9_]*$")]
 PlanCode = Annotated[str, Meta(min_length=1, max_length=64,
                                pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
-#: An exact amount: a JSON number with at most 6 decimal places.
-Amount = Annotated[Decimal, Meta(extra_json_schema={"type": "number", "format": "decimal"})]
+#: An exact amount: a JSON number with at most 6 decimal places, or the same digits as a
+#: string ("2.5"; README, "Amounts").
+Amount = Annotated[Decimal, Meta(
+    description="An exact decimal, at most 6 places: a JSON number, or its digits as a string")]
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True):
@@ -266,6 +268,23 @@ class ErrorOut(msgspec.Struct):
     """The envelope of every error answer."""
 
     error: ErrorBody
+
+
+class HealthOut(msgspec.Struct):
+    """Liveness: the process answers (it says nothing of Redis or PostgreSQL)."""
+
+    status: str
+    service: str
+    version: str
+
+
+class ReadyOut(msgspec.Struct):
+    """Readiness: ``ready`` (200) when every check is ``ok``, else ``unavailable`` (503), the
+    failing checks saying why (``redis``, ``postgres``: a schema behind the build's
+    is a PostgreSQL failure that names the migration to run)."""
+
+    status: str
+    checks: dict[str, str]
 
 
 class QuotaDebitErrorOut(msgspec.Struct):

@@ -87,7 +87,7 @@ def parse_event(body: bytes) -> tuple[str, dict[str, Any]]:
     if not isinstance(data, dict):
         raise Rejected(422, "invalid_notification", "body must be a JSON object")
     event = data.get("event")
-    if event not in EVENTS:
+    if not isinstance(event, str) or event not in EVENTS:  # a list or an object is unhashable
         raise Rejected(422, "unknown_event", f"event must be one of {sorted(EVENTS)}",
                        field="event")
     obj = data.get("object")
@@ -410,4 +410,4 @@ def _event_of(body: bytes) -> str:
         event = orjson.loads(body).get("event")
     except (orjson.JSONDecodeError, AttributeError):
         return "unknown"
-    return event if event in EVENTS else "unknown"
+    return event if isinstance(event, str) and event in EVENTS else "unknown"

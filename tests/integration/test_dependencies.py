@@ -8,12 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from hotpath.clock import FixedClock
 from hotpath.devservers import EmbeddedRedis, free_port
 from hotpath.quota import Engine
+from hotpath.schemas import ReadyOut
 from hotpath.settings import Settings
 from persistence.db import PostgresUnavailable
 from persistence.migrate import latest
@@ -43,6 +45,7 @@ async def test_redis_down_answers_503_and_ready_says_redis(settings: Settings,
         assert response.headers["retry-after"] == "1"
         ready = await http.get("/ready")
         assert ready.status_code == 503
+        assert msgspec.convert(ready.json(), ReadyOut).status == "unavailable"  # as the spec says
         assert ready.json()["checks"]["postgres"] == "ok"
         assert "Redis" in ready.json()["checks"]["redis"]
         assert _sample((await http.get("/metrics")).text, errors) == before + 1  # the debit

@@ -84,6 +84,17 @@ async def test_exponent_1e400_is_refused(client: httpx.AsyncClient) -> None:
     assert response.json()["error"]["field"] == "units"
 
 
+async def test_digits_past_decimal_precision_are_refused(client: httpx.AsyncClient) -> None:
+    """A raw JSON number with more digits than Decimal's 28-digit context is judged on its
+    own digits: 1.0000000000000000000000000000001 is 422, not rounded to 1 and debited."""
+    for units in (b"1.0000000000000000000000000000001", b"0.99999999999999999999999999999"):
+        raw = b'{"user_id":"u-digits","action":"chat_tokens","units":' + units + b',"ref":"r"}'
+        response = await client.post(URL, content=raw,
+                                     headers={"content-type": "application/json"})
+        assert response.status_code == 422, units
+        assert response.json()["error"]["field"] == "units"
+
+
 @pytest.mark.parametrize(("content", "ctype", "status", "code"), [
     (b'{"user_id": ', "application/json", 422, "malformed_json"),
     (b"user_id=1", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),

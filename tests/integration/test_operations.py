@@ -10,11 +10,13 @@ from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.schemas import (
     BalanceCheckOut,
+    HealthOut,
     PlanOut,
     PlansOut,
     QuotaCheckOut,
     QuotaDebitErrorOut,
     QuotaDebitOut,
+    ReadyOut,
 )
 from reconciler.main import Reconciler
 from tests.support import DAY_MS, apply_plan, debit, new_ref, new_user, put_plan, unique_plan
@@ -87,6 +89,14 @@ async def test_responses_match_the_published_spec(client: httpx.AsyncClient) -> 
     assert {"error", "tx_id", "remaining"} <= set(schemas[ref]["properties"])
     assert [q["name"] for q in paths["/internal/billing/transactions"]["get"]["parameters"]] \
         == ["user_id", "limit", "before"]
+    # amounts: read as a JSON number or its digits as a string, always written as a number
+    assert schemas["QuotaDebitIn"]["properties"]["units"]["type"] == ["number", "string"]
+    assert schemas["QuotaDebitOut"]["properties"]["remaining"]["type"] == "number"
+    ready = paths["/ready"]["get"]["responses"]
+    assert ready["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ReadyOut")
+    assert set(schemas["ReadyOut"]["properties"]) == {"status", "checks"}
+    msgspec.convert((await client.get("/ready")).json(), ReadyOut)
+    msgspec.convert((await client.get("/health")).json(), HealthOut)
     user, ref_id = new_user(), new_ref()
     ok = await debit(client, user, 1, ref_id)
     msgspec.convert(ok.json(), QuotaDebitOut)

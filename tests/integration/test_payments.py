@@ -270,6 +270,9 @@ async def test_signed_notifications_credit_and_forgeries_become_dead_letters(
                                            headers={"X-Signature": "not base64!"}),
         "ed25519 for an RSA key": await signed(pay, forged, ed_key),
         "oversized": await signed(pay, forged + b" " * (64 * 1024)),
+        # an event that is no string (unhashable): the metric's label must not crash
+        "event a list": await pay.post(WEBHOOK, content=b'{"event": [1], "object": {}}'),
+        "event an object": await pay.post(WEBHOOK, content=b'{"event": {}, "object": {}}'),
     }
     for name, response in attempts.items():
         assert response.status_code in (401, 413), (name, response.text)
@@ -319,6 +322,8 @@ async def test_unprocessable_notifications_are_kept_and_answered_4xx(
         ("malformed_json", b'{"event": "payment.succeeded", '),
         ("unknown_event", notification("payment.waiting_for_capture",
                                        payment_object(new_payment(), user, "pro_month"))),
+        ("unknown_event", b'{"event": [1], "object": {}}'),
+        ("unknown_event", b'{"event": {"a": 1}, "object": {}}'),
         ("status_mismatch", notification("payment.succeeded", payment_object(
             new_payment(), user, "pro_month", status="pending"))),
         ("order_reused", notification("payment.succeeded", payment_object(

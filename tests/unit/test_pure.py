@@ -27,6 +27,7 @@ def ms(*args: int, tz: object = UTC) -> int:
 @pytest.mark.parametrize(("text", "micro"), [
     ("2", 2_000_000), ("2.0", 2_000_000), ("2.5", 2_500_000), ("0.000001", 1),
     ("2.500000000", 2_500_000), (str(MAX_UNITS), MAX_UNITS * 1_000_000),
+    ("1E+3", 1_000_000_000), ("2.5" + "0" * 60, 2_500_000),
 ])
 def test_amounts_accepted_exactly(text: str, micro: int) -> None:
     """Valid amounts convert to exact micro-units and back to the same decimal."""
@@ -37,6 +38,8 @@ def test_amounts_accepted_exactly(text: str, micro: int) -> None:
 @pytest.mark.parametrize("text", [
     "0", "-1", "0.0000001", "NaN", "Infinity", "-Infinity", "1E+400", str(MAX_UNITS + 1),
     "sNaN",
+    # Past Decimal's 28-digit context: normalize() would round these to 1 and accept them.
+    "1.0000000000000000000000000000001", "0.99999999999999999999999999999",
 ])
 def test_amounts_rejected(text: str) -> None:
     """Zero, negatives, NaN, infinities, too many decimals and absurd sizes are refused."""
