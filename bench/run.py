@@ -2,7 +2,7 @@
 
     bench/run.sh                 # or: .venv/bin/python -m bench.run [options]
 
-In one run (about five and a half minutes):
+In one run (about eleven minutes):
 
 1. (re)creates the PostgreSQL database ``qg_bench``, migrates it, and deletes every Redis
    key under the prefix ``qgbench`` (nothing else on either server is touched);
@@ -22,9 +22,10 @@ In one run (about five and a half minutes):
    speed drifts: the peak is the best run of both passes, the half-peak figure the paced
    run with the lower p99; every run is kept in the JSON);
 3. measures (a) once more with ``debit_2w`` and ``noredis_2w`` up at once, wrk loading
-   them in turn at their best connection counts (``--pairs`` pairs); (a) is the median
-   pair's ratio, which the VM's drift cannot move the way it moves two peaks measured
-   minutes apart;
+   them in turn (``--pairs`` rounds; in each, both servers at every count of
+   ``--pair-conns``, and each server's best run of the round is its figure); (a) is the
+   median round's ratio, which the VM's drift cannot move the way it moves two peaks
+   measured minutes apart;
 4. runs ``redis-benchmark`` on EVALSHA of the service's debit script with the same keys and
    arguments (refs random by ``__rand_int__``, so no answer comes from the idempotency fast
    path), unpipelined and with 16 commands per pipeline;
@@ -351,30 +352,41 @@ def bench_server(server: Server, wrk: Wrk, args: argparse.Namespace, conns: list
     return result
 
 
-def interleaved_pairs(servers: dict[str, Server], wrk: Wrk, conns: dict[str, int],
+def interleaved_pairs(servers: dict[str, Server], wrk: Wrk, conns: list[int],
                       rounds: int, seconds: float, min_busy: float) -> dict[str, Any]:
     """(a) measured so that the VM's drift cancels out: both servers are up at once (the
-    idle one sleeps in epoll), and wrk loads them in turn, each at its own best connection
-    count, ``rounds`` times; each pair's ratio compares two runs a few seconds apart, and
-    the median pair is the figure (the host's speed moves by a tenth or more within
-    minutes, which a ratio of two peaks measured minutes apart takes in whole)."""
+    idle one sleeps in epoll), and wrk loads them in turn, ``rounds`` times; each round
+    runs both at every count of ``conns`` (debit, then no-Redis, at each), and a server's
+    figure in a round is its best run of the round. A round's ratio compares two peaks
+    found within seconds of each other, and the median round is the figure: the host's
+    speed moves by a tenth or more within minutes, which a ratio of two peaks measured
+    minutes apart takes in whole, and one server's best connection count in pass 1 is
+    itself a noisy pick (it differs between the two servers, and between runs)."""
     debit, base = RATIO_PAIR
     for name in RATIO_PAIR:
-        wrk.run(servers[name], conns[name], 3)  # warm-up
-    def run(name: str) -> dict[str, Any]:
-        result = wrk.run(servers[name], conns[name], seconds)
+        wrk.run(servers[name], max(conns), 3)  # warm-up
+
+    def run(name: str, c: int) -> dict[str, Any]:
+        result = wrk.run(servers[name], c, seconds)
         if result["machine_busy_pct"] < min_busy:  # not a peak (see bench_server): again
-            log(f"{name}: machine only {result['machine_busy_pct']}% busy, again")
-            result = wrk.run(servers[name], conns[name], seconds)
+            log(f"{name}: c={c}: machine only {result['machine_busy_pct']}% busy, again")
+            result = wrk.run(servers[name], c, seconds)
         return result
 
     pairs = []
     for i in range(rounds):
-        runs = {name: run(name) for name in RATIO_PAIR}
-        ratio = runs[debit]["rps"] / runs[base]["rps"]
-        log(f"pair {i + 1}/{rounds}: {debit} {runs[debit]['rps']:.0f}/s, {base} "
-            f"{runs[base]['rps']:.0f}/s, ratio {ratio:.3f}")
-        pairs.append({"ratio": round(ratio, 4), **{name: runs[name] for name in RATIO_PAIR}})
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in RATIO_PAIR}
+        for c in conns:
+            for name in RATIO_PAIR:
+                runs[name].append(run(name, c))
+        best = {name: max(runs[name], key=lambda r: r["rps"]) for name in RATIO_PAIR}
+        ratio = best[debit]["rps"] / best[base]["rps"]
+        log(f"round {i + 1}/{rounds}: " + ", ".join(
+            f"{name} " + " ".join(f"c={r['connections']} {r['rps']:.0f}/s" for r in runs[name])
+            for name in RATIO_PAIR) + f"; best {best[debit]['rps']:.0f} / "
+            f"{best[base]['rps']:.0f}/s, ratio {ratio:.3f}")
+        pairs.append({"ratio": round(ratio, 4), **best,
+                      "runs": {name: runs[name] for name in RATIO_PAIR}})
     ratios = sorted(p["ratio"] for p in pairs)
     return {"connections": conns, "seconds": seconds, "pairs": pairs,
             "median_ratio": round(statistics.median(ratios), 4),
@@ -544,7 +556,8 @@ def markdown(r: dict[str, Any]) -> str:
     rb = r["redis_benchmark"]
     mem = r["memory"]
     pairs = r.get("pairs")
-    a_how = (f"(median of {len(pairs['pairs'])} interleaved pairs, "
+    a_how = (f"(median of {len(pairs['pairs'])} interleaved rounds, each server's best of "
+             f"c={'/'.join(str(c) for c in pairs['connections'])}, "
              f"{pairs['min_ratio'] * 100:.0f} to {pairs['max_ratio'] * 100:.0f} %; "
              f"the peaks: {s['debit_2w']['peak']['rps'] / s['noredis_2w']['peak']['rps'] * 100:.0f}"
              " %)") if pairs else "(the peaks)"
@@ -631,7 +644,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mem-users", type=int, default=10_000)
     p.add_argument("--pairs", type=int, default=6,
                    help="interleaved debit_2w/noredis_2w pairs that (a) is judged on (0 = none)")
-    p.add_argument("--pair-seconds", type=float, default=6, help="seconds per run of a pair")
+    p.add_argument("--pair-seconds", type=float, default=5, help="seconds per run of a pair")
+    p.add_argument("--pair-conns", default="32,128,256",
+                   help="connection counts each server runs at in every round of the pairs")
     p.add_argument("--diagnose", default="64", metavar="CONNS",
                    help="connection counts of the diagnostic no-Redis variants ('' = skip)")
     p.add_argument("--only", default="",
@@ -723,9 +738,8 @@ def main() -> None:
                 server.stop()
 
         if args.pairs and (not only or "pairs" in only):
-            conns = {name: result["servers"].get(name, {}).get("peak", {}).get("connections", 128)
-                     for name in RATIO_PAIR}
-            log(f"(a): {args.pairs} interleaved pairs at {conns}")
+            conns = [int(c) for c in args.pair_conns.split(",")]
+            log(f"(a): {args.pairs} interleaved rounds, each at {conns} connections")
             up = {}
             try:
                 for name in RATIO_PAIR:
