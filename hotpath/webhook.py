@@ -108,8 +108,9 @@ def parse_object(event: str, obj: dict[str, Any]) -> Notification:
     except InvalidOperation:
         raise Rejected(422, "invalid_notification", "must be a decimal amount",
                        field="object.amount.value") from None
-    if not amount.is_finite() or amount < 0 or amount != amount.quantize(Decimal("0.01")) \
-            or amount > 10**15:
+    # the size first: quantize raises on a value past the context's 28 digits (1e100)
+    if not amount.is_finite() or amount < 0 or amount > 10**15 \
+            or amount != amount.quantize(Decimal("0.01")):
         raise Rejected(422, "invalid_notification",
                        "must be a non-negative amount with at most 2 decimal places",
                        field="object.amount.value")

@@ -36,6 +36,7 @@ def test_forwarded_address_is_believed_only_from_trusted_proxies() -> None:
     ({"amount": {"value": "1.001", "currency": "RUB"}}, "object.amount.value"),
     ({"amount": {"value": "NaN", "currency": "RUB"}}, "object.amount.value"),
     ({"amount": {"value": "-1.00", "currency": "RUB"}}, "object.amount.value"),
+    ({"amount": {"value": "1e100", "currency": "RUB"}}, "object.amount.value"),
     ({"amount": {"value": "1.00", "currency": "rub"}}, "object.amount.currency"),
     ({"amount": "1.00"}, "object.amount"),
     ({"id": ""}, "object.id"),
