@@ -37,22 +37,23 @@ def to_micro(value: Decimal | int, *, allow_zero: bool = False) -> int:
         raise AmountError("must be greater than zero")
     if value > MAX_UNITS:
         raise AmountError(f"must be at most {MAX_UNITS}")
-    if value == 0:
-        return 0
     _, digit_tuple, exponent = value.as_tuple()
     assert isinstance(exponent, int)  # finite values have an int exponent
-    digits = "".join(map(str, digit_tuple))
-    if exponent < -SCALE_DIGITS:
+    if exponent >= -SCALE_DIGITS:  # at most 16 digits (value <= MAX_UNITS): scaleb is exact
+        micro = int(value.scaleb(SCALE_DIGITS))
+    else:
         # 2.50000000 is still exact: trailing zeros are dropped before the scale is judged,
         # on the digits themselves (Decimal.normalize would round to 28 digits first, and
         # 1.0000000000000000000000000000001 would pass as 1).
+        digits = "".join(map(str, digit_tuple))
         significant = digits.rstrip("0")
+        if not significant:
+            return 0  # a zero written with many places (allow_zero)
         exponent += len(digits) - len(significant)
-        digits = significant
         if exponent < -SCALE_DIGITS:
             raise AmountError(f"must have at most {SCALE_DIGITS} decimal places")
-    micro: int = int(digits) * 10 ** (exponent + SCALE_DIGITS)  # exact, value <= MAX_UNITS
-    assert 0 < micro <= MAX_MICRO
+        micro = int(significant) * 10 ** (exponent + SCALE_DIGITS)
+    assert 0 <= micro <= MAX_MICRO
     return micro
 
 
