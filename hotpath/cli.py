@@ -225,7 +225,11 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
     if run_migrations:
         asyncio.run(_migrate(settings))
     multiproc = None
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Metrics go to files that /metrics adds up when more than one process counts: several
+    # workers, or a reconciler child (its flush lag and batches). Set before any process
+    # here imports prometheus_client, which picks its storage at import.
+    if (settings.workers > 1 or with_reconciler) \
+            and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiproc = tempfile.mkdtemp(prefix="quota-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc
     reconciler = None

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import signal
 import socket
@@ -860,6 +861,12 @@ async def test_service_restarts_under_load_lose_no_accepted_debit(
                     assert code == -signal.SIGKILL
             await load.finish()
             await wait_drained(raw_redis, keys, 60)
+            # One worker and a reconciler child: /metrics has both processes' figures.
+            text = (await http.get("/metrics")).text
+            assert re.search(r'^quota_debits_total\{meter="chat",result="ok"\} [1-9]', text,
+                             re.M), text[:2000]
+            assert re.search(r"^quota_flush_batch_size_events_count [1-9]", text, re.M), \
+                text[:2000]
             services[-1].send_signal(signal.SIGTERM)
             code = await wait_exit(services[-1], 30, "last instance after SIGTERM")
             assert code == 128 + signal.SIGTERM, log_tail(logs[-1])
