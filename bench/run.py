@@ -643,10 +643,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rb-requests", type=int, default=100_000)
     p.add_argument("--mem-users", type=int, default=10_000)
     p.add_argument("--pairs", type=int, default=6,
-                   help="interleaved debit_2w/noredis_2w pairs that (a) is judged on (0 = none)")
-    p.add_argument("--pair-seconds", type=float, default=5, help="seconds per run of a pair")
+                   help="interleaved debit_2w/noredis_2w rounds that (a) is judged on (0 = none)")
+    p.add_argument("--pair-seconds", type=float, default=5, help="seconds per run in a round")
     p.add_argument("--pair-conns", default="32,128,256",
-                   help="connection counts each server runs at in every round of the pairs")
+                   help="connection counts each server runs at in every round")
     p.add_argument("--diagnose", default="64", metavar="CONNS",
                    help="connection counts of the diagnostic no-Redis variants ('' = skip)")
     p.add_argument("--only", default="",

@@ -46,17 +46,24 @@ def _refs(node: Any) -> list[str]:
     return []
 
 
-def _decimal_types(node: Any, types: str | list[str]) -> None:
+_READ_DECIMAL = {"type": ["number", "string"], "format": "decimal",
+                 "description": "An exact decimal, at most 6 places: a JSON number, or the "
+                                "same digits as a string"}
+_WRITTEN_DECIMAL = {"type": "number", "format": "decimal",
+                    "description": "An exact decimal, at most 6 places"}
+
+
+def _decimal_types(node: Any, schema: dict[str, Any]) -> None:
     """msgspec describes a Decimal as a string; the API reads a JSON number (or the same
     digits as a string) and always writes a JSON number."""
     if isinstance(node, dict):
         if node.get("format") == "decimal":
-            node["type"] = types
+            node.update(schema)
         for value in node.values():
-            _decimal_types(value, types)
+            _decimal_types(value, schema)
     elif isinstance(node, list):
         for value in node:
-            _decimal_types(value, types)
+            _decimal_types(value, schema)
 
 
 def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any]:
@@ -73,7 +80,7 @@ def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any
     read = _reachable({op.body.__name__ for op in operations if op.body is not None},
                       components)
     for name, schema in components.items():
-        _decimal_types(schema, ["number", "string"] if name in read else "number")
+        _decimal_types(schema, _READ_DECIMAL if name in read else _WRITTEN_DECIMAL)
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         entry: dict[str, Any] = {"operationId": op.name, "summary": op.summary,

@@ -48,10 +48,9 @@ Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=r"^[^\x00-\x1f\x7f]*
 Action = Annotated[str, Meta(min_length=1, max_length=MAX_ACTION, pattern=r"^[a-z][a-z0-9_]*$")]
 PlanCode = Annotated[str, Meta(min_length=1, max_length=64,
                                pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
-#: An exact amount: a JSON number with at most 6 decimal places, or the same digits as a
-#: string ("2.5"; README, "Amounts").
-Amount = Annotated[Decimal, Meta(
-    description="An exact decimal, at most 6 places: a JSON number, or its digits as a string")]
+#: An exact amount: read as a JSON number with at most 6 decimal places, or the same digits
+#: as a string ("2.5"; README, "Amounts"); written as a JSON number.
+Amount = Decimal  # the spec's text for it: hotpath/openapi.py
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True):
