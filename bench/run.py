@@ -304,6 +304,25 @@ def summarize(run: dict[str, Any]) -> str:
             f"machine {run['machine_busy_pct']}% busy, {run['steal_pct']}% stolen")
 
 
+def peak_attempts(server: Server, wrk: Wrk, conns: int, seconds: float, min_busy: float,
+                  retries: int) -> list[dict[str, Any]]:
+    """A peak run, run again (up to ``retries`` times) while the machine was under
+    ``min_busy`` % busy: then it was not a peak, the machine had CPU to spare (seen here as
+    ~67 % busy, the two workers sharing one core for a whole run while wrk had the other).
+    Every attempt is returned, the unsaturated ones marked; the last is the one to use."""
+    attempts = []
+    for attempt in range(1 + retries):
+        run = wrk.run(server, conns, seconds)
+        log(f"{server.name}: {summarize(run)}")
+        attempts.append(run)
+        if run["machine_busy_pct"] >= min_busy:
+            break
+        run["unsaturated"] = True
+        if attempt < retries:
+            log(f"{server.name}: machine only {run['machine_busy_pct']}% busy, again")
+    return attempts
+
+
 def bench_server(server: Server, wrk: Wrk, args: argparse.Namespace, conns: list[int],
                  paced: bool, result: dict[str, Any], pass_no: int) -> dict[str, Any]:
     """Peak runs at each connection count, then one paced run at half the best peak so far.
@@ -317,18 +336,9 @@ def bench_server(server: Server, wrk: Wrk, args: argparse.Namespace, conns: list
     runs = result.setdefault("runs", [])
     for c in conns:
         retries = args.unsaturated_retries if server.name in RATIO_PAIR else 0
-        for attempt in range(1 + retries):
-            run = wrk.run(server, c, args.duration)
+        for run in peak_attempts(server, wrk, c, args.duration, args.min_busy, retries):
             run["pass"] = pass_no
-            log(f"{server.name}: {summarize(run)}")
             runs.append(run)
-            if run["machine_busy_pct"] >= args.min_busy:
-                break
-            # Not a peak: the machine had CPU to spare. Seen here as ~67 % busy, the two
-            # workers sharing one core for a whole run while wrk had the other.
-            run["unsaturated"] = True
-            if attempt < retries:
-                log(f"{server.name}: machine only {run['machine_busy_pct']}% busy, again")
     peak = result["peak"] = max(runs, key=lambda r: r["rps"])
     if paced:
         target = peak["rps"] / 2
@@ -367,11 +377,7 @@ def interleaved_pairs(servers: dict[str, Server], wrk: Wrk, conns: list[int],
         wrk.run(servers[name], max(conns), 3)  # warm-up
 
     def run(name: str, c: int) -> dict[str, Any]:
-        result = wrk.run(servers[name], c, seconds)
-        if result["machine_busy_pct"] < min_busy:  # not a peak (see bench_server): again
-            log(f"{name}: c={c}: machine only {result['machine_busy_pct']}% busy, again")
-            result = wrk.run(servers[name], c, seconds)
-        return result
+        return peak_attempts(servers[name], wrk, c, seconds, min_busy, retries=1)[-1]
 
     pairs = []
     for i in range(rounds):
