@@ -78,6 +78,12 @@ def _text(value: Any, name: str, limit: int = MAX_REF) -> str:
     return value
 
 
+def known_event(event: object) -> str | None:
+    """``event`` if it names a notification this service handles (any JSON value may
+    arrive: a list or an object is unhashable, so the type is checked first), else None."""
+    return event if isinstance(event, str) and event in EVENTS else None
+
+
 def parse_event(body: bytes) -> tuple[str, dict[str, Any]]:
     """The event name and raw object of a notification body."""
     try:
@@ -86,8 +92,8 @@ def parse_event(body: bytes) -> tuple[str, dict[str, Any]]:
         raise Rejected(422, "malformed_json", f"body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise Rejected(422, "invalid_notification", "body must be a JSON object")
-    event = data.get("event")
-    if not isinstance(event, str) or event not in EVENTS:  # a list or an object is unhashable
+    event = known_event(data.get("event"))
+    if event is None:
         raise Rejected(422, "unknown_event", f"event must be one of {sorted(EVENTS)}",
                        field="event")
     obj = data.get("object")
@@ -411,4 +417,4 @@ def _event_of(body: bytes) -> str:
         event = orjson.loads(body).get("event")
     except (orjson.JSONDecodeError, AttributeError):
         return "unknown"
-    return event if isinstance(event, str) and event in EVENTS else "unknown"
+    return known_event(event) or "unknown"
