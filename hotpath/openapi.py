@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -25,6 +26,17 @@ _STATUS_TEXT = {
 }
 
 
+def _objects(node: Any) -> Iterator[dict[str, Any]]:
+    """Every JSON object within a schema (itself included), depth first."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _objects(value)
+
+
 def _reachable(names: set[str], components: dict[str, Any]) -> set[str]:
     """The components ``names`` refer to, directly or through others, and themselves."""
     seen: set[str] = set()
@@ -33,37 +45,18 @@ def _reachable(names: set[str], components: dict[str, Any]) -> set[str]:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo += _refs(components[name])
+            todo += [o["$ref"].rsplit("/", 1)[1] for o in _objects(components[name])
+                     if isinstance(o.get("$ref"), str)]
     return seen
 
 
-def _refs(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        found = [node["$ref"].rsplit("/", 1)[1]] if isinstance(node.get("$ref"), str) else []
-        return found + [r for v in node.values() for r in _refs(v)]
-    if isinstance(node, list):
-        return [r for v in node for r in _refs(v)]
-    return []
-
-
+#: msgspec describes a Decimal as a string; the API reads a JSON number (or the same digits
+#: as a string) and always writes a JSON number.
 _READ_DECIMAL = {"type": ["number", "string"], "format": "decimal",
                  "description": "An exact decimal, at most 6 places: a JSON number, or the "
                                 "same digits as a string"}
 _WRITTEN_DECIMAL = {"type": "number", "format": "decimal",
                     "description": "An exact decimal, at most 6 places"}
-
-
-def _decimal_types(node: Any, schema: dict[str, Any]) -> None:
-    """msgspec describes a Decimal as a string; the API reads a JSON number (or the same
-    digits as a string) and always writes a JSON number."""
-    if isinstance(node, dict):
-        if node.get("format") == "decimal":
-            node.update(schema)
-        for value in node.values():
-            _decimal_types(value, schema)
-    elif isinstance(node, list):
-        for value in node:
-            _decimal_types(value, schema)
 
 
 def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any]:
@@ -80,7 +73,8 @@ def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any
     read = _reachable({op.body.__name__ for op in operations if op.body is not None},
                       components)
     for name, schema in components.items():
-        _decimal_types(schema, _READ_DECIMAL if name in read else _WRITTEN_DECIMAL)
+        for decimal in [o for o in _objects(schema) if o.get("format") == "decimal"]:
+            decimal.update(_READ_DECIMAL if name in read else _WRITTEN_DECIMAL)
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         entry: dict[str, Any] = {"operationId": op.name, "summary": op.summary,
