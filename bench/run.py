@@ -20,7 +20,8 @@ In one run (about eleven minutes):
    of the no-Redis server (``--diagnose``) and a second pass over ``debit_2w``,
    ``noredis_2w`` and ``pg_2w`` at their best connection count (the machine is a VM whose
    speed drifts: the peak is the best run of both passes, the half-peak figure the paced
-   run with the lower p99; every run is kept in the JSON);
+   run with the lower p99 of those that reached half the final peak; every run is kept in
+   the JSON);
 3. measures (a) once more with ``debit_2w`` and ``noredis_2w`` up at once, wrk loading
    them in turn (``--pairs`` rounds; in each, both servers at every count of
    ``--pair-conns``, and each server's best run of the round is its figure); (a) is the
@@ -328,8 +329,8 @@ def bench_server(server: Server, wrk: Wrk, args: argparse.Namespace, conns: list
     """Peak runs at each connection count, then one paced run at half the best peak so far.
 
     A second pass adds its runs to ``result``: the peak is the best run of all passes, the
-    half-peak figure the paced run with the lowest p99 (interference from other tenants of
-    the machine only ever lowers throughput and raises latency); every run is kept.
+    half-peak figure is ``half_peak_run``'s (interference from other tenants of the machine
+    only ever lowers throughput and raises latency); every run is kept.
     """
     log(f"{server.name}: pass {pass_no}, warm-up {args.warmup}s")
     wrk.run(server, max(conns), args.warmup)
