@@ -70,7 +70,12 @@ FLUSH_LAG_ENTRIES = Gauge(
 POISON_EVENTS = Counter("quota_poison_events_total", "Ledger entries moved to the poison table")
 LEDGER_REF_CONFLICTS = Counter(
     "quota_ledger_ref_conflicts_total",
-    "Debits not written because their (user, ref) was already debited in the ledger",
+    "Debits not written because their (user, ref) was already debited in the ledger "
+    "within the idempotency TTL",
+)
+LEDGER_REF_REUSES = Counter(
+    "quota_ledger_ref_reuses_total",
+    "Debits of a ref reused past the idempotency TTL, written as the ref's next round",
 )
 
 

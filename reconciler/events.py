@@ -40,6 +40,9 @@ class LedgerEvent:
     shard: int
     stream_id: str | None  # None: written through, not read from a stream
     remaining: int | None = None  # debits: what was left of the meter after it
+    #: debits: how many times its ref was debited before, each at least the idempotency TTL
+    #: before the next (set by the writer, migration 0007)
+    ref_round: int = 0
 
 
 #: The values of an event's single stream field ``e``, in order, after the version ``v1``.
@@ -120,7 +123,7 @@ def decode(shard: int, stream_id: str, entry_fields: dict[str, str]) -> LedgerEv
 
 
 def columns(events: list[LedgerEvent]) -> tuple[list[object], ...]:
-    """The batch as the 17 arrays of the flush_events query, in its parameter order."""
+    """The batch as the 18 arrays of the flush_events query, in its parameter order."""
     return (
         [e.tx_id for e in events], [e.kind for e in events], [e.user_id for e in events],
         [e.meter for e in events], [e.amount for e in events],
@@ -129,5 +132,5 @@ def columns(events: list[LedgerEvent]) -> tuple[list[object], ...]:
         [e.caller for e in events], [e.action for e in events],
         [e.plan_code for e in events], [e.shard for e in events],
         [e.stream_id for e in events], [e.occurred_at for e in events],
-        [e.remaining for e in events],
+        [e.remaining for e in events], [e.ref_round for e in events],
     )

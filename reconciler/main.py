@@ -43,6 +43,7 @@ class Stats:
     inserted: int = 0
     duplicates: int = 0
     ref_conflicts: int = 0
+    ref_reuses: int = 0
     poisoned: int = 0
     batches: int = 0
     outbox_applied: int = 0
@@ -68,7 +69,7 @@ class Reconciler:
             per_stream_count=max(10, s.flush_batch_max // 8), block_ms=s.flush_block_ms,
             claim_idle_ms=s.flush_claim_idle_ms,
         )
-        self.writer = LedgerWriter(engine.db)
+        self.writer = LedgerWriter(engine.db, timedelta(seconds=s.idempotency_ttl_seconds))
         self.stats = Stats()
         #: A change younger than this is left to the request that committed it.
         self.outbox_min_age = OUTBOX_MIN_AGE
@@ -99,9 +100,12 @@ class Reconciler:
                 metrics.POISON_EVENTS.inc(written.poisoned)
             if written.ref_conflicts:
                 metrics.LEDGER_REF_CONFLICTS.inc(len(written.ref_conflicts))
+            if written.ref_reuses:
+                metrics.LEDGER_REF_REUSES.inc(written.ref_reuses)
             self.stats.inserted += written.inserted
             self.stats.duplicates += written.duplicates
             self.stats.ref_conflicts += len(written.ref_conflicts)
+            self.stats.ref_reuses += written.ref_reuses
             self.stats.poisoned += written.poisoned
             self.stats.batches += 1
 

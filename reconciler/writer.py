@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 
@@ -32,16 +34,20 @@ class Written:
     duplicates: int  # events already in the ledger (redelivered after a crash)
     poisoned: int  # entries set aside in poison_events
     #: Debits not written because their (user, ref) was already debited in the ledger with
-    #: another tx id: Redis lost the first one's traces before it was flushed (a retry was
-    #: debited again), or a caller reused a ref past the idempotency TTL.
+    #: another tx id within the idempotency TTL: Redis lost the first one's traces before it
+    #: was flushed, and a retry was debited again.
     ref_conflicts: tuple[str, ...] = ()
+    #: Debits of a ref reused past the idempotency TTL (Redis had forgotten it and debited
+    #: it as new, as it should): written as the ref's next round (counted in ``inserted``).
+    ref_reuses: int = 0
 
 
 class LedgerWriter:
     """Writes stream entries to the ledger; bad entries go to the poison table."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, idempotency_ttl: timedelta) -> None:
         self.db = db
+        self.idempotency_ttl = idempotency_ttl
 
     async def write(self, entries: Sequence[Entry]) -> Written:
         """Write a batch; raises PostgresUnavailable when it should be retried as a whole."""
@@ -67,17 +73,41 @@ class LedgerWriter:
             log.warning("batch of %d refused (%r); writing events one by one", len(events), exc)
             inserted, refused = await self._one_by_one(events, source, bad)
         skipped = len(events) - inserted - len(refused)
-        conflicts: tuple[str, ...] = ()
+        missing: list[LedgerEvent] = []
         if skipped:  # redelivered, or (debits only) refused by the ledger's (user_id, ref)
-            debits = [e.tx_id for e in events
-                      if e.kind == "debit" and str(e.tx_id) not in refused]
+            debits = {e.tx_id: e for e in events
+                      if e.kind == "debit" and str(e.tx_id) not in refused}
             if debits:
-                rows = await self.db.fetch("ledger_missing_tx", debits)
-                conflicts = tuple(str(r["tx_id"]) for r in rows)
-            for tx in conflicts:
-                log.warning("debit %s not written: its (user, ref) is already debited in the "
-                            "ledger by another tx", tx)
-        return Written(inserted, skipped - len(conflicts), len(bad), conflicts)
+                rows = await self.db.fetch("ledger_missing_tx", list(debits))
+                missing = [debits[r["tx_id"]] for r in rows]
+        conflicts, reuses = [], 0
+        for event in sorted(missing, key=lambda e: e.occurred_at):
+            if await self._write_reuse(event):
+                reuses += 1
+                continue
+            conflicts.append(str(event.tx_id))
+            log.warning("debit %s not written: its (user, ref) is already debited in the "
+                        "ledger by another tx within the idempotency TTL", event.tx_id)
+        return Written(inserted + reuses, skipped - len(missing), len(bad), tuple(conflicts),
+                       reuses)
+
+    async def _write_reuse(self, event: LedgerEvent) -> bool:
+        """Write a debit the ledger refused as its ref's next round, when no debit of the
+        ref lies within the idempotency TTL of it: Redis had forgotten the ref and debited
+        it as new. False when one does (a double debit after Redis lost data: refused)."""
+        for _ in range(3):  # another reconciler may take the same round first
+            rounds = await self.db.fetchrow("debit_ref_rounds", event.user_id, event.ref,
+                                            event.occurred_at, self.idempotency_ttl)
+            assert rounds is not None  # an aggregate answers one row
+            if rounds["near"]:
+                return False
+            last = rounds["last_round"]
+            reuse = dataclasses.replace(event, ref_round=0 if last is None else last + 1)
+            if await self._batch([reuse], []):
+                log.info("debit %s: ref %r of %s reused past the idempotency TTL, written "
+                         "as round %d", event.tx_id, event.ref, event.user_id, reuse.ref_round)
+                return True
+        return False
 
     async def _batch(self, events: list[LedgerEvent], bad: list[tuple[Entry, str]]) -> int:
         async with self.db.transaction() as conn:

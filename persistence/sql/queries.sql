@@ -118,22 +118,22 @@ ORDER BY id LIMIT $2;
 
 -- name: flush_events --
 -- Write a batch of ledger events in one statement, idempotent on tx_id and on a debit's
--- (user_id, ref), and advance usage and credit counters by the rows really inserted (a
--- redelivered event, or a second debit of one ref after Redis lost data, inserts nothing).
--- Debits and refunds both take their from_credits part off the credit balance.
--- Counter rows are upserted in key order so concurrent reconcilers cannot deadlock.
+-- (user_id, ref, ref_round), and advance usage and credit counters by the rows really
+-- inserted (a redelivered event, or a second debit of one ref after Redis lost data,
+-- inserts nothing). Debits and refunds both take their from_credits part off the credit
+-- balance. Counter rows are upserted in key order so concurrent reconcilers cannot deadlock.
 -- $1 tx_id[], $2 kind[], $3 user_id[], $4 meter[], $5 amount_micro[],
 -- $6 from_allowance_micro[], $7 from_credits_micro[], $8 period_id[], $9 ref[], $10 reason[],
 -- $11 caller[], $12 action[], $13 plan_code[], $14 shard[], $15 stream_id[], $16 occurred_at[],
--- $17 remaining_micro[].
+-- $17 remaining_micro[], $18 ref_round[].
 WITH inserted AS (
     INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, from_allowance_micro,
                         from_credits_micro, period_id, ref, reason, caller, action, plan_code,
-                        shard, stream_id, occurred_at, remaining_micro)
+                        shard, stream_id, occurred_at, remaining_micro, ref_round)
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
                          $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[],
                          $11::text[], $12::text[], $13::text[], $14::int[], $15::text[],
-                         $16::timestamptz[], $17::bigint[])
+                         $16::timestamptz[], $17::bigint[], $18::int[])
     ON CONFLICT DO NOTHING
     RETURNING kind, user_id, meter, period_id, from_allowance_micro, from_credits_micro
 ), usage AS (
@@ -154,6 +154,15 @@ WITH inserted AS (
     DO UPDATE SET balance_micro = c.balance_micro + EXCLUDED.balance_micro, updated_at = now()
 )
 SELECT count(*) AS inserted FROM inserted;
+
+-- name: debit_ref_rounds --
+-- The debits of (user_id $1, ref $2) in the ledger: the last round (NULL: none), and
+-- whether one of them lies within the idempotency TTL $4 (interval) of the time $3 of a
+-- debit the ledger refused (then Redis should have answered that one as a duplicate).
+SELECT max(ref_round) AS last_round,
+       coalesce(bool_or(occurred_at >= $3::timestamptz - $4::interval
+                        AND occurred_at <= $3::timestamptz + $4::interval), false) AS near
+FROM ledger WHERE user_id = $1 AND ref = $2 AND kind = 'debit';
 
 -- name: ledger_missing_tx --
 -- Which of the tx ids $1 the ledger does not hold (after a flush: the debits refused as a

@@ -221,6 +221,43 @@ async def test_a_debit_held_by_the_reconciler_when_redis_lost_it_is_not_doubled(
     assert check["meters"]["chat"]["remaining"] == 7
 
 
+async def test_a_ref_reused_past_its_ttl_reaches_the_ledger_as_a_new_debit(
+    client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine, clock: FixedClock,
+    raw_redis: aioredis.Redis, settings: Settings,
+) -> None:
+    """Redis forgets a ref IDEMPOTENCY_TTL_SECONDS after its debit and debits a reuse as
+    new (200, another tx id): the ledger keeps both, the reuse as the ref's round 1, so
+    the usage a rebuild brings back is the usage Redis answered with."""
+    user, plan = new_user(), unique_plan()
+    await put_plan(client, plan, {"chat": {"limit": 10, "period": "none"}})
+    await apply_plan(client, user, plan)
+    ref = new_ref()
+    first = (await debit(client, user, 3, ref=ref)).json()
+    await reconciler.drain()
+    clock.advance(settings.idempotency_ttl_seconds * 1000 + 1)
+    # The key's PX runs on Redis's own clock, not the pinned one: expire it as Redis would.
+    assert await raw_redis.delete(engine.keys.idempotency(user, ref)) == 1
+    again = await debit(client, user, 3, ref=ref)
+    assert again.status_code == 200 and again.json()["tx_id"] != first["tx_id"]
+    assert again.json()["remaining"] == 4
+    reuses = metrics.LEDGER_REF_REUSES._value.get()
+    await reconciler.drain()
+    assert (reconciler.stats.ref_conflicts, reconciler.stats.ref_reuses) == (0, 1)
+    assert metrics.LEDGER_REF_REUSES._value.get() == reuses + 1
+    async with engine.db.connection() as conn:
+        rows = await conn.fetch("SELECT tx_id::text, ref_round FROM ledger WHERE user_id = $1 "
+                                "AND kind = 'debit' ORDER BY ref_round", user)
+        used = await conn.fetchval("SELECT sum(used_micro) FROM usage_counters "
+                                   "WHERE user_id = $1 AND meter = 'chat'", user)
+    assert [tuple(r) for r in rows] == [(first["tx_id"], 0), (again.json()["tx_id"], 1)]
+    assert used == 6_000_000
+    await _wipe_user(raw_redis, settings, user)
+    check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
+    assert check["meters"]["chat"]["remaining"] == 4
+    # Within the TTL of the reuse, the ref is a duplicate again (restored from the ledger).
+    assert (await debit(client, user, 3, ref=ref)).status_code == 409
+
+
 async def test_a_redis_back_with_older_data_is_rebuilt_from_postgres(
     client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine,
     raw_redis: aioredis.Redis, settings: Settings,
