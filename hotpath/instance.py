@@ -23,6 +23,11 @@ the services have kept in step with PostgreSQL:
 
 No reconciler running means no rebuild: the service answers 503 and says why, rather than
 serve from data it cannot trust.
+
+Nor does a connection serve from a Redis that may evict keys (any ``maxmemory-policy`` but
+``noeviction``; the volatile ones too, as every counter has a TTL): a period counter evicted
+while its user's hash stays would read as a new period, a free reset. It is refused (503,
+and ``/ready`` says why) until the policy is ``noeviction``.
 """
 
 from __future__ import annotations
@@ -46,7 +51,6 @@ log = logging.getLogger("quota_gateway.instance")
 LOCK_SECONDS = 30.0
 #: How often the rebuild looks at the streams again while the reconcilers flush them.
 POLL_SECONDS = 0.5
-_RUN_ID = re.compile(r"^run_id:(\w+)", re.M)
 
 
 class InstanceGuard:
@@ -56,7 +60,7 @@ class InstanceGuard:
         self.redis_url = redis_url
         self.keys = keys
         self.rebuild: asyncio.Task[None] | None = None
-        self._warned = False
+        self._warned: set[str] = set()
 
     @property
     def instance_key(self) -> str:
@@ -68,19 +72,16 @@ class InstanceGuard:
 
     async def check(self, execute: Callable[..., Awaitable[Any]]) -> None:
         """``PipelinedRedis.on_connect``: return to serve, raise RedisUnavailable to refuse."""
-        reason = "no run_id in INFO"
-        try:
-            info = await execute("INFO", "server")
-        except RedisReplyError as exc:  # e.g. an ACL user without +info
-            info, reason = "", str(exc)
-        match = _RUN_ID.search(info)
-        if match is None:  # serve, but say once that the check is off
-            if not self._warned:
-                self._warned = True
-                log.warning("Redis does not tell its run_id (%s): a Redis that comes back "
-                            "older than it was cannot be detected", reason)
+        policy = await self._info(execute, "memory", "maxmemory_policy",
+                                  "a Redis that may evict keys cannot be refused")
+        if policy is not None and policy != "noeviction":
+            raise RedisUnavailable(
+                f"Redis may evict keys (maxmemory-policy {policy}): an evicted period counter "
+                "would read as a new period; set maxmemory-policy noeviction")
+        run_id = await self._info(execute, "server", "run_id",
+                                  "a Redis that comes back older than it was cannot be detected")
+        if run_id is None:
             return
-        run_id = match[1]
         stored = await execute("GET", self.instance_key)
         if stored == run_id:
             return
@@ -92,6 +93,22 @@ class InstanceGuard:
         raise RedisUnavailable(
             "Redis came back with older data (its run_id changed): users are rebuilt from "
             "PostgreSQL once the reconcilers have flushed the ledger streams")
+
+    async def _info(self, execute: Callable[..., Awaitable[Any]], section: str, name: str,
+                    unchecked: str) -> str | None:
+        """The field ``name`` of an INFO section; None (said once per field) when Redis
+        does not tell it, e.g. to an ACL user without +info: the connection serves unchecked."""
+        reason = f"no {name} in INFO {section}"
+        try:
+            match = re.search(rf"^{name}:(\S+)", await execute("INFO", section), re.M)
+        except RedisReplyError as exc:
+            match, reason = None, str(exc)
+        if match is None:
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning("Redis does not tell its %s (%s): %s", name, reason, unchecked)
+            return None
+        return match[1]
 
     async def _rebuild(self, run_id: str) -> None:
         if self.redis_url is None:

@@ -90,6 +90,32 @@ async def test_emptied_script_cache_falls_back_to_eval(
         assert (await http.get("/ready")).status_code == 200
 
 
+async def test_a_redis_that_may_evict_keys_is_refused_until_noeviction(
+    settings: Settings, clock: FixedClock, private_redis: EmbeddedRedis
+) -> None:
+    """An evicted period counter would read as a new period (a free reset): a Redis whose
+    maxmemory-policy is not noeviction serves nothing (503, /ready says why), until it is."""
+    admin = aioredis.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        await admin.config_set("maxmemory-policy", "volatile-lru")
+        async with app_client(settings.with_overrides(redis_url=private_redis.url),
+                              clock) as http:
+            user = new_user()
+            refused = await debit(http, user, 1)
+            assert refused.status_code == 503
+            assert "maxmemory-policy volatile-lru" in refused.json()["error"]["message"]
+            ready = await http.get("/ready")
+            assert ready.status_code == 503
+            assert "noeviction" in ready.json()["checks"]["redis"]
+            assert await admin.dbsize() == 0  # nothing was written
+            await admin.config_set("maxmemory-policy", "noeviction")
+            served = await debit(http, user, 1)
+            assert served.status_code == 200, served.text
+            assert (await http.get("/ready")).status_code == 200
+    finally:
+        await admin.aclose()
+
+
 async def test_redis_restart_mid_service_reconnects(
     settings: Settings, clock: FixedClock, private_redis: EmbeddedRedis
 ) -> None:
@@ -186,7 +212,9 @@ async def test_migration_0005_refuses_a_ledger_with_a_ref_debited_twice(
             transaction = conn.transaction()
             await transaction.start()
             try:
-                await conn.execute("DROP INDEX ledger_debit_ref")
+                # The ledger as it was before 0005: no unique index on a debit's ref (0007's
+                # (user_id, ref, ref_round) index stands for 0005's since).
+                await conn.execute("DROP INDEX ledger_debit_ref_round")
                 for tx in (uuid.uuid4(), uuid.uuid4()):
                     await conn.execute(
                         "INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, "
@@ -200,4 +228,5 @@ async def test_migration_0005_refuses_a_ledger_with_a_ref_debited_twice(
             assert await conn.fetchval("SELECT count(*) FROM ledger WHERE user_id = $1",
                                        user) == 0
             assert await conn.fetchval(
-                "SELECT count(*) FROM pg_indexes WHERE indexname = 'ledger_debit_ref'") == 1
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'ledger_debit_ref_round'"
+            ) == 1
