@@ -1,13 +1,15 @@
 """Exact fixed-point amounts: millionths of a unit, held as Python ints.
 
 The API accepts JSON numbers (or decimal strings) such as ``2``, ``2.0`` and ``2.5``;
-msgspec hands them over as ``Decimal`` parsed from the text, so no float is ever involved.
-Out of the service they go as JSON numbers again, through ``Decimal``.
+msgspec hands them over as ``Amount`` (a ``Decimal``) parsed from the text, so no float is
+ever involved. Out of the service they go as JSON numbers again, through ``Decimal``.
 """
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
+from typing import Any, cast
 
 SCALE = 1_000_000  # micro-units per unit
 SCALE_DIGITS = 6
@@ -21,6 +23,38 @@ assert MAX_MICRO * 4 < 2**53
 
 class AmountError(ValueError):
     """An amount is not a finite, positive number within scale and bounds."""
+
+
+#: A JSON number's grammar: what an amount given as a string must hold too. Decimal() alone
+#: would take "1_0", " 3 ", "+5", "NaN" and digits of other scripts.
+NUMBER_TEXT = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+
+class Amount(Decimal):
+    """An amount in a request body: a JSON number, or a string holding one ("2.5"), read
+    exactly (``decode_hook``; the decoder's ``float_hook=Decimal`` keeps numbers out of
+    floats). Range and scale are ``to_micro``'s to judge."""
+
+    __slots__ = ()
+
+
+#: The default of an amount field that may be left out: a plain Decimal, as the spec
+#: writes defaults out and msgspec encodes Decimal itself, not its subclasses.
+ZERO = cast(Amount, Decimal(0))
+
+
+def decode_hook(kind: type, value: Any) -> Any:
+    """msgspec's ``dec_hook`` for ``Amount`` (a decoder with ``float_hook=Decimal``)."""
+    if kind is not Amount:
+        raise NotImplementedError(f"no decoder for {kind!r}")
+    if isinstance(value, str):
+        if NUMBER_TEXT.fullmatch(value) is None:
+            raise ValueError("must be a number, or a string holding a JSON number such as "
+                             "\"2.5\"")
+        return Amount(value)
+    if isinstance(value, int | Decimal) and not isinstance(value, bool):
+        return Amount(value)
+    raise TypeError(f"Expected a number, got `{type(value).__name__}`")
 
 
 def to_micro(value: Decimal | int, *, allow_zero: bool = False) -> int:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from hotpath.amounts import NUMBER_TEXT, Amount
 from hotpath.schemas import ErrorOut
 from hotpath.settings import Settings
 
@@ -53,10 +54,19 @@ def _reachable(names: set[str], components: dict[str, Any]) -> set[str]:
 #: msgspec describes a Decimal as a string; the API reads a JSON number (or the same digits
 #: as a string) and always writes a JSON number.
 _READ_DECIMAL = {"type": ["number", "string"], "format": "decimal",
+                 "pattern": f"^{NUMBER_TEXT.pattern}$",  # applies to the string form only
                  "description": "An exact decimal, at most 6 places: a JSON number, or the "
                                 "same digits as a string"}
 _WRITTEN_DECIMAL = {"type": "number", "format": "decimal",
                     "description": "An exact decimal, at most 6 places"}
+
+
+def _amount_schema(kind: type) -> dict[str, Any]:
+    """msgspec's ``schema_hook``: ``Amount`` is described as a Decimal is (then by direction,
+    below)."""
+    if kind is Amount:
+        return {"type": "string", "format": "decimal"}
+    raise NotImplementedError(f"no schema for {kind!r}")
 
 
 def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any]:
@@ -67,7 +77,7 @@ def build_spec(settings: Settings, operations: list[Operation]) -> dict[str, Any
         models |= {m for _, m in op.error_bodies}
     ordered = sorted(models, key=lambda m: m.__name__)
     refs, components = msgspec.json.schema_components(
-        ordered, ref_template="#/components/schemas/{name}"
+        ordered, schema_hook=_amount_schema, ref_template="#/components/schemas/{name}"
     )
     ref_of = dict(zip(ordered, refs, strict=True))
     read = _reachable({op.body.__name__ for op in operations if op.body is not None},

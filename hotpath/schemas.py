@@ -1,7 +1,8 @@
 """Request and response models: validated by msgspec, and the source of the OpenAPI spec.
 
-Amounts arrive as JSON numbers (or decimal strings) and are parsed into ``Decimal`` from
-their text, then into micro-units by ``hotpath.amounts``: never through a float.
+Amounts arrive as JSON numbers (or strings holding one) and are parsed into ``Amount`` (a
+``Decimal``) from their text, then into micro-units by ``hotpath.amounts``: never through a
+float. Responses carry plain ``Decimal`` amounts, written as JSON numbers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from msgspec import Meta
 
-from hotpath.amounts import AmountError, to_micro
+from hotpath.amounts import ZERO, Amount, AmountError, decode_hook, to_micro
 from hotpath.errors import InvalidInput
 
 #: Named limits on identifiers (bytes of UTF-8 are bounded by the body limit too).
@@ -22,14 +23,17 @@ MAX_USER_ID = 128
 MAX_REF = 128
 MAX_REASON = 256
 MAX_ACTION = 64
-_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+#: No control characters (C0, DEL and C1) in ids, refs and reasons; ids and refs are not
+#: blank either (a caller's bug, not a key).
+_CONTROL = "\x00-\x1f\x7f-\x9f"
+_PRINTABLE = rf"^(?=.*\S)[^{_CONTROL}]+$"
 
 #: A user id holds no ':' either: it is the part of every Redis key of the user that ends
 #: at the next ':' (lua.Keys), so ids like "a" and "a:r:x" must not both be possible.
-USER_ID_PATTERN = r"^[^\x00-\x1f\x7f:]+$"
+USER_ID_PATTERN = rf"^(?=.*\S)[^{_CONTROL}:]+$"
 UserId = Annotated[str, Meta(
     min_length=1, max_length=MAX_USER_ID, pattern=USER_ID_PATTERN,
-    description="The user's id (no ':', no control characters)")]
+    description="The user's id (no ':', no control characters, not blank)")]
 
 
 def user_id_problem(user_id: object) -> str | None:
@@ -39,18 +43,18 @@ def user_id_problem(user_id: object) -> str | None:
         return "is required (a non-empty string)"
     if len(user_id) > MAX_USER_ID:
         return f"must be at most {MAX_USER_ID} characters"
-    if any(ord(c) < 32 or ord(c) == 127 or c == ":" for c in user_id):
-        return "must not contain ':' or control characters"
+    if re.match(USER_ID_PATTERN, user_id) is None:
+        return "must not contain ':' or control characters, nor be blank"
     return None
 Ref = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=_PRINTABLE,
                           description="The caller's idempotency key for this debit")]
-Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=rf"^[^{_CONTROL}]*$")]
 Action = Annotated[str, Meta(min_length=1, max_length=MAX_ACTION, pattern=r"^[a-z][a-z0-9_]*$")]
 PlanCode = Annotated[str, Meta(min_length=1, max_length=64,
                                pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
-#: An exact amount: read as a JSON number with at most 6 decimal places, or the same digits
-#: as a string ("2.5"; README, "Amounts"); written as a JSON number.
-Amount = Decimal  # the spec's text for it: hotpath/openapi.py
+# An exact amount is read as ``Amount``: a JSON number with at most 6 decimal places, or
+# the same digits as a string ("2.5"; README, "Amounts"); written as a ``Decimal``, a JSON
+# number. The spec's text for both: hotpath/openapi.py.
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,8 +105,8 @@ class QuotaCreditIn(Strict):
     order_id: OrderId
     user_id: UserId
     plan_code: PlanCode
-    units_chat: Amount = Decimal(0)
-    units_tpl: Amount = Decimal(0)
+    units_chat: Amount = ZERO
+    units_tpl: Amount = ZERO
     amount: Amount | None = None  # what was paid; default: the plan's price
     currency: Currency | None = None  # default: the plan's currency
 
@@ -115,7 +119,7 @@ class QuotaCreditOut(msgspec.Struct):
     plan_code: str | None
     expires_at: str | None
     status: str
-    credits: dict[str, Amount]
+    credits: dict[str, Decimal]
     tx_id: str
     applied: bool
 
@@ -132,10 +136,10 @@ class WebhookOut(msgspec.Struct):
 class MeterOut(msgspec.Struct):
     """One meter of a user: allowance, usage, credits and what remains."""
 
-    limit: Amount
-    used: Amount
-    credits: Amount
-    remaining: Amount
+    limit: Decimal
+    used: Decimal
+    credits: Decimal
+    remaining: Decimal
     period: str
     resets_at: str | None
 
@@ -143,8 +147,8 @@ class MeterOut(msgspec.Struct):
 class QuotaCheckOut(msgspec.Struct):
     """Seed 000 check, with per-meter detail."""
 
-    remain_chat: Amount
-    remain_tpl: Amount
+    remain_chat: Decimal
+    remain_tpl: Decimal
     plan_code: str
     plan_status: str
     assigned_plan: str
@@ -157,9 +161,9 @@ class QuotaDebitOut(msgspec.Struct):
 
     tx_id: str
     meter: str
-    remaining: Amount
-    from_allowance: Amount
-    from_credits: Amount
+    remaining: Decimal
+    from_allowance: Decimal
+    from_credits: Decimal
     plan_code: str
 
 
@@ -167,14 +171,14 @@ class BalanceCheckOut(msgspec.Struct):
     """Seed 002 pre-check answer; resets_at: when the balance meter's allowance renews."""
 
     allowed: bool
-    balance: Amount
+    balance: Decimal
     resets_at: str | None = None
 
 
 class BalanceDebitOut(msgspec.Struct):
     """Seed 002 debit answer."""
 
-    balance: Amount
+    balance: Decimal
     tx_id: str
 
 
@@ -189,7 +193,7 @@ class PlanStateOut(msgspec.Struct):
 class BalanceOut(msgspec.Struct):
     """Seed 002 balance answer."""
 
-    balance: Amount
+    balance: Decimal
     plan: PlanStateOut
     resets_at: str | None
 
@@ -208,7 +212,7 @@ class PlanApplyOut(msgspec.Struct):
 class PlanMeterOut(msgspec.Struct):
     """A meter of a plan: its allowance per period ('none': never renews)."""
 
-    limit: Amount
+    limit: Decimal
     period: str
 
 
@@ -236,9 +240,9 @@ class TransactionOut(msgspec.Struct):
     tx_id: str
     kind: str
     meter: str
-    amount: Amount
-    from_allowance: Amount
-    from_credits: Amount
+    amount: Decimal
+    from_allowance: Decimal
+    from_credits: Decimal
     period: str
     ref: str | None
     reason: str | None
@@ -292,7 +296,7 @@ class QuotaDebitErrorOut(msgspec.Struct):
 
     error: ErrorBody
     tx_id: str | None = None
-    remaining: Amount | None = None
+    remaining: Decimal | None = None
 
 
 class BalanceDebitErrorOut(msgspec.Struct):
@@ -301,7 +305,7 @@ class BalanceDebitErrorOut(msgspec.Struct):
 
     error: ErrorBody
     tx_id: str | None = None
-    balance: Amount | None = None
+    balance: Decimal | None = None
 
 
 class CreditConflictOut(QuotaCreditOut):
@@ -334,7 +338,8 @@ def decode(body: bytes, model: type[T]) -> T:
     """Parse and validate a JSON body; InvalidInput names the field at fault."""
     decoder = _decoders.get(model)
     if decoder is None:
-        decoder = _decoders[model] = msgspec.json.Decoder(model)
+        decoder = _decoders[model] = msgspec.json.Decoder(
+            model, dec_hook=decode_hook, float_hook=Decimal)
     try:
         return decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
@@ -365,4 +370,11 @@ def money(value: Decimal, field: str) -> Decimal:
     return value.quantize(Decimal("0.01"))
 
 
-ENCODER = msgspec.json.Encoder(decimal_format="number")
+def _encode_amount(value: Any) -> Any:
+    """An ``Amount`` that reaches a response (msgspec encodes Decimal, not its subclasses)."""
+    if isinstance(value, Decimal):
+        return Decimal(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+ENCODER = msgspec.json.Encoder(decimal_format="number", enc_hook=_encode_amount)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from hotpath.amounts import AmountError, from_micro, to_micro
+from hotpath.amounts import ZERO, Amount, AmountError, decode_hook, from_micro, to_micro
 from hotpath.errors import InvalidInput, VersionConflict
 from persistence.db import Database
 from persistence.queries import QUERIES
@@ -30,7 +30,7 @@ MAX_PRICE = Decimal("100000000")
 class MeterBody(msgspec.Struct, forbid_unknown_fields=True):
     """One meter of a plan on the wire."""
 
-    limit: Decimal
+    limit: Amount
     period: Literal["day", "month", "none"]
 
 
@@ -46,7 +46,7 @@ class PlanBody(msgspec.Struct, forbid_unknown_fields=True):
     meters: dict[str, MeterBody]
     plan_code: str | None = None
     duration_days: int | None = None
-    price: Decimal = Decimal(0)
+    price: Amount = ZERO
     currency: str = "RUB"
     version: int | None = None
     updated_by: str | None = None
@@ -122,8 +122,8 @@ def read_catalog_file(text: bytes | None = None) -> list[Plan]:
     """The plans of the catalog file shipped in the repository (or of ``text``)."""
     if text is None:
         text = (resources.files(__package__) / "plans.json").read_bytes()
-    decoded = msgspec.json.decode(text, type=dict[str, Any])
-    plans = msgspec.convert(decoded["plans"], type=list[PlanBody])
+    decoded = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode(text)
+    plans = msgspec.convert(decoded["plans"], type=list[PlanBody], dec_hook=decode_hook)
     return [validate_plan(body.plan_code or "", body) for body in plans]
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from hotpath.schemas import user_id_problem
 from tests.support import debit, new_ref, new_user
 
 URL = "/internal/billing/quota/debit"
@@ -33,13 +34,20 @@ BAD_BODIES = [
     ({"units": "Infinity"}, "units"), ({"units": 1.0000001}, "units"),
     ({"units": 10**10}, "units"), ({"units": "abc"}, "units"), ({"units": True}, "units"),
     ({"units": None}, "units"), ({"units": ...}, "units"),
+    # a string holds a JSON number or nothing (Decimal() alone would take each of these)
+    ({"units": "1_0"}, "units"), ({"units": "\u0661\u0662"}, "units"),
+    ({"units": " 3 "}, "units"), ({"units": "+5"}, "units"), ({"units": "5."}, "units"),
+    ({"units": ".5"}, "units"), ({"units": "007"}, "units"), ({"units": "0x10"}, "units"),
+    ({"units": "sNaN"}, "units"), ({"units": ""}, "units"),
     ({"user_id": ""}, "user_id"), ({"user_id": "x" * 129}, "user_id"),
     ({"user_id": "bad\nid"}, "user_id"), ({"user_id": 5}, "user_id"),
     ({"user_id": ...}, "user_id"), ({"user_id": "a:r:b"}, "user_id"),
+    ({"user_id": "a\u0085b"}, "user_id"), ({"user_id": " "}, "user_id"),
     ({"ref": ""}, "ref"), ({"ref": "r" * 129}, "ref"), ({"ref": "a\x00b"}, "ref"),
-    ({"ref": ...}, "ref"),
+    ({"ref": "a\u009bb"}, "ref"), ({"ref": " \t"}, "ref"), ({"ref": ...}, "ref"),
     ({"action": "mine_bitcoin"}, "action"), ({"action": ...}, "action"),
     ({"reason": "r" * 257}, "reason"), ({"reason": "two\nlines"}, "reason"),
+    ({"reason": "c1\u0085"}, "reason"),
     ({"reason": 7}, "reason"),
     ({"extra": 1}, "extra"),
 ]
@@ -59,7 +67,7 @@ async def test_bad_bodies_are_422_naming_the_field(
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == field
     user = payload.get("user_id")
-    if isinstance(user, str) and 0 < len(user) <= 128 and "\n" not in user and ":" not in user:
+    if user_id_problem(user) is None:  # a valid id: its quota is untouched
         check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
         assert check["remain_chat"] == 50
         assert check["meters"]["units"]["used"] == 0
@@ -69,7 +77,7 @@ async def test_bad_user_ids_in_the_path_and_the_query_are_422(
     client: httpx.AsyncClient
 ) -> None:
     """The read routes check the user id as the bodies do."""
-    for bad in ("x" * 129, "bad%0Aid", "a:b"):
+    for bad in ("x" * 129, "bad%0Aid", "a:b", "a%C2%85b", "%20"):
         check = await client.get(f"/internal/billing/quota/check/{bad}")
         assert check.status_code == 422 and check.json()["error"]["field"] == "user_id"
         balance = await client.get(f"/internal/billing/balance?user_id={bad}")
@@ -187,3 +195,16 @@ async def test_unknown_route_uses_the_error_envelope(client: httpx.AsyncClient) 
 async def test_debit_still_works_after_bad_requests(client: httpx.AsyncClient) -> None:
     """Sanity: a valid debit right after is accepted."""
     assert (await debit(client, new_user(), 1)).status_code == 200
+
+
+async def test_an_amount_string_holding_a_json_number_is_read_exactly(
+    client: httpx.AsyncClient,
+) -> None:
+    """The strings the README allows: the digits of a JSON number, read as that number."""
+    user = new_user()
+    first = await client.post(URL, json=body(user_id=user, units="0.25"))
+    assert first.status_code == 200, first.text
+    assert first.json()["remaining"] == 49.75
+    second = await client.post(URL, json=body(user_id=user, units="1.5e1"))
+    assert second.status_code == 200, second.text
+    assert second.json()["remaining"] == 34.75
