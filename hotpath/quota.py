@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from persistence.migrate import schema_behind
 from persistence.plans import Plan, catalog_fields, list_plans, put_plan
 from persistence.queries import QUERIES
 from reconciler.events import LedgerEvent, columns, debit_event_head
+
+log = logging.getLogger("quota_gateway.engine")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: The user id /ready checks: it proves a script runs by EVALSHA end to end.
@@ -454,10 +457,21 @@ class Engine:
     async def put_plan_and_sync(self, plan: Plan, caller: str, *,
                                 from_version: int | None = None) -> Plan:
         """Write a plan to PostgreSQL as ``caller`` (see ``put_plan``), then push the new
-        catalog to every shard (a copy cut short by a Redis error is finished by
-        ``resync_catalog``)."""
+        catalog to every shard.
+
+        Redis is asked first: when it is down the PUT answers 503 and nothing is committed.
+        Once the plan is committed the PUT succeeds, even if the copy to the shards is cut
+        short (Redis went away in between): the change is durable, and ``resync_catalog``
+        (the reconciler's chores) finishes the copy; a 503 then would have the caller's
+        retry of its ``version`` refused as a conflict with its own change."""
+        await self.redis.execute("PING")
         stored = await put_plan(self.db, plan, caller, from_version=from_version)
-        await self.sync_catalog()
+        try:
+            await self.sync_catalog()
+        except DependencyUnavailable as exc:
+            log.warning("plan %s version %d committed, but copying the catalog to Redis "
+                        "failed (%s): the reconciler's catalog resync finishes it",
+                        stored.plan_code, stored.version, exc)
         return stored
 
     async def resync_catalog(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +18,11 @@ from hotpath.devservers import EmbeddedRedis, free_port
 from hotpath.quota import Engine
 from hotpath.schemas import ReadyOut
 from hotpath.settings import Settings
+from lua.connection import RedisUnavailable
 from persistence.db import PostgresUnavailable
 from persistence.migrate import latest
 from reconciler.main import Reconciler
-from tests.support import app_client, debit, new_user
+from tests.support import app_client, debit, new_user, unique_plan
 
 
 @pytest.fixture
@@ -65,6 +67,49 @@ async def test_postgres_down_blocks_loading_new_users_with_503(settings: Setting
         ready = (await http.get("/ready")).json()
         assert ready["checks"]["redis"] == "ok" and ready["checks"]["postgres"] != "ok"
         assert _sample((await http.get("/metrics")).text, errors) == before + 1
+
+
+#: A plan PUT made from "no such plan yet" (version 0).
+NEW_PLAN = {"meters": {"chat": {"limit": 3, "period": "day"}}, "duration_days": 30,
+            "price": "10.00", "currency": "RUB", "version": 0}
+
+
+async def test_a_plan_put_with_redis_down_is_503_and_commits_nothing(
+    settings: Settings, clock: FixedClock
+) -> None:
+    """Redis is asked before the plan is committed: down, the PUT is a 503 and PostgreSQL
+    holds no trace of it (a retry is the same request, not a version conflict)."""
+    dead = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    code = unique_plan()
+    async with app_client(dead, clock) as http:
+        response = await http.put(f"/internal/billing/plans/{code}", json=NEW_PLAN)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "unavailable"
+        assert (await http.get(f"/internal/billing/plans/{code}")).status_code == 404
+
+
+async def test_a_plan_committed_before_redis_fails_answers_200(
+    settings: Settings, clock: FixedClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis lost between the commit and the copy to the shards: the change is durable,
+    so the PUT answers 200 with it (the reconciler's catalog resync finishes the copy:
+    test_a_plan_change_that_missed_a_shard_reaches_it_with_the_reconciler); a 503 would
+    have the caller's retry of its version refused as a conflict with its own change."""
+    code = unique_plan()
+    async with app_client(settings, clock) as http:
+        engine: Engine = http.engine  # type: ignore[attr-defined]
+
+        async def redis_gone(*args: object) -> int:
+            raise RedisUnavailable("connection to Redis lost: test")
+
+        engine.sync_catalog = redis_gone  # type: ignore[method-assign,assignment]
+        with caplog.at_level(logging.WARNING, logger="quota_gateway.engine"):
+            response = await http.put(f"/internal/billing/plans/{code}", json=NEW_PLAN)
+        assert response.status_code == 200, response.text
+        stored = (await http.get(f"/internal/billing/plans/{code}")).json()
+        assert stored["version"] == response.json()["version"]
+        assert stored["meters"]["chat"]["limit"] == 3
+        assert any("catalog resync" in r.getMessage() for r in caplog.records)
 
 
 def _sample(text: str, name: str) -> float:

@@ -43,8 +43,9 @@ async def test_plan_catalog_reads_and_writes(client: httpx.AsyncClient) -> None:
 async def test_a_plan_change_that_missed_a_shard_reaches_it_with_the_reconciler(
     client: httpx.AsyncClient, engine: Engine, raw_redis: aioredis.Redis
 ) -> None:
-    """A PUT whose copy to the shards failed half-way (the caller got 503) leaves shards
-    on the old rules; the reconciler's chores bring them to PostgreSQL's version."""
+    """A PUT whose copy to the shards failed half-way (committed: the caller got 200)
+    leaves shards on the old rules; the reconciler's chores bring them to PostgreSQL's
+    version."""
     code, user = unique_plan(), new_user()
     await put_plan(client, code, {"chat": {"limit": 3, "period": "day"}})
     await apply_plan(client, user, code)
