@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -48,7 +48,7 @@ class PlanBody(msgspec.Struct, forbid_unknown_fields=True):
     duration_days: int | None = None
     price: Amount = ZERO
     currency: str = "RUB"
-    version: int | None = None
+    version: Annotated[int, msgspec.Meta(ge=0)] | None = None
     updated_by: str | None = None
 
 

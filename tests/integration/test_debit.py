@@ -88,3 +88,12 @@ async def test_ref_reused_with_other_content_is_422(client: httpx.AsyncClient) -
     assert check["remain_chat"] == 49 and check["remain_tpl"] == 5
     other = new_user()
     assert (await balance_debit(client, other, 1, ref, reason="a")).status_code == 403
+    # Another reason alone is reuse too (seed 002's debit carries one).
+    payer, plan = new_user(), unique_plan()
+    await put_plan(client, plan, {"units": {"limit": 10, "period": "month"}})
+    await apply_plan(client, payer, plan)
+    assert (await balance_debit(client, payer, 1, ref, reason="a")).status_code == 200
+    reused = await balance_debit(client, payer, 1, ref, reason="b")
+    assert reused.status_code == 422 and reused.json()["error"]["code"] == "ref_reused"
+    repeat = await balance_debit(client, payer, 1, ref, reason="a")
+    assert repeat.status_code == 409 and repeat.json()["balance"] == 9

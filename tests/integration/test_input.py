@@ -148,6 +148,8 @@ async def test_bad_plan_definitions_are_422(client: httpx.AsyncClient) -> None:
         ({"meters": {"chat": {"limit": 1, "period": "week"}}}, "meters[...].period"),
         ({"meters": {}, "price": "1.005"}, "price"),
         ({"meters": {}, "currency": "rub"}, "currency"),
+        ({"meters": {}, "version": -1}, "version"),
+        ({"meters": {"chat": {"limit": "+1", "period": "day"}}}, "meters[...].limit"),
     ]
     for payload, field in cases:
         response = await client.put(url, json=payload)
