@@ -34,6 +34,9 @@ from reconciler.events import LedgerEvent, columns, debit_event_head
 log = logging.getLogger("quota_gateway.engine")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: How far this process's clock may run ahead of Redis's without an idempotency key being
+#: left out when a user's keys are restored from the ledger (``_restore_refs``).
+RESTORE_CLOCK_MARGIN_MS = 3_600_000
 #: The user id /ready checks: it proves a script runs by EVALSHA end to end.
 READY_PROBE_USER = "~ready-probe"
 _RETRYABLE = (Status.NOT_LOADED, Status.STALE_WINDOW, Status.NEED_METERS)
@@ -302,24 +305,25 @@ class Engine:
         DUPLICATE with its tx id and remaining instead of debiting again. Keys that exist
         are kept. The ledger is read a page at a time, each page restored by one short
         script call, so a user with many refs costs neither memory nor a long Redis call.
-        Returns the number of keys written."""
-        now_ms = self.clock.now_ms()
+        Returns the number of keys written.
+
+        The script judges each key's life on the clock that stamped the debits (Redis
+        TIME); the ledger is read from ``RESTORE_CLOCK_MARGIN`` earlier than this process's
+        clock says the window starts, so that a clock running ahead loses no key."""
         ttl_ms = self.settings.idempotency_ttl_seconds * 1000
-        after: tuple[datetime, uuid.UUID] = (from_ms(now_ms - ttl_ms), uuid.UUID(int=0))
+        start = self.clock.now_ms() - ttl_ms - RESTORE_CLOCK_MARGIN_MS
+        after: tuple[datetime, uuid.UUID] = (from_ms(start), uuid.UUID(int=0))
         written = 0
         while True:
             rows = await self.db.fetch("user_recent_debits", user_id, *after, _RESTORE_PAGE)
             keys: list[str] = []
-            args: list[str | int] = []
+            args: list[str | int] = [self.clock.script_now()]
             for row in rows:
-                left = to_ms(row["occurred_at"]) + ttl_ms - now_ms
-                if left <= 0:
-                    continue
                 # A debit flushed before migration 0004 has no remaining recorded: 0.
                 value = (f"{fingerprint(row['meter'], -row['amount_micro'], row['reason'] or '')}"
                          f"\n{row['tx_id']}\n{row['remaining_micro'] or 0}")
                 keys.append(self.keys.idempotency(user_id, row["ref"]))
-                args += [value, left]
+                args += [value, to_ms(row["occurred_at"]) + ttl_ms]
             if keys:
                 written += (await self._run(SCRIPTS["restore_refs"], keys, args))[1]
             if len(rows) < _RESTORE_PAGE:

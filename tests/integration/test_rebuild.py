@@ -221,6 +221,27 @@ async def test_a_debit_held_by_the_reconciler_when_redis_lost_it_is_not_doubled(
     assert check["meters"]["chat"]["remaining"] == 7
 
 
+async def test_keys_are_restored_by_redis_time_when_this_process_clock_runs_ahead(
+    client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine, clock: FixedClock,
+    raw_redis: aioredis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key's life left is judged on the clock that stamped the debit (the script's), not
+    on this process's: ten minutes ahead, it would have found a key with five minutes left
+    already expired and left it out, and a retry would have been debited again (which the
+    ledger, judging by the debits' times, then refuses as a double: usage lost)."""
+    user, ref = new_user(), new_ref()
+    first = (await debit(client, user, 1, ref=ref)).json()
+    await reconciler.drain()
+    clock.advance(settings.idempotency_ttl_seconds * 1000 - 5 * 60_000)
+    await _wipe_user(raw_redis, settings, user)
+    scripts_now = clock.now_ms
+    monkeypatch.setattr(clock, "now_ms", lambda: scripts_now() + 10 * 60_000)
+    retry = await debit(client, user, 1, ref=ref)
+    assert retry.status_code == 409 and retry.json()["tx_id"] == first["tx_id"]
+    left = await raw_redis.pttl(engine.keys.idempotency(user, ref))
+    assert 4 * 60_000 < left <= 5 * 60_000
+
+
 async def test_a_ref_reused_past_its_ttl_reaches_the_ledger_as_a_new_debit(
     client: httpx.AsyncClient, reconciler: Reconciler, engine: Engine, clock: FixedClock,
     raw_redis: aioredis.Redis, settings: Settings,
