@@ -26,6 +26,10 @@ TRANSIENT = (
 )
 
 
+#: Tries at a reused ref's next round before the batch is left for a later retry.
+REUSE_ATTEMPTS = 3
+
+
 @dataclass(frozen=True, slots=True)
 class Written:
     """What one batch did."""
@@ -80,34 +84,44 @@ class LedgerWriter:
             if debits:
                 rows = await self.db.fetch("ledger_missing_tx", list(debits))
                 missing = [debits[r["tx_id"]] for r in rows]
-        conflicts, reuses = [], 0
+        conflicts, reuses, written_meanwhile = [], 0, 0
         for event in sorted(missing, key=lambda e: e.occurred_at):
-            if await self._write_reuse(event):
+            outcome = await self._write_reuse(event)
+            if outcome == "reuse":
                 reuses += 1
-                continue
-            conflicts.append(str(event.tx_id))
-            log.warning("debit %s not written: its (user, ref) is already debited in the "
-                        "ledger by another tx within the idempotency TTL", event.tx_id)
-        return Written(inserted + reuses, skipped - len(missing), len(bad), tuple(conflicts),
-                       reuses)
+            elif outcome == "written":
+                written_meanwhile += 1
+            else:
+                conflicts.append(str(event.tx_id))
+                log.warning("debit %s not written: its (user, ref) is already debited in "
+                            "the ledger by another tx within the idempotency TTL", event.tx_id)
+        return Written(inserted + reuses, skipped - len(missing) + written_meanwhile, len(bad),
+                       tuple(conflicts), reuses)
 
-    async def _write_reuse(self, event: LedgerEvent) -> bool:
-        """Write a debit the ledger refused as its ref's next round, when no debit of the
-        ref lies within the idempotency TTL of it: Redis had forgotten the ref and debited
-        it as new. False when one does (a double debit after Redis lost data: refused)."""
-        for _ in range(3):  # another reconciler may take the same round first
+    async def _write_reuse(self, event: LedgerEvent) -> str:
+        """Settle a debit the ledger refused: ``"reuse"`` when no debit of its ref lies
+        within the idempotency TTL of it (Redis had forgotten the ref and debited it as
+        new), written as the ref's next round; ``"conflict"`` when one does (a double debit
+        after Redis lost data: refused); ``"written"`` when another reconciler, holding the
+        same entry, wrote it meanwhile (then it is a duplicate here)."""
+        for _ in range(REUSE_ATTEMPTS):  # another reconciler may take the same round first
+            if not await self.db.fetch("ledger_missing_tx", [event.tx_id]):
+                return "written"
             rounds = await self.db.fetchrow("debit_ref_rounds", event.user_id, event.ref,
                                             event.occurred_at, self.idempotency_ttl)
             assert rounds is not None  # an aggregate answers one row
             if rounds["near"]:
-                return False
+                return "conflict"
             last = rounds["last_round"]
             reuse = dataclasses.replace(event, ref_round=0 if last is None else last + 1)
             if await self._batch([reuse], []):
                 log.info("debit %s: ref %r of %s reused past the idempotency TTL, written "
                          "as round %d", event.tx_id, event.ref, event.user_id, reuse.ref_round)
-                return True
-        return False
+                return "reuse"
+        # Never dropped: the batch stays pending and is written again later (its rows
+        # committed so far are duplicates by then).
+        raise PostgresUnavailable(f"debit {event.tx_id}: the next round of its ref was taken "
+                                  f"{REUSE_ATTEMPTS} times in a row; the batch will be retried")
 
     async def _batch(self, events: list[LedgerEvent], bad: list[tuple[Entry, str]]) -> int:
         async with self.db.transaction() as conn:

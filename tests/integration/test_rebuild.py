@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -16,7 +18,8 @@ from hotpath.clock import FixedClock
 from hotpath.quota import Engine
 from hotpath.settings import Settings
 from lua.connection import PipelinedRedis, RedisReplyError, RedisUnavailable
-from reconciler.events import decode
+from persistence.db import PostgresUnavailable
+from reconciler.events import LedgerEvent, decode
 from reconciler.main import Reconciler
 from tests.support import (
     DAY_MS,
@@ -277,6 +280,45 @@ async def test_a_ref_reused_past_its_ttl_reaches_the_ledger_as_a_new_debit(
     assert check["meters"]["chat"]["remaining"] == 4
     # Within the TTL of the reuse, the ref is a duplicate again (restored from the ledger).
     assert (await debit(client, user, 3, ref=ref)).status_code == 409
+
+
+async def test_the_writer_settles_a_refused_debit_by_the_times_of_its_refs_debits(
+    reconciler: Reconciler, engine: Engine, settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The writer's side of a refused debit, against the ledger: past the TTL of every
+    debit of its ref it is a reuse (the next round); within it a conflict; written by
+    another reconciler meanwhile (both held the entry) a duplicate, not a conflict; and
+    when the next round keeps being taken, the batch is left for a retry, never dropped."""
+    writer = reconciler.writer
+    user, ref, ttl = new_user(), new_ref(), timedelta(seconds=settings.idempotency_ttl_seconds)
+    start = datetime.fromtimestamp(T0 / 1000, UTC)
+
+    def event(at: datetime) -> LedgerEvent:
+        return LedgerEvent(
+            tx_id=uuid.uuid4(), kind="debit", user_id=user, meter="chat", amount=-1_000_000,
+            from_allowance=1_000_000, from_credits=0, period_id="n", ref=ref, reason="",
+            caller="test", action="chat_tokens", plan_code="free", occurred_at=at,
+            shard=engine.keys.shard(user), stream_id=None, remaining=0)
+
+    first = event(start)
+    assert await writer._batch([first], []) == 1
+    reuse = event(start + ttl + timedelta(milliseconds=1))
+    assert await writer._write_reuse(reuse) == "reuse"
+    assert await writer._write_reuse(reuse) == "written"  # another one wrote it meanwhile
+    assert await writer._write_reuse(event(start + timedelta(seconds=5))) == "conflict"
+    assert await writer._write_reuse(event(start + 2 * ttl)) == "conflict"  # near the reuse
+    async with engine.db.connection() as conn:
+        rounds = await conn.fetch("SELECT tx_id, ref_round FROM ledger WHERE user_id = $1 "
+                                  "ORDER BY ref_round", user)
+    assert [tuple(r) for r in rounds] == [(first.tx_id, 0), (reuse.tx_id, 1)]
+
+    async def round_taken(events: list[LedgerEvent], bad: list[Any]) -> int:
+        return 0
+
+    monkeypatch.setattr(writer, "_batch", round_taken)
+    with pytest.raises(PostgresUnavailable, match="will be retried"):
+        await writer._write_reuse(event(start + 3 * ttl))
 
 
 async def test_a_redis_back_with_older_data_is_rebuilt_from_postgres(
