@@ -43,10 +43,10 @@ class Amount(Decimal):
 ZERO = cast(Amount, Decimal(0))
 
 
-def decode_hook(kind: type, value: Any) -> Any:
-    """msgspec's ``dec_hook`` for ``Amount`` (a decoder with ``float_hook=Decimal``)."""
-    if kind is not Amount:
-        raise NotImplementedError(f"no decoder for {kind!r}")
+def read_amount(value: Any) -> Amount:
+    """A decoded JSON value as an amount (a decoder with ``float_hook=Decimal`` hands
+    numbers over as int or Decimal): a number, or a string holding a JSON number. Raises
+    ValueError (a string holding anything else) or TypeError (any other value)."""
     if isinstance(value, str):
         if NUMBER_TEXT.fullmatch(value) is None:
             raise ValueError("must be a number, or a string holding a JSON number such as "
@@ -55,6 +55,13 @@ def decode_hook(kind: type, value: Any) -> Any:
     if isinstance(value, int | Decimal) and not isinstance(value, bool):
         return Amount(value)
     raise TypeError(f"Expected a number, got `{type(value).__name__}`")
+
+
+def decode_hook(kind: type, value: Any) -> Any:
+    """msgspec's ``dec_hook`` for ``Amount`` (a decoder with ``float_hook=Decimal``)."""
+    if kind is not Amount:
+        raise NotImplementedError(f"no decoder for {kind!r}")
+    return read_amount(value)
 
 
 def to_micro(value: Decimal | int, *, allow_zero: bool = False) -> int:

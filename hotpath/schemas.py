@@ -26,11 +26,14 @@ MAX_ACTION = 64
 #: No control characters (C0, DEL and C1) in ids, refs and reasons; ids and refs are not
 #: blank either (a caller's bug, not a key).
 _CONTROL = "\x00-\x1f\x7f-\x9f"
-_PRINTABLE = rf"^(?=.*\S)[^{_CONTROL}]+$"
+#: The end of the text: Python's ``$`` alone also matches before a final newline
+#: ("abc\n"); the spec's (ECMA) regexes read ``(?!\n)$`` the same.
+END = r"(?!\n)$"
+PRINTABLE_PATTERN = rf"^(?=.*\S)[^{_CONTROL}]+{END}"
 
 #: A user id holds no ':' either: it is the part of every Redis key of the user that ends
 #: at the next ':' (lua.Keys), so ids like "a" and "a:r:x" must not both be possible.
-USER_ID_PATTERN = rf"^(?=.*\S)[^{_CONTROL}:]+$"
+USER_ID_PATTERN = rf"^(?=.*\S)[^{_CONTROL}:]+{END}"
 UserId = Annotated[str, Meta(
     min_length=1, max_length=MAX_USER_ID, pattern=USER_ID_PATTERN,
     description="The user's id (no ':', no control characters, not blank)")]
@@ -46,12 +49,13 @@ def user_id_problem(user_id: object) -> str | None:
     if re.match(USER_ID_PATTERN, user_id) is None:
         return "must not contain ':' or control characters, nor be blank"
     return None
-Ref = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=_PRINTABLE,
+Ref = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=PRINTABLE_PATTERN,
                           description="The caller's idempotency key for this debit")]
-Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=rf"^[^{_CONTROL}]*$")]
-Action = Annotated[str, Meta(min_length=1, max_length=MAX_ACTION, pattern=r"^[a-z][a-z0-9_]*$")]
+Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=rf"^[^{_CONTROL}]*{END}")]
+Action = Annotated[str, Meta(min_length=1, max_length=MAX_ACTION,
+                             pattern=rf"^[a-z][a-z0-9_]*{END}")]
 PlanCode = Annotated[str, Meta(min_length=1, max_length=64,
-                               pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+                               pattern=rf"^[a-z0-9][a-z0-9_.-]{{0,63}}{END}")]
 # An exact amount is read as ``Amount``: a JSON number with at most 6 decimal places, or
 # the same digits as a string ("2.5"; README, "Amounts"); written as a ``Decimal``, a JSON
 # number. The spec's text for both: hotpath/openapi.py.
@@ -94,9 +98,9 @@ class PlanApplyIn(Strict):
     expires_at: datetime | None = None
 
 
-OrderId = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=_PRINTABLE,
+OrderId = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=PRINTABLE_PATTERN,
                               description="Pay-svc's order id: one credit per order")]
-Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code")]
+Currency = Annotated[str, Meta(pattern=rf"^[A-Z]{{3}}{END}", description="ISO 4217 code")]
 
 
 class QuotaCreditIn(Strict):

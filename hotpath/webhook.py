@@ -24,9 +24,10 @@ import base64
 import binascii
 import ipaddress
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,10 +39,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from hotpath import metrics
-from hotpath.amounts import AmountError, to_micro
+from hotpath.amounts import AmountError, read_amount, to_micro
 from hotpath.errors import DependencyUnavailable, NotFound, OrderReused, QuotaError, Rejected
 from hotpath.payments import CreditOrder, Payments
-from hotpath.schemas import MAX_REF, user_id_problem
+from hotpath.schemas import MAX_REF, PRINTABLE_PATTERN, user_id_problem
 from hotpath.settings import Settings
 
 log = logging.getLogger("quota_gateway.webhook")
@@ -70,11 +71,12 @@ class Notification:
 
 # -- parsing -------------------------------------------------------------------------------
 def _text(value: Any, name: str, limit: int = MAX_REF) -> str:
+    """An id or code of the object: what the API asks of its own (PRINTABLE_PATTERN)."""
     if not isinstance(value, str) or not value:
         raise Rejected(422, "invalid_notification", "must be a non-empty string", field=name)
-    if len(value) > limit or any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if len(value) > limit or re.match(PRINTABLE_PATTERN, value) is None:
         raise Rejected(422, "invalid_notification",
-                       f"must be at most {limit} printable characters", field=name)
+                       f"must be at most {limit} printable characters, not blank", field=name)
     return value
 
 
@@ -110,8 +112,8 @@ def parse_object(event: str, obj: dict[str, Any]) -> Notification:
     if not isinstance(money, dict):
         raise Rejected(422, "invalid_notification", "must be an object", field="object.amount")
     try:
-        amount = Decimal(_text(str(money.get("value", "")), "object.amount.value", 32))
-    except InvalidOperation:
+        amount = read_amount(money.get("value"))
+    except (TypeError, ValueError):
         raise Rejected(422, "invalid_notification", "must be a decimal amount",
                        field="object.amount.value") from None
     # the size first: quantize raises on a value past the context's 28 digits (1e100)
@@ -144,9 +146,8 @@ def _units(metadata: dict[str, Any], name: str) -> int:
     if raw is None or raw == "":
         return 0
     try:
-        return to_micro(Decimal(str(raw)) if not isinstance(raw, bool) else raw,
-                        allow_zero=True)
-    except (AmountError, InvalidOperation) as exc:
+        return to_micro(read_amount(raw), allow_zero=True)
+    except (AmountError, TypeError, ValueError) as exc:
         raise Rejected(422, "invalid_notification", f"invalid units: {exc}",
                        field=f"object.metadata.{name}") from None
 

@@ -20,8 +20,8 @@ from hotpath.errors import InvalidInput, VersionConflict
 from persistence.db import Database
 from persistence.queries import QUERIES
 
-PLAN_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-METER_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+PLAN_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+METER_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 PERIOD_CODES = {"day": "d", "month": "m", "none": "n"}
 MAX_METERS = 32
 MAX_PRICE = Decimal("100000000")
@@ -90,7 +90,7 @@ class Plan:
 
 def validate_plan(code: str, body: PlanBody) -> Plan:
     """Check a plan's values; raise InvalidInput naming the field at fault."""
-    if not PLAN_PATTERN.match(code):
+    if not PLAN_PATTERN.fullmatch(code):
         raise InvalidInput("must match ^[a-z0-9][a-z0-9_.-]{0,63}$", field="plan_code")
     if body.plan_code is not None and body.plan_code != code:
         raise InvalidInput("differs from the plan code in the path", field="plan_code")
@@ -98,7 +98,7 @@ def validate_plan(code: str, body: PlanBody) -> Plan:
         raise InvalidInput(f"at most {MAX_METERS} meters", field="meters")
     meters = {}
     for name, meter in body.meters.items():
-        if not METER_PATTERN.match(name):
+        if not METER_PATTERN.fullmatch(name):
             raise InvalidInput("meter names must match ^[a-z][a-z0-9_]{0,31}$", field="meters")
         try:
             limit = to_micro(meter.limit, allow_zero=True)

@@ -43,6 +43,8 @@ BAD_BODIES = [
     ({"user_id": "bad\nid"}, "user_id"), ({"user_id": 5}, "user_id"),
     ({"user_id": ...}, "user_id"), ({"user_id": "a:r:b"}, "user_id"),
     ({"user_id": "a\u0085b"}, "user_id"), ({"user_id": " "}, "user_id"),
+    ({"user_id": "trailing\n"}, "user_id"), ({"ref": "trailing\n"}, "ref"),
+    ({"action": "chat_tokens\n"}, "action"),
     ({"ref": ""}, "ref"), ({"ref": "r" * 129}, "ref"), ({"ref": "a\x00b"}, "ref"),
     ({"ref": "a\u009bb"}, "ref"), ({"ref": " \t"}, "ref"), ({"ref": ...}, "ref"),
     ({"action": "mine_bitcoin"}, "action"), ({"action": ...}, "action"),
@@ -77,7 +79,7 @@ async def test_bad_user_ids_in_the_path_and_the_query_are_422(
     client: httpx.AsyncClient
 ) -> None:
     """The read routes check the user id as the bodies do."""
-    for bad in ("x" * 129, "bad%0Aid", "a:b", "a%C2%85b", "%20"):
+    for bad in ("x" * 129, "bad%0Aid", "a:b", "a%C2%85b", "%20", "trailing%0A"):
         check = await client.get(f"/internal/billing/quota/check/{bad}")
         assert check.status_code == 422 and check.json()["error"]["field"] == "user_id"
         balance = await client.get(f"/internal/billing/balance?user_id={bad}")
@@ -156,6 +158,10 @@ async def test_bad_plan_definitions_are_422(client: httpx.AsyncClient) -> None:
         assert response.status_code == 422, response.text
         assert response.json()["error"]["field"] == field
     assert (await client.get(url)).status_code == 404
+    trailing = await client.put(url + "%0A", json={"meters": {}})  # a code "tbad\n"
+    assert trailing.status_code == 422 and trailing.json()["error"]["field"] == "plan_code"
+    meter = await client.put(url, json={"meters": {"chat\n": {"limit": 1, "period": "day"}}})
+    assert meter.status_code == 422 and meter.json()["error"]["field"] == "meters"
 
 
 async def test_a_chunked_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:

@@ -6,12 +6,16 @@ import ipaddress
 from decimal import Decimal
 from pathlib import Path
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from hotpath.amounts import decode_hook
 from hotpath.errors import Rejected
+from hotpath.schemas import BalanceCheckIn, user_id_problem
 from hotpath.webhook import (
     SignatureVerifier,
+    _units,
     client_address,
     load_public_key,
     parse_event,
@@ -40,7 +44,12 @@ def test_forwarded_address_is_believed_only_from_trusted_proxies() -> None:
     ({"amount": {"value": "1.00", "currency": "rub"}}, "object.amount.currency"),
     ({"amount": "1.00"}, "object.amount"),
     ({"id": ""}, "object.id"),
-    ({"id": "a\x00b"}, "object.id"),
+    ({"id": "a\x00b"}, "object.id"), ({"id": "a\x85b"}, "object.id"),
+    ({"id": "   "}, "object.id"), ({"id": "pay-1\n"}, "object.id"),
+    ({"amount": {"value": "1_0", "currency": "RUB"}}, "object.amount.value"),
+    ({"amount": {"value": " 3.00", "currency": "RUB"}}, "object.amount.value"),
+    ({"amount": {"value": True, "currency": "RUB"}}, "object.amount.value"),
+    ({"amount": {"currency": "RUB"}}, "object.amount.value"),
     ({"metadata": ["user"]}, "object.metadata"),
 ])
 def test_bad_payment_objects_name_the_field(change: dict[str, object], field: str) -> None:
@@ -86,3 +95,28 @@ async def test_public_key_from_a_path_verifies_ed25519(tmp_path: Path) -> None:
     body = notification("payment.succeeded", payment_object("pay-1", "u", "p"))
     note = await SignatureVerifier(str(path)).verify(body, {"x-signature": sign(key, body)}, "")
     assert note.object_id == "pay-1"
+
+
+@pytest.mark.parametrize("raw", ["1_0", " 3", "+5", ".5", "\u0661\u0662", "abc", True, [1]])
+def test_units_in_metadata_hold_a_json_number(raw: object) -> None:
+    """A payment's metadata units as the API reads amounts: a number, or a string holding
+    a JSON number (Decimal() alone took "1_0" as 10 and Arabic-Indic digits as 12)."""
+    with pytest.raises(Rejected) as caught:
+        _units({"units_chat": raw}, "units_chat")
+    assert caught.value.field == "object.metadata.units_chat" and caught.value.status == 422
+
+
+def test_units_in_metadata_are_read_exactly() -> None:
+    assert _units({"units_chat": "2.5"}, "units_chat") == 2_500_000
+    assert _units({"units_chat": Decimal("0.000001")}, "units_chat") == 1
+    assert _units({"units_chat": 10}, "units_chat") == 10_000_000
+    assert _units({}, "units_chat") == 0
+
+
+@pytest.mark.parametrize("user_id", ["user-1\n", "a\x85b", " ", "a:b", ""])
+def test_user_ids_from_anywhere_are_checked_as_in_bodies(user_id: str) -> None:
+    """user_id_problem (paths, queries, a payment's metadata) refuses what a body's
+    UserId refuses, a trailing newline included (Python's ``$`` alone lets it through)."""
+    assert user_id_problem(user_id) is not None
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"user_id": user_id, "units": 1}, BalanceCheckIn, dec_hook=decode_hook)
