@@ -43,6 +43,7 @@ from typing import Any
 import msgspec
 import redis
 
+from hotpath.amounts import decode_hook
 from hotpath.app import make_engine
 from hotpath.devservers import free_port
 from hotpath.settings import load_settings
@@ -152,7 +153,7 @@ async def _measure(redis_url: str, db_dsn: str, users: int, prefix: str,
     engine = make_engine(settings)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        plan = validate_plan("bench", msgspec.convert(BENCH_PLAN, PlanBody))
+        plan = validate_plan("bench", msgspec.convert(BENCH_PLAN, PlanBody, dec_hook=decode_hook))
         await engine.put_plan_and_sync(plan, "bench")
         for script in SCRIPTS.values():
             client.script_load(script.source)
