@@ -308,7 +308,7 @@ class Engine:
         Returns the number of keys written.
 
         The script judges each key's life on the clock that stamped the debits (Redis
-        TIME); the ledger is read from ``RESTORE_CLOCK_MARGIN`` earlier than this process's
+        TIME); the ledger is read from ``RESTORE_CLOCK_MARGIN_MS`` earlier than this process's
         clock says the window starts, so that a clock running ahead loses no key."""
         ttl_ms = self.settings.idempotency_ttl_seconds * 1000
         start = self.clock.now_ms() - ttl_ms - RESTORE_CLOCK_MARGIN_MS
