@@ -17,6 +17,7 @@ from msgspec import Meta
 
 from hotpath.amounts import ZERO, Amount, AmountError, decode_hook, to_micro
 from hotpath.errors import InvalidInput
+from persistence.plans import PLAN_PATTERN
 
 #: Named limits on identifiers (bytes of UTF-8 are bounded by the body limit too).
 MAX_USER_ID = 128
@@ -55,7 +56,7 @@ Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=rf"^[^{_CONTROL}]*{E
 Action = Annotated[str, Meta(min_length=1, max_length=MAX_ACTION,
                              pattern=rf"^[a-z][a-z0-9_]*{END}")]
 PlanCode = Annotated[str, Meta(min_length=1, max_length=64,
-                               pattern=rf"^[a-z0-9][a-z0-9_.-]{{0,63}}{END}")]
+                               pattern=rf"^{PLAN_PATTERN.pattern}{END}")]
 # An exact amount is read as ``Amount``: a JSON number with at most 6 decimal places, or
 # the same digits as a string ("2.5"; README, "Amounts"); written as a ``Decimal``, a JSON
 # number. The spec's text for both: hotpath/openapi.py.
