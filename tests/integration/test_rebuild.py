@@ -47,6 +47,17 @@ async def _wipe_user(raw_redis: aioredis.Redis, settings: Settings, user: str) -
     return int(await raw_redis.delete(*keys)) if keys else 0
 
 
+async def _ledger_debits(engine: Engine, user: str) -> tuple[list[tuple[str, int]], int]:
+    """The user's debits in the ledger as (tx id, ref round), by round, and the flushed
+    usage of its chat meter, micro-units."""
+    async with engine.db.connection() as conn:
+        rows = await conn.fetch("SELECT tx_id::text, ref_round FROM ledger WHERE user_id = $1 "
+                                "AND kind = 'debit' ORDER BY ref_round", user)
+        used = await conn.fetchval("SELECT sum(used_micro) FROM usage_counters "
+                                   "WHERE user_id = $1 AND meter = 'chat'", user)
+    return [tuple(r) for r in rows], used
+
+
 async def test_usage_survives_losing_the_users_redis_keys(
     client: httpx.AsyncClient, reconciler: Reconciler, raw_redis: aioredis.Redis,
     settings: Settings,
@@ -213,12 +224,8 @@ async def test_a_debit_held_by_the_reconciler_when_redis_lost_it_is_not_doubled(
     await reconciler.flush(held)  # the held one commits
     assert reconciler.stats.ref_conflicts == 1
     assert metrics.LEDGER_REF_CONFLICTS._value.get() == conflicts + 1
-    async with engine.db.connection() as conn:
-        rows = await conn.fetch("SELECT tx_id::text FROM ledger "
-                                "WHERE user_id = $1 AND kind = 'debit'", user)
-        used = await conn.fetchval("SELECT sum(used_micro) FROM usage_counters "
-                                   "WHERE user_id = $1 AND meter = 'chat'", user)
-    assert len(rows) == 1 and rows[0]["tx_id"] in {first["tx_id"], retry.json()["tx_id"]}
+    rows, used = await _ledger_debits(engine, user)
+    assert len(rows) == 1 and rows[0][0] in {first["tx_id"], retry.json()["tx_id"]}
     assert used == 3_000_000  # one debit of 3, as Redis holds it
     check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
     assert check["meters"]["chat"]["remaining"] == 7
@@ -268,12 +275,8 @@ async def test_a_ref_reused_past_its_ttl_reaches_the_ledger_as_a_new_debit(
     await reconciler.drain()
     assert (reconciler.stats.ref_conflicts, reconciler.stats.ref_reuses) == (0, 1)
     assert metrics.LEDGER_REF_REUSES._value.get() == reuses + 1
-    async with engine.db.connection() as conn:
-        rows = await conn.fetch("SELECT tx_id::text, ref_round FROM ledger WHERE user_id = $1 "
-                                "AND kind = 'debit' ORDER BY ref_round", user)
-        used = await conn.fetchval("SELECT sum(used_micro) FROM usage_counters "
-                                   "WHERE user_id = $1 AND meter = 'chat'", user)
-    assert [tuple(r) for r in rows] == [(first["tx_id"], 0), (again.json()["tx_id"], 1)]
+    rows, used = await _ledger_debits(engine, user)
+    assert rows == [(first["tx_id"], 0), (again.json()["tx_id"], 1)]
     assert used == 6_000_000
     await _wipe_user(raw_redis, settings, user)
     check = (await client.get(f"/internal/billing/quota/check/{user}")).json()
