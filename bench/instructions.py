@@ -110,13 +110,17 @@ def redis_side(db_dsn: str, users: int, batch: int, rounds: int) -> dict[str, An
 def callgrind_inclusive(path: Path) -> Counter[str]:
     """Each function's inclusive instruction count in a callgrind dump: its own cost lines
     plus the cost of its calls to other functions (a recursive level, ``f'2``, is a name
-    of its own, so nothing is counted twice along one chain)."""
+    of its own, so nothing is counted twice along one chain). A cost line holds the
+    positions the dump's ``positions:`` header names (by default the line), then Ir."""
     names: dict[str, str] = {}
     inclusive: Counter[str] = Counter()
     current = callee = ""
     in_call = False
+    at = 1  # the Ir column of a cost line
     for line in path.read_text(errors="replace").splitlines():
-        if line.startswith(("fn=", "cfn=")):
+        if line.startswith("positions:"):
+            at = len(line.split()) - 1
+        elif line.startswith(("fn=", "cfn=")):
             ref, _, name = line.split("=", 1)[1].partition(" ")
             if name:
                 names[ref] = name
@@ -128,10 +132,10 @@ def callgrind_inclusive(path: Path) -> Counter[str]:
             in_call = True
         elif line[:1].isdigit() or line[:1] in "+-*":
             cost = line.split()
-            if len(cost) < 2:
+            if len(cost) <= at:
                 continue
             if not in_call or callee != current:
-                inclusive[current] += int(cost[1])
+                inclusive[current] += int(cost[at])
             in_call = False
     return inclusive
 

@@ -43,3 +43,13 @@ def test_inclusive_costs_add_calls_to_other_functions_once(tmp_path: Path) -> No
     assert inclusive["leaf"] == 35
     assert inclusive["handle"] == 60 + 5 + 35  # not the 7 of its call to itself
     assert inclusive["main"] == 10 + 100
+
+
+def test_inclusive_costs_read_the_ir_column_after_every_position(tmp_path: Path) -> None:
+    """With ``--dump-instr=yes`` a cost line starts with an address and a line number."""
+    dump = tmp_path / "callgrind.out"
+    dump.write_text("positions: instr line\nevents: Ir\nfn=(1) main\n0x10 3 4\n"
+                    "cfn=(2) leaf\ncalls=1 0x20 9\n+4 * 6\nfn=(2)\n0x20 9 6\n")
+    inclusive = callgrind_inclusive(dump)
+    assert inclusive["main"] == 4 + 6
+    assert inclusive["leaf"] == 6
