@@ -91,7 +91,7 @@ class Plan:
 def validate_plan(code: str, body: PlanBody) -> Plan:
     """Check a plan's values; raise InvalidInput naming the field at fault."""
     if not PLAN_PATTERN.fullmatch(code):
-        raise InvalidInput("must match ^[a-z0-9][a-z0-9_.-]{0,63}$", field="plan_code")
+        raise InvalidInput(f"must match ^{PLAN_PATTERN.pattern}$", field="plan_code")
     if body.plan_code is not None and body.plan_code != code:
         raise InvalidInput("differs from the plan code in the path", field="plan_code")
     if len(body.meters) > MAX_METERS:
@@ -99,7 +99,7 @@ def validate_plan(code: str, body: PlanBody) -> Plan:
     meters = {}
     for name, meter in body.meters.items():
         if not METER_PATTERN.fullmatch(name):
-            raise InvalidInput("meter names must match ^[a-z][a-z0-9_]{0,31}$", field="meters")
+            raise InvalidInput(f"meter names must match ^{METER_PATTERN.pattern}$", field="meters")
         try:
             limit = to_micro(meter.limit, allow_zero=True)
         except AmountError as exc:
