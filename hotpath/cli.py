@@ -46,8 +46,10 @@ def run_uvicorn(factory: str, host: str, port: int, workers: int) -> None:
     """uvicorn as ``serve`` runs it (the benchmark's baselines are served the same way)."""
     import uvicorn
 
+    from hotpath.http import EnvelopeHttpToolsProtocol
+
     uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, loop="uvloop",
-                http="httptools", access_log=False, log_level="warning",
+                http=EnvelopeHttpToolsProtocol, access_log=False, log_level="warning",
                 timeout_graceful_shutdown=10)
 
 

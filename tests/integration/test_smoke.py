@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -37,6 +38,17 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], seconds: float) -> h
     raise AssertionError(f"not ready in {seconds}s: {last and last.text}")
 
 
+def _raw_exchange(port: int, request: bytes) -> tuple[int, str, object]:
+    """Send bytes no HTTP client would send; the status, the lower-cased head, the JSON body."""
+    with socket.create_connection(("127.0.0.1", port), 5) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):  # the server closes the connection after it
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.decode().lower(), json.loads(body)
+
+
 def _debit_counter_pids(metrics_dir: Path) -> set[str]:
     """The processes that have counted debits (prometheus' per-pid counter files: the
     reconciler and the parent have files too, without debits)."""
@@ -61,6 +73,12 @@ def test_serve_without_urls_starts_embedded_servers_and_flushes(tmp_path: Path) 
     try:
         ready = _wait_ready(url, process, 120)
         assert ready.json()["checks"] == {"redis": "ok", "postgres": "ok"}
+        status, headers_out, error = _raw_exchange(
+            port, b"POST /internal/billing/quota/debit HTTP/1.1\r\nHost: x\r\n"
+                  b"Content-Length: ten\r\n\r\n{}")
+        assert status == 400 and "content-type: application/json" in headers_out, headers_out
+        assert error == {"error": {"code": "bad_request", "field": None,
+                                   "message": "Invalid HTTP request received."}}
         user = new_user()
         headers = {"X-Internal-Key": KEY}
         body = {"user_id": user, "action": "chat_tokens", "units": 2, "ref": new_ref()}
