@@ -187,6 +187,35 @@ def test_authenticator_names_callers_and_checks_scopes() -> None:
             auth.authenticate(bad)
 
 
+def test_authenticator_compares_every_key_in_constant_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever key comes (the first caller's, the last's, a wrong one, a short or a long
+    one), it is compared with every known key, by hmac.compare_digest, as digests of one
+    length: the time taken tells nothing about which key matched or how much of it."""
+    import hotpath.auth
+
+    compared: list[tuple[int, int]] = []
+    real = hotpath.auth.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    callers = tuple(Caller(f"svc{i}", f"key-{i}-" + "x" * 20, frozenset({"debit"}))
+                    for i in range(3))
+    auth = Authenticator(callers)
+    monkeypatch.setattr(hotpath.auth.hmac, "compare_digest", spy)
+    for key, name in ((callers[0].key, "svc0"), (callers[2].key, "svc2"),
+                      ("wrong", None), ("w" * 5000, None)):
+        compared.clear()
+        if name is None:
+            with pytest.raises(Unauthorized):
+                auth.authenticate(key)
+        else:
+            assert auth.authenticate(key).name == name
+        assert compared == [(32, 32)] * 3, key[:20]
+
+
 def test_queries_file_parses_and_names_every_statement() -> None:
     """Each statement has a name and SQL; duplicates and empty bodies are refused."""
     assert "flush_events" in QUERIES and QUERIES["ping"].startswith("SELECT")
