@@ -24,12 +24,13 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError
 
-from hotpath.clock import SystemClock
-from hotpath.devservers import EmbeddedRedis
-from hotpath.quota import Engine
-from hotpath.settings import load_settings
-from lua import Keys, Status
+from core.clock import SystemClock
+from core.settings import load_settings
 from lua.connection import PipelinedRedis
+from lua.keys import Keys
+from lua.replies import Status
+from ops.devservers import EmbeddedRedis
+from quota.engine import Engine
 
 
 async def run_one(fsync: str, debits: int, concurrency: int) -> dict[str, float]:

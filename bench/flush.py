@@ -27,11 +27,11 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as aioredis
 
-from hotpath.app import make_engine
-from hotpath.clock import SystemClock
-from hotpath.settings import Settings
+from core.clock import SystemClock
+from core.settings import Settings
 from persistence.migrate import migrate
 from persistence.plans import MeterRule, Plan, put_plan, read_catalog_file, seed_missing
+from quota.engine import make_engine
 from reconciler.consumer import StreamConsumer, lag_seconds
 from reconciler.main import Reconciler
 
@@ -68,9 +68,9 @@ async def load(settings: Settings, events: int, rate: float | None, seconds: flo
     engine = make_engine(settings, SystemClock())
     big = Plan("flushbench", {"chat": MeterRule("month", 10**15)}, None, "0.00", "RUB")
     await put_plan(engine.db, big, "bench")
-    await engine.sync_catalog()
+    await engine.loader.sync_catalog()
     for i in range(USERS):
-        await engine.apply_plan(f"fb-{i}", "flushbench", None, "bench")
+        await engine.plans.apply(f"fb-{i}", "flushbench", None, "bench")
     done = 0
 
     async def one(i: int) -> None:
@@ -96,12 +96,12 @@ async def load(settings: Settings, events: int, rate: float | None, seconds: flo
 
 
 def reconciler_process(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "hotpath.cli", "--log-level", "warning",
+    return subprocess.Popen([sys.executable, "-m", "ops.cli", "--log-level", "warning",
                              "reconcile"], env=env)
 
 
 async def backlog(settings: Settings, redis: aioredis.Redis) -> tuple[int, float]:
-    from lua import Keys
+    from lua.keys import Keys
 
     consumer = StreamConsumer(redis, Keys(settings.key_prefix, settings.n_shards), "probe",
                               per_stream_count=1, block_ms=1, claim_idle_ms=1)

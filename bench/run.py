@@ -473,10 +473,9 @@ def evalsha_benchmark(redis_url: str, env: dict[str, str], args: argparse.Namesp
                       ) -> dict[str, Any]:
     """redis-benchmark on EVALSHA of debit_many.lua with one debit per call, the service's
     own keys and arguments."""
-    from hotpath.app import make_engine
-    from hotpath.quota import debit_args
-    from hotpath.settings import load_settings
-    from lua import SCRIPTS
+    from core.settings import load_settings
+    from lua.source import SCRIPTS
+    from quota.engine import debit_args, make_engine
 
     settings = load_settings(env)
     engine = make_engine(settings)
@@ -484,7 +483,7 @@ def evalsha_benchmark(redis_url: str, env: dict[str, str], args: argparse.Namesp
 
     async def prepare() -> Any:
         try:
-            await engine.apply_plan(user, "bench", None, "bench")
+            await engine.plans.apply(user, "bench", None, "bench")
             reply = await engine.debit(user, "chat", 1_000_000, "rbench-first", caller="service",
                                        action="chat_tokens")
             assert reply.status.name == "OK", reply

@@ -1,1 +1,1 @@
-"""HTTP hot path: parse, authenticate, validate, one Lua call, respond."""
+"""HTTP only: the app, routes, schemas, authentication, the spec, the uvicorn protocol."""

@@ -23,11 +23,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from hotpath import metrics
-from hotpath.amounts import from_micro
-from hotpath.auth import Authenticator
-from hotpath.clock import Clock, SystemClock
-from hotpath.errors import (
+from core import metrics
+from core.amounts import from_micro
+from core.clock import from_ms, to_ms
+from core.errors import (
     BacklogFull,
     DependencyUnavailable,
     DuplicateOrder,
@@ -40,8 +39,9 @@ from hotpath.errors import (
     RefReused,
     UnsupportedMediaType,
 )
-from hotpath.payments import CreditOrder, Payments
-from hotpath.quota import Engine, from_ms, to_ms
+from core.ids import user_id_problem
+from core.settings import Caller, Settings, load_settings
+from hotpath.auth import Authenticator
 from hotpath.schemas import (
     ENCODER,
     BalanceCheckIn,
@@ -75,14 +75,12 @@ from hotpath.schemas import (
     decode,
     micro,
     money,
-    user_id_problem,
 )
-from hotpath.settings import Caller, Settings, load_settings
-from hotpath.webhook import PaymentWebhook, Verifier, make_verifier
-from lua import CheckReply, DebitReply, MeterView, Status
-from lua.connection import PipelinedRedis
-from persistence.db import Database
+from lua.replies import CheckReply, DebitReply, MeterView, Status
+from payments.credits import CreditOrder, Payments
+from payments.webhook import PaymentWebhook, Verifier, make_verifier
 from persistence.plans import PlanBody, list_plans, validate_plan
+from quota.engine import Engine, make_engine
 
 log = logging.getLogger("quota_gateway")
 Handler = Callable[[Request, Caller | None], Awaitable[Response]]
@@ -402,7 +400,7 @@ class Api:
         code = request.path_params["plan_code"]
         body = decode(await self.body(request), PlanBody)
         plan = validate_plan(code, body)
-        stored = await self.engine.put_plan_and_sync(plan, caller.name,
+        stored = await self.engine.plans.put_and_sync(plan, caller.name,
                                                      from_version=body.version)
         return json_response(stored.to_json())
 
@@ -420,7 +418,7 @@ class Api:
             expires_ms = to_ms(body.expires_at)
             if expires_ms <= self.engine.clock.now_ms():
                 raise InvalidInput("must be in the future", field="expires_at")
-        done = await self.engine.apply_plan(body.user_id, body.plan_code, expires_ms,
+        done = await self.engine.plans.apply(body.user_id, body.plan_code, expires_ms,
                                             caller.name)
         return json_response(PlanApplyOut(
             user_id=done.user_id, plan_code=done.plan_code,
@@ -574,20 +572,6 @@ def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True
     )
     app.state.api = api
     return app
-
-
-def make_engine(settings: Settings, clock: Clock | None = None) -> Engine:
-    """An engine connected (lazily) to the configured Redis and PostgreSQL."""
-    if not settings.redis_url or not settings.db_dsn:
-        raise RuntimeError("REDIS_URL and DB_DSN must be set (`quota-gateway serve` sets them)")
-    redis = PipelinedRedis(
-        settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
-        connect_timeout_seconds=settings.redis_connect_timeout_seconds,
-        connections=settings.redis_connections,
-    )
-    db = Database(settings.db_dsn, min_size=settings.db_pool_min,
-                  max_size=settings.db_pool_max, timeout=settings.db_timeout_seconds)
-    return Engine(settings, redis, db, clock or SystemClock())
 
 
 def create_app() -> Starlette:

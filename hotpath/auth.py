@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from hotpath.errors import Forbidden, Unauthorized
-from hotpath.settings import Caller
+from core.errors import Forbidden, Unauthorized
+from core.settings import Caller
 
 
 def _digest(key: str) -> bytes:

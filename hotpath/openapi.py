@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from hotpath.amounts import NUMBER_TEXT, Amount
+from core.amounts import NUMBER_TEXT, Amount
+from core.settings import Settings
 from hotpath.schemas import ErrorOut
-from hotpath.settings import Settings
 
 if TYPE_CHECKING:
     from hotpath.app import Operation

@@ -1,7 +1,7 @@
 """Request and response models: validated by msgspec, and the source of the OpenAPI spec.
 
 Amounts arrive as JSON numbers (or strings holding one) and are parsed into ``Amount`` (a
-``Decimal``) from their text, then into micro-units by ``hotpath.amounts``: never through a
+``Decimal``) from their text, then into micro-units by ``core.amounts``: never through a
 float. Responses carry plain ``Decimal`` amounts, written as JSON numbers.
 """
 
@@ -15,44 +15,26 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from msgspec import Meta
 
-from hotpath.amounts import ZERO, Amount, AmountError, decode_hook, to_micro
-from hotpath.errors import InvalidInput
+from core.amounts import ZERO, Amount, AmountError, decode_hook, to_micro
+from core.errors import InvalidInput
+from core.ids import (
+    CONTROL,
+    END,
+    MAX_ACTION,
+    MAX_REASON,
+    MAX_REF,
+    MAX_USER_ID,
+    PRINTABLE_PATTERN,
+    USER_ID_PATTERN,
+)
 from persistence.plans import PLAN_PATTERN
 
-#: Named limits on identifiers (bytes of UTF-8 are bounded by the body limit too).
-MAX_USER_ID = 128
-MAX_REF = 128
-MAX_REASON = 256
-MAX_ACTION = 64
-#: No control characters (C0, DEL and C1) in ids, refs and reasons; ids and refs are not
-#: blank either (a caller's bug, not a key).
-_CONTROL = "\x00-\x1f\x7f-\x9f"
-#: The end of the text: Python's ``$`` alone also matches before a final newline
-#: ("abc\n"); the spec's (ECMA) regexes read ``(?!\n)$`` the same.
-END = r"(?!\n)$"
-PRINTABLE_PATTERN = rf"^(?=.*\S)[^{_CONTROL}]+{END}"
-
-#: A user id holds no ':' either: it is the part of every Redis key of the user that ends
-#: at the next ':' (lua.Keys), so ids like "a" and "a:r:x" must not both be possible.
-USER_ID_PATTERN = rf"^(?=.*\S)[^{_CONTROL}:]+{END}"
 UserId = Annotated[str, Meta(
     min_length=1, max_length=MAX_USER_ID, pattern=USER_ID_PATTERN,
     description="The user's id (no ':', no control characters, not blank)")]
-
-
-def user_id_problem(user_id: object) -> str | None:
-    """Why a user id given outside a JSON body (a path, a query, a payment's metadata) is
-    not one, as UserId checks it in a body; None when it is fine."""
-    if not isinstance(user_id, str) or not user_id:
-        return "is required (a non-empty string)"
-    if len(user_id) > MAX_USER_ID:
-        return f"must be at most {MAX_USER_ID} characters"
-    if re.match(USER_ID_PATTERN, user_id) is None:
-        return "must not contain ':' or control characters, nor be blank"
-    return None
 Ref = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=PRINTABLE_PATTERN,
                           description="The caller's idempotency key for this debit")]
-Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=rf"^[^{_CONTROL}]*{END}")]
+Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=rf"^[^{CONTROL}]*{END}")]
 Action = Annotated[str, Meta(min_length=1, max_length=MAX_ACTION,
                              pattern=rf"^[a-z][a-z0-9_]*{END}")]
 PlanCode = Annotated[str, Meta(min_length=1, max_length=64,

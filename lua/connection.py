@@ -33,8 +33,8 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 
-from hotpath.errors import DependencyUnavailable
-from lua import Script
+from core.errors import DependencyUnavailable
+from lua.source import Script
 
 
 class RedisUnavailable(DependencyUnavailable):

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from hotpath.errors import DependencyUnavailable
+from core.errors import DependencyUnavailable
 from persistence.queries import QUERIES
 
 #: Driver errors that mean "PostgreSQL is not there right now", never the caller's fault.

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from hotpath.amounts import ZERO, Amount, AmountError, decode_hook, from_micro, to_micro
-from hotpath.errors import InvalidInput, VersionConflict
+from core.amounts import ZERO, Amount, AmountError, decode_hook, from_micro, to_micro
+from core.errors import InvalidInput, VersionConflict
 from persistence.db import Database
 from persistence.queries import QUERIES
 

@@ -1,1 +1,1 @@
-"""Write-behind: ledger streams to PostgreSQL, rehydration, reports."""
+"""Write-behind: ledger streams to PostgreSQL, pending applies, the nightly report."""

@@ -15,7 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from lua import Keys
+from lua.keys import Keys
 
 GROUP = "reconciler"
 

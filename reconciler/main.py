@@ -19,12 +19,12 @@ from datetime import datetime, timedelta
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from hotpath import metrics
-from hotpath.errors import DependencyUnavailable
-from hotpath.quota import Engine
+from core import metrics
+from core.errors import DependencyUnavailable
 from persistence.db import PostgresUnavailable
 from persistence.migrate import schema_behind
 from persistence.queries import QUERIES
+from quota.engine import Engine
 from reconciler.consumer import Entry, StreamConsumer
 from reconciler.writer import LedgerWriter
 
@@ -147,7 +147,7 @@ class Reconciler:
             metrics.FLUSH_LAG_SECONDS.labels(shard).set(max(0.0, age))
         await self.apply_pending_outbox()
         try:
-            resynced = await self.engine.resync_catalog()
+            resynced = await self.engine.loader.resync_catalog()
         except DependencyUnavailable as exc:  # e.g. while the hot path refuses an older
             log.info("plan catalog check skipped: %s", exc.message)  # Redis: flush first
             resynced = 0
@@ -187,7 +187,7 @@ class Reconciler:
         metrics.PENDING_APPLIES.set(await self.engine.db.fetchval("pending_outbox_count"))
         rows = await self.engine.db.fetch("pending_outbox", self.outbox_min_age, OUTBOX_BATCH)
         for row in rows:
-            await self.engine.apply_outbox(row["id"], row["user_id"], row["op"],
+            await self.engine.outbox.apply(row["id"], row["user_id"], row["op"],
                                            row["payload"], quiet=False)
         self.stats.outbox_applied += len(rows)
         if rows:

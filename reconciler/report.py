@@ -20,10 +20,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from hotpath.amounts import format_micro
-from hotpath.quota import Engine, from_ms, to_ms
+from core.amounts import format_micro
+from core.clock import from_ms, to_ms
+from core.events import BadEvent, unpack
+from quota.engine import Engine
 from reconciler.consumer import StreamConsumer, lag_seconds
-from reconciler.events import BadEvent, unpack
 
 CounterKey = tuple[str, str, str]  # user, meter, period id
 RECHECKS = 3

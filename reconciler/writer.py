@@ -10,10 +10,10 @@ from datetime import timedelta
 
 import asyncpg
 
+from core.events import BadEvent, LedgerEvent, columns, decode
 from persistence.db import Database, PostgresUnavailable
 from persistence.queries import QUERIES
 from reconciler.consumer import Entry
-from reconciler.events import BadEvent, LedgerEvent, columns, decode
 
 log = logging.getLogger("quota_gateway.reconciler")
 

@@ -21,11 +21,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from core.clock import FixedClock
+from core.settings import Settings
 from hotpath.app import build_app
-from hotpath.clock import FixedClock
-from hotpath.devservers import EmbeddedPostgres, EmbeddedRedis
-from hotpath.quota import Engine
-from hotpath.settings import Settings
+from ops.devservers import EmbeddedPostgres, EmbeddedRedis
+from quota.engine import Engine
 from tests.support import KEY, T0, make_engine, prepare_database
 
 

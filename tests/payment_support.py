@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from hotpath.devservers import free_port
+from ops.devservers import free_port
 
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 

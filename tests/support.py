@@ -11,14 +11,14 @@ from typing import Any
 import asyncpg
 import httpx
 
+from core.clock import FixedClock
+from core.settings import Settings
 from hotpath.app import build_app
-from hotpath.clock import FixedClock
-from hotpath.quota import Engine
-from hotpath.settings import Settings
 from lua.connection import PipelinedRedis
 from persistence.db import Database
 from persistence.migrate import migrate
 from persistence.plans import read_catalog_file, seed_missing
+from quota.engine import Engine
 
 #: Tests pin the clock here unless they move it: Monday 2026-11-23 12:00:00 UTC.
 T0 = int(datetime(2026, 11, 23, 12, 0, tzinfo=UTC).timestamp() * 1000)

@@ -16,12 +16,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from hotpath.clock import FixedClock
-from hotpath.devservers import EmbeddedRedis
-from hotpath.errors import DependencyUnavailable
-from hotpath.quota import Engine
-from hotpath.settings import Settings
-from lua import DebitReply, Status, connection
+from core.clock import FixedClock
+from core.errors import DependencyUnavailable
+from core.settings import Settings
+from lua import connection
+from lua.replies import DebitReply, Status
+from ops.devservers import EmbeddedRedis
+from quota.engine import Engine
 from tests.support import app_client, apply_plan, new_ref, new_user, put_plan, unique_plan
 
 U = 1_000_000  # one unit in micro-units (the engine's amounts)

@@ -17,10 +17,10 @@ from dataclasses import replace
 import httpx
 import redis.asyncio as aioredis
 
-from hotpath.clock import FixedClock
-from hotpath.quota import Engine
-from hotpath.settings import Settings
-from lua import Status
+from core.clock import FixedClock
+from core.settings import Settings
+from lua.replies import Status
+from quota.engine import Engine
 from tests.support import (
     CREDIT,
     DAY_MS,

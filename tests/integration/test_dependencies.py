@@ -13,14 +13,14 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from hotpath.clock import FixedClock
-from hotpath.devservers import EmbeddedRedis, free_port
-from hotpath.quota import Engine
+from core.clock import FixedClock
+from core.settings import Settings
 from hotpath.schemas import ReadyOut
-from hotpath.settings import Settings
 from lua.connection import RedisUnavailable
+from ops.devservers import EmbeddedRedis, free_port
 from persistence.db import PostgresUnavailable
 from persistence.migrate import latest
+from quota.engine import Engine
 from reconciler.main import Reconciler
 from tests.support import app_client, debit, new_user, unique_plan
 
@@ -102,8 +102,8 @@ async def test_a_plan_committed_before_redis_fails_answers_200(
         async def redis_gone(*args: object) -> int:
             raise RedisUnavailable("connection to Redis lost: test")
 
-        engine.sync_catalog = redis_gone  # type: ignore[method-assign,assignment]
-        with caplog.at_level(logging.WARNING, logger="quota_gateway.engine"):
+        engine.loader.sync_catalog = redis_gone  # type: ignore[method-assign,assignment]
+        with caplog.at_level(logging.WARNING, logger="quota_gateway.plans"):
             response = await http.put(f"/internal/billing/plans/{code}", json=NEW_PLAN)
         assert response.status_code == 200, response.text
         stored = (await http.get(f"/internal/billing/plans/{code}")).json()

@@ -39,12 +39,12 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from core.clock import FixedClock
+from core.settings import Settings
 from hotpath.app import build_app
-from hotpath.clock import FixedClock
-from hotpath.devservers import EmbeddedPostgres, EmbeddedRedis, free_port
-from hotpath.quota import Engine
-from hotpath.settings import Settings
-from lua import Keys
+from lua.keys import Keys
+from ops.devservers import EmbeddedPostgres, EmbeddedRedis, free_port
+from quota.engine import Engine
 from reconciler.consumer import GROUP
 from reconciler.main import Reconciler
 from tests.support import (
@@ -343,9 +343,9 @@ async def wait_exit(process: subprocess.Popen[bytes], seconds: float, what: str)
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """Start ``python -m hotpath.cli <args>`` in the repository, output appended to ``log``."""
+    """Start ``python -m ops.cli <args>`` in the repository, output appended to ``log``."""
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "hotpath.cli", *args], env=env, cwd=REPO,
+        return subprocess.Popen([sys.executable, "-m", "ops.cli", *args], env=env, cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 

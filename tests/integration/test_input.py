@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from hotpath.schemas import user_id_problem
+from core.ids import user_id_problem
 from tests.support import debit, new_ref, new_user
 
 URL = "/internal/billing/quota/debit"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import redis.asyncio as aioredis
 
-from hotpath.clock import FixedClock
-from hotpath.quota import Engine
-from hotpath.settings import Settings
+from core.clock import FixedClock
+from core.settings import Settings
+from quota.engine import Engine
 from reconciler.main import Reconciler
 from tests.support import app_client, apply_plan, balance_debit, debit, new_user
 

@@ -6,8 +6,7 @@ import httpx
 import msgspec
 import redis.asyncio as aioredis
 
-from hotpath.clock import FixedClock
-from hotpath.quota import Engine
+from core.clock import FixedClock
 from hotpath.schemas import (
     BalanceCheckOut,
     HealthOut,
@@ -18,6 +17,7 @@ from hotpath.schemas import (
     QuotaDebitOut,
     ReadyOut,
 )
+from quota.engine import Engine
 from reconciler.main import Reconciler
 from tests.support import DAY_MS, apply_plan, debit, new_ref, new_user, put_plan, unique_plan
 
@@ -60,7 +60,7 @@ async def test_a_plan_change_that_missed_a_shard_reaches_it_with_the_reconciler(
     assert await raw_redis.hget(shard_copy, "~v") == str(
         await engine.db.fetchval("catalog_version"))
     assert (await debit(client, user, 5)).status_code == 200
-    assert await engine.resync_catalog() == 0  # nothing left behind
+    assert await engine.loader.resync_catalog() == 0  # nothing left behind
 
 
 async def test_a_ref_retried_a_day_later_is_still_a_duplicate(

@@ -17,10 +17,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from hotpath.clock import FixedClock
-from hotpath.devservers import EmbeddedPostgres, EmbeddedRedis, free_port
-from hotpath.quota import Engine
-from hotpath.settings import Settings
+from core.clock import FixedClock
+from core.settings import Settings
+from ops.devservers import EmbeddedPostgres, EmbeddedRedis, free_port
+from quota.engine import Engine
 from reconciler.main import Reconciler
 from tests.payment_support import (
     FakeProvider,
@@ -74,19 +74,19 @@ async def test_redis_killed_between_commit_and_apply_credits_exactly_once(
             engine: Engine = http.engine  # type: ignore[attr-defined]
             held, loaded_later = new_user(), new_user()
             base = await remain_chat(http, held)  # in Redis before the credit
-            original = engine.apply_outbox
+            original = engine.outbox.apply
 
             async def crash_before_apply(*args: Any, **kwargs: Any) -> bool:
                 if private.process is not None:
                     await asyncio.to_thread(private.kill)
                 return await original(*args, **kwargs)
 
-            engine.apply_outbox = crash_before_apply  # type: ignore[method-assign]
+            engine.outbox.apply = crash_before_apply  # type: ignore[method-assign]
             for user in (held, loaded_later):
                 response = await http.post(CREDIT, json=credit_body(user))
                 assert response.status_code == 200, response.text
                 assert response.json()["applied"] is False
-            engine.apply_outbox = original  # type: ignore[method-assign]
+            engine.outbox.apply = original  # type: ignore[method-assign]
             pending = await sql(engine, "SELECT count(*) AS n FROM redis_outbox "
                                         "WHERE applied_at IS NULL AND user_id = ANY($1)",
                                 [held, loaded_later])

@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from hotpath.clock import FixedClock
-from hotpath.quota import Engine
-from hotpath.settings import Caller, Settings
+from core.clock import FixedClock
+from core.settings import Caller, Settings
+from quota.engine import Engine
 from reconciler.main import Reconciler
 from reconciler.report import run
 from tests.payment_support import (
@@ -202,13 +202,13 @@ async def test_a_credit_applied_twice_by_redo_counts_once(
     row = (await pg(pay, "SELECT o.* FROM redis_outbox o JOIN payment_receipts r "
                          "ON r.outbox_id = o.id WHERE r.order_id = $1", order))[0]
     await pg(pay, "UPDATE redis_outbox SET applied_at = NULL WHERE id = $1", row["id"])
-    assert await engine.apply_outbox(row["id"], user, "credit", row["payload"], quiet=False)
+    assert await engine.outbox.apply(row["id"], user, "credit", row["payload"], quiet=False)
     assert await remaining(pay, user) == after
     await pg(pay, "UPDATE redis_outbox SET applied_at = NULL WHERE id = $1", row["id"])
     for key in [k async for k in raw_redis.scan_iter(match=engine.keys.user(user) + "*")]:
         await raw_redis.delete(key)
     assert await remaining(pay, user) == after  # reloaded, the pending credit marked
-    assert await engine.apply_outbox(row["id"], user, "credit", row["payload"], quiet=False)
+    assert await engine.outbox.apply(row["id"], user, "credit", row["payload"], quiet=False)
     assert await remaining(pay, user) == after
 
 

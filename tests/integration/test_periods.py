@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import redis.asyncio as aioredis
 
-from hotpath.clock import FixedClock
-from hotpath.settings import Settings
-from reconciler.events import unpack
+from core.clock import FixedClock
+from core.events import unpack
+from core.settings import Settings
 from tests.support import (
     DAY_MS,
     HOUR_MS,
@@ -86,7 +86,7 @@ async def test_named_callers_are_limited_to_their_scopes(
     settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis
 ) -> None:
     """Chat-svc's key debits but cannot change plans; its name is recorded with the debit."""
-    from hotpath.settings import Caller
+    from core.settings import Caller
 
     chat = Caller("chat-svc", "chat-key-0123456789", frozenset({"debit", "read"}))
     scoped = settings.with_overrides(callers=(chat,))

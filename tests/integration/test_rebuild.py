@@ -13,13 +13,15 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from hotpath import instance, metrics, quota
-from hotpath.clock import FixedClock
-from hotpath.quota import Engine
-from hotpath.settings import Settings
+from core import metrics
+from core.clock import FixedClock
+from core.events import LedgerEvent, decode
+from core.settings import Settings
+from lua import instance
 from lua.connection import PipelinedRedis, RedisReplyError, RedisUnavailable
 from persistence.db import PostgresUnavailable
-from reconciler.events import LedgerEvent, decode
+from quota import loading
+from quota.engine import Engine
 from reconciler.main import Reconciler
 from tests.support import (
     DAY_MS,
@@ -148,7 +150,7 @@ async def test_a_retry_after_redis_lost_the_user_answers_409_and_debits_nothing(
     retry (20 at once here) answers 409 with the original tx_id and remaining; the same
     ref with another amount is still 422; nothing is debited twice, in Redis or the ledger.
     Pages of one ledger row, so that the restore walks several pages."""
-    monkeypatch.setattr(quota, "_RESTORE_PAGE", 1)
+    monkeypatch.setattr(loading, "RESTORE_PAGE", 1)
     user, plan = new_user(), unique_plan()
     await put_plan(client, plan, {"chat": {"limit": 10, "period": "day"},
                                   "units": {"limit": 100, "period": "month"}})
@@ -163,13 +165,13 @@ async def test_a_retry_after_redis_lost_the_user_answers_409_and_debits_nothing(
     assert await raw_redis.exists(ref_key) == 0
 
     restores: list[str] = []
-    restore = engine._restore_refs
+    restore = engine.loader.restore_refs
 
     async def counted(user_id: str) -> int:
         restores.append(user_id)
         return await restore(user_id)
 
-    monkeypatch.setattr(engine, "_restore_refs", counted)
+    monkeypatch.setattr(engine.loader, "restore_refs", counted)
     loads = metrics.USER_LOADS._value.get()
     retries = await asyncio.gather(*(debit(client, user, 3, ref=chat_ref) for _ in range(20)))
     assert restores == [user]  # 20 requests, one load (single flight)
@@ -347,7 +349,7 @@ async def test_a_redis_back_with_older_data_is_rebuilt_from_postgres(
     assert await raw_redis.get(guard.instance_key) == run_id  # recorded on first connect
 
     # The Redis that comes back lacks the 2-unit debit, and its data was another process's.
-    counter = engine.keys.counters(user, "chat", engine._windows())[0]
+    counter = engine.keys.counters(user, "chat", engine.rt.windows())[0]
     await raw_redis.decrby(counter, 2_000_000)
     await raw_redis.delete(engine.keys.idempotency(user, lost_ref))
     await raw_redis.set(guard.instance_key, "f" * 40)

@@ -9,8 +9,8 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
-from hotpath.quota import Engine
-from hotpath.settings import Settings
+from core.settings import Settings
+from quota.engine import Engine
 from reconciler.main import Reconciler
 from reconciler.report import run
 from tests.support import DAY_MS, HOUR_MS, T0, apply_plan, balance_debit, debit, new_user
@@ -55,7 +55,7 @@ async def test_scheduled_report_runs_once_after_its_time(
     engine: Engine, raw_redis: aioredis.Redis, tmp_path: Path
 ) -> None:
     """With REPORT_AT 03:00, nothing before it; after it yesterday's report, only once."""
-    from hotpath.clock import FixedClock
+    from core.clock import FixedClock
 
     settings = engine.settings.with_overrides(report_at="03:00", report_dir=str(tmp_path))
     engine.settings = settings
@@ -78,9 +78,9 @@ def test_report_command_exit_code_says_drift(settings: Settings, tmp_path: Path)
     import redis
     from click.testing import CliRunner
 
-    from hotpath.cli import main
-    from lua import Keys
+    from lua.keys import Keys
     from lua.periods import Calendar
+    from ops.cli import main
 
     env = {"REDIS_URL": settings.redis_url or "", "DB_DSN": settings.db_dsn or "",
            "KEY_PREFIX": settings.key_prefix, "N_SHARDS": str(settings.n_shards)}

@@ -9,9 +9,9 @@ from collections import Counter
 import httpx
 import redis.asyncio as aioredis
 
-from hotpath.clock import FixedClock
-from hotpath.quota import Engine
-from hotpath.settings import Settings
+from core.clock import FixedClock
+from core.settings import Settings
+from quota.engine import Engine
 from reconciler.main import Reconciler
 from tests.support import debit, make_engine, new_ref, new_user
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hotpath.devservers import free_port
+from ops.devservers import free_port
 from tests.support import KEY, new_ref, new_user
 
 pytestmark = pytest.mark.smoke
@@ -65,7 +65,7 @@ def test_serve_without_urls_starts_embedded_servers_and_flushes(tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DB_DSN", "PORT")}
     env.update(DATA_DIR=str(tmp_path / "data"), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     process = subprocess.Popen(
-        [sys.executable, "-m", "hotpath.cli", "serve", "--migrate", "--with-reconciler",
+        [sys.executable, "-m", "ops.cli", "serve", "--migrate", "--with-reconciler",
          "--workers", "2", "--port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )

@@ -8,14 +8,15 @@ from decimal import Decimal
 
 import pytest
 
-from hotpath.amounts import MAX_UNITS, AmountError, format_micro, from_micro, to_micro
+from core.amounts import MAX_UNITS, AmountError, format_micro, from_micro, to_micro
+from core.clock import _TxIds, new_tx_id
+from core.errors import Forbidden, Unauthorized
+from core.settings import Caller, SettingsError, load_settings
 from hotpath.auth import Authenticator
-from hotpath.clock import _TxIds, new_tx_id
-from hotpath.errors import Forbidden, Unauthorized
-from hotpath.settings import Caller, SettingsError, load_settings
-from lua import SCRIPTS, Keys
 from lua.connection import _PACKED_HEADERS_MAX, _Batch
+from lua.keys import Keys
 from lua.periods import Calendar
+from lua.source import SCRIPTS
 from persistence.plans import read_catalog_file
 from persistence.queries import QUERIES, parse
 
@@ -237,7 +238,7 @@ def test_catalog_file_has_the_required_plans() -> None:
 
 def test_stream_events_are_checked_when_read() -> None:
     """A well-formed entry decodes; a wrong layout, kind or split goes to poison (BadEvent)."""
-    from reconciler.events import BadEvent, decode
+    from core.events import BadEvent, decode
 
     tx = new_tx_id()
     values = ["v1", "debit", tx, "u1", "chat", "-2500000", "2000000", "500000", "d:2026-11-23",
@@ -266,7 +267,7 @@ def test_stream_events_are_checked_when_read() -> None:
 def test_v2_debit_events_read_as_their_v1_twins() -> None:
     """The hot path's head (debit_event_head) plus the script's tail decodes to the event a
     v1 entry with the same values gives; a v2 entry of another kind or length is poison."""
-    from reconciler.events import BadEvent, debit_event_head, decode
+    from core.events import BadEvent, debit_event_head, decode
 
     tx = new_tx_id()
     head = debit_event_head(tx, "u1", "chat", 2_500_000, "ref-1", "", "chat-svc",

@@ -10,10 +10,11 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from hotpath.amounts import decode_hook
-from hotpath.errors import Rejected
-from hotpath.schemas import BalanceCheckIn, user_id_problem
-from hotpath.webhook import (
+from core.amounts import decode_hook
+from core.errors import Rejected
+from core.ids import user_id_problem
+from hotpath.schemas import BalanceCheckIn
+from payments.webhook import (
     SignatureVerifier,
     _units,
     client_address,

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from hotpath.settings import Settings, SettingsError, load_settings, validate
+from core.settings import Settings, SettingsError, load_settings, validate
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-    from hotpath.webhook import PaymentWebhook
+    from payments.webhook import PaymentWebhook
 
 log = logging.getLogger("quota_gateway")
 T = TypeVar("T")
@@ -84,7 +84,7 @@ def ensure_servers(settings: Settings) -> Settings:
         return settings
     if settings.production:
         raise click.ClickException("ENV=production needs REDIS_URL and DB_DSN")
-    from hotpath.devservers import EmbeddedPostgres, EmbeddedRedis
+    from ops.devservers import EmbeddedPostgres, EmbeddedRedis
 
     data = Path(settings.data_dir).resolve()
     changes: dict[str, str] = {}
@@ -105,10 +105,10 @@ def ensure_servers(settings: Settings) -> Settings:
 async def _migrate(settings: Settings) -> None:
     import asyncpg
 
-    from hotpath.app import make_engine
-    from hotpath.errors import DependencyUnavailable
+    from core.errors import DependencyUnavailable
     from persistence.migrate import migrate
     from persistence.plans import read_catalog_file, seed_missing
+    from quota.engine import make_engine
 
     assert settings.db_dsn is not None
     conn = await asyncpg.connect(settings.db_dsn, timeout=settings.db_timeout_seconds)
@@ -122,7 +122,7 @@ async def _migrate(settings: Settings) -> None:
         added = await seed_missing(engine.db, read_catalog_file())
         click.echo(f"plans seeded from the catalog file: {', '.join(added) or 'none (present)'}")
         try:
-            shards = await engine.sync_catalog()
+            shards = await engine.loader.sync_catalog()
             click.echo(f"plan catalog copied to {shards} Redis shards")
         except DependencyUnavailable as exc:
             click.echo(f"Redis not reachable, catalog will load on first use: {exc.message}")
@@ -153,7 +153,7 @@ def migrate() -> None:
 async def _reconcile(settings: Settings) -> None:
     import redis.asyncio as aioredis
 
-    from hotpath.app import make_engine
+    from quota.engine import make_engine
     from reconciler.main import serve_forever
 
     assert settings.redis_url is not None
@@ -180,7 +180,7 @@ def reconcile() -> None:
 async def _report(settings: Settings, day: date, out: Path) -> int:
     import redis.asyncio as aioredis
 
-    from hotpath.app import make_engine
+    from quota.engine import make_engine
     from reconciler.report import run
 
     assert settings.redis_url is not None
@@ -236,7 +236,7 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc
     reconciler = None
     if with_reconciler:
-        reconciler = subprocess.Popen([sys.executable, "-m", "hotpath.cli", "reconcile"])
+        reconciler = subprocess.Popen([sys.executable, "-m", "ops.cli", "reconcile"])
         click.echo(f"reconciler started (pid {reconciler.pid})")
     click.echo(f"serving on http://{settings.host}:{settings.port} "
                f"with {settings.workers} worker(s)")
@@ -245,7 +245,7 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_on_signal)
     try:
-        run_uvicorn("hotpath.cli:create_worker_app", settings.host, settings.port,
+        run_uvicorn("ops.cli:create_worker_app", settings.host, settings.port,
                     settings.workers)
     finally:
         if reconciler is not None:
@@ -263,9 +263,9 @@ def dead_letters() -> None:
 
 async def _with_webhook(settings: Settings, action: Callable[[PaymentWebhook], Awaitable[T]]
                         ) -> T:
-    from hotpath.app import make_engine
-    from hotpath.payments import Payments
-    from hotpath.webhook import PaymentWebhook, make_verifier
+    from payments.credits import Payments
+    from payments.webhook import PaymentWebhook, make_verifier
+    from quota.engine import make_engine
 
     engine = make_engine(settings)
     webhook = PaymentWebhook(Payments(engine), make_verifier(settings))
@@ -335,7 +335,7 @@ def dead_letters_show(dead_letter_id: int) -> None:
                    "operator vouches for the body (needed after editing a signed body).")
 def dead_letters_replay(dead_letter_id: int, body_file: Path | None, no_verify: bool) -> None:
     """Process a dead letter again; exit 1 if it is rejected again."""
-    from hotpath.errors import QuotaError
+    from core.errors import QuotaError
 
     body = body_file.read_bytes() if body_file else None
 
@@ -350,5 +350,5 @@ def dead_letters_replay(dead_letter_id: int, body_file: Path | None, no_verify: 
         sys.exit(1)
 
 
-if __name__ == "__main__":  # python -m hotpath.cli: after every command is defined
+if __name__ == "__main__":  # python -m ops.cli: after every command is defined
     main()

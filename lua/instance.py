@@ -42,8 +42,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 
-from lua import Keys
 from lua.connection import RedisReplyError, RedisUnavailable
+from lua.keys import Keys
 
 log = logging.getLogger("quota_gateway.instance")
 

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_ms(moment: datetime) -> int:
+    """An aware datetime as exact epoch milliseconds."""
+    return (moment - EPOCH) // timedelta(milliseconds=1)
+
+
+def from_ms(ms: int) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime."""
+    return EPOCH + timedelta(milliseconds=ms)
 
 
 class Clock(Protocol):

@@ -19,9 +19,10 @@ from typing import Any
 
 import asyncpg
 
-from hotpath.errors import NotFound, OrderReused, Rejected
-from hotpath.quota import Engine, from_ms
+from core.clock import from_ms
+from core.errors import NotFound, OrderReused, Rejected
 from persistence.queries import QUERIES
+from quota.engine import Engine
 
 _CENTS = Decimal("0.01")
 
@@ -153,7 +154,7 @@ class Payments:
                 fingerprint, order.source, order.caller, row["expires_at"], row["version"],
                 tx_id, outbox_id, result.to_json(), occurred,
             )
-        applied = await engine.apply_outbox(outbox_id, order.user_id, "credit", payload,
+        applied = await engine.outbox.apply(outbox_id, order.user_id, "credit", payload,
                                             quiet=True)
         return CreditResult.from_json(result.to_json(), applied=applied, duplicate=False)
 
@@ -274,7 +275,7 @@ class Payments:
             await conn.execute(QUERIES["insert_refund"], refund_id, receipt["order_id"],
                                str(amount), currency, wanted, plan_payload is not None,
                                outbox_id)
-        await engine.apply_outbox(outbox_id, user_id, "refund", payload, quiet=True)
+        await engine.outbox.apply(outbox_id, user_id, "refund", payload, quiet=True)
         stored = await engine.db.fetchrow("get_refund", refund_id)
         assert stored is not None
         return RefundResult(refund_id, receipt["order_id"], user_id, wanted, stored["taken"],

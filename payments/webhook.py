@@ -38,12 +38,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from hotpath import metrics
-from hotpath.amounts import AmountError, read_amount, to_micro
-from hotpath.errors import DependencyUnavailable, NotFound, OrderReused, QuotaError, Rejected
-from hotpath.payments import CreditOrder, Payments
-from hotpath.schemas import MAX_REF, PRINTABLE_PATTERN, user_id_problem
-from hotpath.settings import Settings
+from core import metrics
+from core.amounts import AmountError, read_amount, to_micro
+from core.errors import DependencyUnavailable, NotFound, OrderReused, QuotaError, Rejected
+from core.ids import MAX_REF, PRINTABLE_PATTERN, user_id_problem
+from core.settings import Settings
+from payments.credits import CreditOrder, Payments
 
 log = logging.getLogger("quota_gateway.webhook")
 

@@ -1,0 +1,108 @@
+"""Every Redis key, built in one place.
+
+No other module spells a Redis key. Every key of one user carries the hash tag of the
+user's virtual shard, ``{NNN}`` = crc32(user_id) mod N_SHARDS, so each script touches one
+hash slot (Redis Cluster ready) and each shard has one ledger stream.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from lua.periods import Windows
+
+
+class Keys:
+    """Builds every Redis key, with the deployment's prefix and the shard hash tag."""
+
+    def __init__(self, prefix: str, n_shards: int) -> None:
+        assert n_shards > 0
+        self.prefix = prefix
+        self.n_shards = n_shards
+        self._width = max(3, len(str(n_shards - 1)))
+        self._tags = [self.tag(s) for s in range(n_shards)]
+        self._shared = [(f"{t}:plans", f"{t}:ledger") for t in self._tags]  # per shard
+
+    def shard(self, user_id: str) -> int:
+        """The user's virtual shard: crc32 of the id, modulo the shard count."""
+        return zlib.crc32(user_id.encode()) % self.n_shards
+
+    def tag(self, shard: int) -> str:
+        """The hash-tagged prefix of a shard: ``<prefix>:{NNN}``."""
+        return f"{self.prefix}:{{{shard:0{self._width}d}}}"
+
+    def user_base(self, user_id: str) -> str:
+        """The prefix of every key of one user (also the user state hash itself)."""
+        return f"{self.tag(self.shard(user_id))}:u:{user_id}"
+
+    def user(self, user_id: str) -> str:
+        """The user state hash: plan, expiry, credits, lifetime usage, load marker."""
+        return self.user_base(user_id)
+
+    def idempotency(self, user_id: str, ref: str) -> str:
+        """The key remembering one (user, ref) debit."""
+        return f"{self.user_base(user_id)}:r:{ref}"
+
+    def counter(self, user_id: str, meter: str, kind: str, period: str) -> str:
+        """A period counter: kind 'd' with a YYYY-MM-DD id or 'm' with a YYYY-MM id."""
+        return f"{self.user_base(user_id)}:c:{meter}:{kind}:{period}"
+
+    def counters(self, user_id: str, meter: str, windows: Windows) -> tuple[str, str]:
+        """The day and month counters of a meter in the given windows."""
+        base = f"{self.user_base(user_id)}:c:{meter}"
+        return f"{base}:d:{windows.day_id}", f"{base}:m:{windows.month_id}"
+
+    def debit_keys(self, user_id: str, ref: str, meter: str, windows: Windows
+                   ) -> tuple[str, str, str, str, str, str]:
+        """KEYS of debit.lua, with the shard computed once (the hot path's only keys)."""
+        shard = self.shard(user_id)
+        plans, ledger = self._shared[shard]
+        base = f"{self._tags[shard]}:u:{user_id}"
+        counter = f"{base}:c:{meter}"
+        return (base, f"{base}:r:{ref}", plans, f"{counter}:d:{windows.day_id}",
+                f"{counter}:m:{windows.month_id}", ledger)
+
+    def plans(self, shard: int) -> str:
+        """A shard's copy of the plan catalog."""
+        return f"{self.tag(shard)}:plans"
+
+    def ledger(self, shard: int) -> str:
+        """A shard's ledger stream."""
+        return f"{self.tag(shard)}:ledger"
+
+    def all_ledgers(self) -> list[str]:
+        """Every shard's ledger stream, in shard order."""
+        return [self.ledger(s) for s in range(self.n_shards)]
+
+    def pattern(self) -> str:
+        """A SCAN pattern matching every key of this deployment."""
+        return f"{self.prefix}:{{*"
+
+    def instance(self) -> str:
+        """The run_id of the Redis process whose data is in step with PostgreSQL."""
+        return f"{self.prefix}:{{meta}}:instance"
+
+    def recovery_lock(self) -> str:
+        """The lock of the process that rebuilds after Redis came back older."""
+        return f"{self.prefix}:{{meta}}:recovery"
+
+    def counter_pattern(self) -> str:
+        """A SCAN pattern matching every period counter of every user."""
+        return f"{self.prefix}:{{*}}:u:*:c:*"
+
+    def user_pattern(self) -> str:
+        """A SCAN pattern matching every user key (SCAN with TYPE hash: the state hashes)."""
+        return f"{self.prefix}:{{*}}:u:*"
+
+    @staticmethod
+    def user_of(key: str) -> str:
+        """The user id of a user state hash key (user ids hold no ':')."""
+        return key.split("}:u:", 1)[1]
+
+    @staticmethod
+    def parse_counter(key: str) -> tuple[str, str, str] | None:
+        """(user, meter, period id like 'd:2026-11-23') of a period counter key, or None."""
+        parts = key.split("}:u:", 1)[1].split(":")
+        if len(parts) != 5 or parts[1] != "c" or parts[3] not in ("d", "m"):
+            return None
+        return parts[0], parts[2], f"{parts[3]}:{parts[4]}"

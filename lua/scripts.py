@@ -1,0 +1,153 @@
+"""One named wrapper per script: callers pass named arguments, the wrapper lays out KEYS
+and ARGV as the script's header says, and maps Redis's errors at this boundary.
+
+A script's own argument check (an error text starting ``qg:``) is our bug, not the
+caller's: it raises ``InvariantBroken``. Any other error reply means Redis refused the
+call (out of memory, a replica, a busy script): ``DependencyUnavailable``, a 503.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from core.errors import DependencyUnavailable, InvariantBroken
+from lua.connection import PipelinedRedis, RedisReplyError
+from lua.periods import Windows
+from lua.replies import CheckReply, Status
+from lua.source import SCRIPTS, Script
+
+_DEBIT_MANY = SCRIPTS["debit_many"]
+
+
+def script_error(script: Script, exc: RedisReplyError) -> Exception:
+    """The exception a Redis error reply to ``script`` stands for."""
+    message = str(exc)
+    if "qg:" in message:
+        return InvariantBroken(f"{script.name}: {message}")
+    return DependencyUnavailable("redis", f"Redis refused {script.name}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class DebitLimits:
+    """The deployment's constants every debit_many call carries (ARGV[7..11])."""
+
+    idempotency_ttl_ms: int
+    grace_ms: int
+    state_ttl_ms: int
+    backlog_limit: int
+    default_plan: str
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentReply:
+    """apply_payment.lua's answer: its status, what it added or took back (or 'deferred',
+    'loaded'), and the user's plan code in Redis."""
+
+    status: Status
+    result: str
+    plan_code: str
+
+
+class Scripts:
+    """The scripts, run on one Redis client by EVALSHA (NOSCRIPT: the source once)."""
+
+    def __init__(self, redis: PipelinedRedis) -> None:
+        self.redis = redis
+
+    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        try:
+            return await self.redis.run_script(script, keys, args)
+        except RedisReplyError as exc:
+            raise script_error(script, exc) from None
+
+    # -- debit_many.lua --------------------------------------------------------------------
+    @staticmethod
+    def debit_header(*, now: int, windows: Windows, limits: DebitLimits) -> tuple[str | int, ...]:
+        """ARGV[1..11]: what every debit of one call shares."""
+        return (now, windows.day_id, windows.day_start_ms, windows.day_end_ms,
+                windows.month_id, windows.month_end_ms, limits.idempotency_ttl_ms,
+                limits.grace_ms, limits.state_ttl_ms, limits.backlog_limit, limits.default_plan)
+
+    async def debit(self, keys: Sequence[str], *, header: tuple[str | int, ...], meter: str,
+                    amount: int, ref_record: str, event_head: str) -> list[Any]:
+        """One debit, sent as an item of a batch with the other debits the connection has
+        queued under the same header (``PipelinedRedis.run_batched``). ``keys`` are
+        ``Keys.debit_keys``; ``ref_record`` is ``fingerprint \\n tx_id``; ``event_head`` the
+        ledger event's head (``core.events.debit_event_head``)."""
+        try:
+            reply: list[Any] = await self.redis.run_batched(
+                _DEBIT_MANY, header, keys, (meter, amount, ref_record, event_head))
+        except RedisReplyError as exc:
+            raise script_error(_DEBIT_MANY, exc) from None
+        return reply
+
+    # -- check.lua -------------------------------------------------------------------------
+    async def check(self, user_key: str, plans_key: str, counter_keys: Sequence[str], *,
+                    now: int, windows: Windows, default_plan: str, every: bool,
+                    meters: Sequence[str]) -> CheckReply:
+        """The user's plan and what remains of ``meters`` (``counter_keys``: each meter's
+        day and month counters, in order). With ``every``, a plan naming other meters
+        answers NEED_METERS."""
+        return CheckReply.decode(await self._run(
+            SCRIPTS["check"], (user_key, plans_key, *counter_keys),
+            (now, windows.day_start_ms, windows.day_end_ms, windows.month_start_ms,
+             windows.month_end_ms, default_plan, "1" if every else "0", *meters)))
+
+    # -- load_user.lua ---------------------------------------------------------------------
+    async def load_user(
+        self, user_key: str, *, generation: str, plan_code: str, expires_ms: int,
+        plan_version: int, state_ttl_ms: int, now: int,
+        credits: Sequence[tuple[str, int]], lifetime: Sequence[tuple[str, int]],
+        included_outbox: Sequence[int], counters: Sequence[tuple[str, int, int]],
+    ) -> int:
+        """Write a user's PostgreSQL state where Redis lacks it. ``credits`` and
+        ``lifetime`` are (meter, micro-units); ``counters`` (key, used, expire-at ms).
+        Returns 1 loaded, 0 already loaded, -1 changed since ``generation`` (read again)."""
+        reply = await self._run(
+            SCRIPTS["load_user"], (user_key, *(key for key, _, _ in counters)),
+            (generation, plan_code, expires_ms, plan_version, state_ttl_ms, now,
+             len(credits), *(v for pair in credits for v in pair),
+             len(lifetime), *(v for pair in lifetime for v in pair),
+             len(included_outbox), *included_outbox,
+             *(v for _, used, expire_at in counters for v in (used, expire_at))))
+        return int(reply[0])
+
+    # -- restore_refs.lua ------------------------------------------------------------------
+    async def restore_refs(self, *, now: int, refs: Sequence[tuple[str, str, int]]) -> int:
+        """Put back absent idempotency keys: (key, value, expire-at ms) each. Returns how
+        many were written."""
+        if not refs:
+            return 0
+        reply = await self._run(
+            SCRIPTS["restore_refs"], [key for key, _, _ in refs],
+            (now, *(v for _, value, expire_at in refs for v in (value, expire_at))))
+        return int(reply[1])
+
+    # -- load_catalog.lua ------------------------------------------------------------------
+    async def load_catalog(self, plans_key: str, *, version: int,
+                           fields: Sequence[str]) -> int:
+        """Replace a shard's catalog copy if older than ``version``: 1 replaced, 0 not."""
+        return int(await self._run(SCRIPTS["load_catalog"], (plans_key,), (version, *fields)))
+
+    # -- set_plan.lua ----------------------------------------------------------------------
+    async def set_plan(self, user_key: str, *, plan_code: str, expires_ms: int, version: int,
+                       state_ttl_ms: int) -> int:
+        """Write through a committed plan assignment: 1 written, 0 Redis had it or newer."""
+        return int(await self._run(SCRIPTS["set_plan"], (user_key,),
+                                   (plan_code, expires_ms, version, state_ttl_ms)))
+
+    # -- apply_payment.lua -----------------------------------------------------------------
+    async def apply_payment(
+        self, user_key: str, ledger_key: str, *, op: str, outbox_id: int, plan_code: str,
+        expires_ms: int, plan_version: int, state_ttl_ms: int, now: int, caller: str,
+        ref: str, user_id: str, credits: Sequence[tuple[str, int, str]],
+    ) -> PaymentReply:
+        """Apply a committed credit or refund once per outbox row; ``credits`` are
+        (meter, micro-units, tx id)."""
+        reply = await self._run(
+            SCRIPTS["apply_payment"], (user_key, ledger_key),
+            (op, outbox_id, plan_code, expires_ms, plan_version, state_ttl_ms, now, caller,
+             ref, user_id, len(credits), *(v for triple in credits for v in triple)))
+        return PaymentReply(Status(reply[0]), reply[1], reply[2] if len(reply) > 2 else "")

@@ -1,0 +1,1 @@
+"""Operations: the quota-gateway command and the embedded development servers."""

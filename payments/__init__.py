@@ -1,0 +1,1 @@
+"""Money: credits and refunds written through, the payment webhook, its verifiers."""

@@ -1,0 +1,1 @@
+"""The engine: debits and checks, loading users from PostgreSQL, plans, the outbox."""

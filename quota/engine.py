@@ -1,0 +1,169 @@
+"""The quota engine: one script call per debit or check, loading from PostgreSQL when told.
+
+The decision logic lives in the Lua scripts (atomic in Redis); the engine builds their
+keys and arguments and reacts to "not loaded" and "stale window" answers. Its parts:
+``Loader`` (users and the catalog from PostgreSQL), ``Outbox`` (write-through changes to
+Redis), ``Plans`` (assignments and catalog changes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from core.clock import Clock, SystemClock, new_tx_id
+from core.errors import DependencyUnavailable, invariant
+from core.events import debit_event_head
+from core.settings import Settings
+from lua.connection import PipelinedRedis
+from lua.instance import InstanceGuard
+from lua.keys import Keys
+from lua.periods import Calendar, Windows
+from lua.replies import CheckReply, DebitReply, Status
+from lua.scripts import DebitLimits, Scripts
+from persistence.db import Database
+from persistence.migrate import schema_behind
+from persistence.queries import QUERIES
+from quota.loading import Loader, fingerprint
+from quota.outbox import Outbox
+from quota.plans import Plans
+from quota.runtime import Runtime
+
+#: The user id /ready checks: it proves a script runs by EVALSHA end to end.
+READY_PROBE_USER = "~ready-probe"
+_RETRYABLE = (Status.NOT_LOADED, Status.STALE_WINDOW, Status.NEED_METERS)
+
+
+class Engine:
+    """Runs the quota scripts for one process; stateless apart from small caches."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: PipelinedRedis,
+        db: Database,
+        clock: Clock,
+        new_id: Callable[[int | None], str] = new_tx_id,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.db = db
+        self.clock = clock
+        self.new_id = new_id
+        self.keys = Keys(settings.key_prefix, settings.n_shards)
+        self.calendar = Calendar(settings.timezone)
+        self.action_meters = dict(settings.action_meters)
+        self.rt = Runtime(settings, redis, db, clock, new_id, self.keys, Scripts(redis),
+                          self.calendar)
+        self.loader = Loader(self.rt)
+        self.outbox = Outbox(self.rt, self.loader)
+        self.plans = Plans(self.rt, self.loader, self.outbox)
+        self._limits = DebitLimits(
+            idempotency_ttl_ms=settings.idempotency_ttl_seconds * 1000,
+            grace_ms=settings.counter_grace_seconds * 1000,
+            state_ttl_ms=settings.user_state_ttl_seconds * 1000,
+            backlog_limit=settings.max_backlog_entries, default_plan=settings.default_plan)
+        self._header: tuple[Windows, int, tuple[str | int, ...]] | None = None
+        # Each new Redis connection first proves that Redis is not older than it was.
+        self.guard = InstanceGuard(settings.redis_url, self.keys)
+        redis.on_connect = self.guard.check
+
+    async def close(self) -> None:
+        """Release Redis and PostgreSQL (and stop a rebuild this process runs)."""
+        await self.guard.close()
+        await self.redis.close()
+        await self.db.close()
+
+    def debit_header(self, windows: Windows) -> tuple[str | int, ...]:
+        """The arguments every debit of a debit_many call shares (cached per windows)."""
+        now = self.clock.script_now()
+        cached = self._header
+        if cached is not None and cached[0] is windows and cached[1] == now:
+            return cached[2]
+        header = Scripts.debit_header(now=now, windows=windows, limits=self._limits)
+        self._header = (windows, now, header)
+        return header
+
+    async def debit(
+        self, user_id: str, meter: str, amount: int, ref: str, *,
+        reason: str = "", caller: str = "", action: str = "",
+    ) -> DebitReply:
+        """Debit ``amount`` micro-units of ``meter`` once per (user, ref).
+
+        The call goes out as one item of a debit_many batch with the other debits this
+        worker issues meanwhile (lua/connection.py).
+        """
+        invariant(amount > 0, "debit amounts are positive")
+        windows = self.rt.windows()
+        tx_id = self.new_id(None)
+        ref_record = f"{fingerprint(meter, amount, reason)}\n{tx_id}"
+        event_head = debit_event_head(tx_id, user_id, meter, amount, ref, reason, caller, action)
+        scripts = self.rt.scripts
+        for _ in range(self.settings.load_retries + 2):
+            raw = await scripts.debit(
+                self.keys.debit_keys(user_id, ref, meter, windows),
+                header=self.debit_header(windows), meter=meter, amount=amount,
+                ref_record=ref_record, event_head=event_head)
+            reply = DebitReply.decode(raw, tx_id, amount)
+            if reply.status is Status.STALE_WINDOW:
+                windows = self.calendar.windows(reply.now_ms)
+            elif reply.status is Status.NOT_LOADED:
+                await self.loader.load(reply.detail, user_id, windows)
+            else:
+                return reply
+        raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")
+
+    async def check(self, user_id: str, meters: Sequence[str] | None = None) -> CheckReply:
+        """Remaining amounts of ``meters`` (or of every meter of the user's plan)."""
+        keys = self.keys
+        windows = self.rt.windows()
+        every = meters is None
+        asked = list(self.loader.known_meters if meters is None else meters)
+        for _ in range(self.settings.load_retries + 3):
+            reply = await self.rt.scripts.check(
+                keys.user(user_id), keys.plans(keys.shard(user_id)),
+                [k for m in asked for k in keys.counters(user_id, m, windows)],
+                now=self.clock.script_now(), windows=windows,
+                default_plan=self.settings.default_plan, every=every, meters=asked)
+            if reply.status not in _RETRYABLE:
+                return reply
+            if reply.status is Status.STALE_WINDOW:
+                windows = self.calendar.windows(reply.now_ms)
+            elif reply.status is Status.NEED_METERS:
+                wanted = set(reply.detail.split(",")) | set(asked)
+                self.loader.learn_meters(wanted)
+                asked = sorted(wanted)
+            else:
+                await self.loader.load(reply.detail, user_id, windows)
+        raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")
+
+    async def ready(self) -> dict[str, str]:
+        """Prove the real path: a script by EVALSHA in Redis and a query in PostgreSQL."""
+        status = {"redis": "ok", "postgres": "ok"}
+        try:
+            await self.check(READY_PROBE_USER, [self.settings.balance_meter])
+        except DependencyUnavailable as exc:
+            # A probe user is "not loaded"; loading it needs PostgreSQL, so tell them apart.
+            status["redis" if exc.dependency == "redis" else "postgres"] = exc.message
+        try:
+            async with self.db.connection() as conn:
+                await conn.fetchval(QUERIES["ping"])
+                behind = await schema_behind(conn)
+            if behind:
+                status["postgres"] = behind
+        except DependencyUnavailable as exc:
+            status["postgres"] = exc.message
+        return status
+
+
+def make_engine(settings: Settings, clock: Clock | None = None) -> Engine:
+    """An engine connected (lazily) to the configured Redis and PostgreSQL."""
+    if not settings.redis_url or not settings.db_dsn:
+        raise RuntimeError("REDIS_URL and DB_DSN must be set (`quota-gateway serve` sets them)")
+    redis = PipelinedRedis(
+        settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
+        connect_timeout_seconds=settings.redis_connect_timeout_seconds,
+        connections=settings.redis_connections,
+    )
+    db = Database(settings.db_dsn, min_size=settings.db_pool_min,
+                  max_size=settings.db_pool_max, timeout=settings.db_timeout_seconds)
+    return Engine(settings, redis, db, clock or SystemClock())

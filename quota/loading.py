@@ -1,0 +1,205 @@
+"""Loading from PostgreSQL: a user's state (plan, credits, usage, recent refs) and the plan
+catalog, written into Redis only where Redis lacks them.
+
+Missing state is not zero usage: a script that finds no user hash answers NOT_LOADED, and
+the engine calls ``Loader.load_user`` before it tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from core import metrics
+from core.clock import from_ms, to_ms
+from core.errors import DependencyUnavailable, InvariantBroken
+from lua.periods import Windows
+from persistence.plans import catalog_fields, list_plans
+from persistence.queries import QUERIES
+from quota.runtime import Runtime
+
+#: How far this process's clock may run ahead of Redis's without an idempotency key being
+#: left out when a user's keys are restored from the ledger (``Loader.restore_refs``).
+RESTORE_CLOCK_MARGIN_MS = 3_600_000
+#: Ledger rows read, and idempotency keys restored, per page (one restore_refs call each).
+RESTORE_PAGE = 500
+
+
+def fingerprint(meter: str, amount: int, reason: str) -> str:
+    """What makes two debits with one ref "the same request"."""
+    digest = hashlib.blake2b(reason.encode(), digest_size=8).hexdigest() if reason else ""
+    return f"{meter}:{amount}:{digest}"
+
+
+class Loader:
+    """Brings users and the catalog from PostgreSQL into Redis."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        s = rt.settings
+        # Meters a full check asks for; grows when a plan names more (NEED_METERS).
+        self.known_meters: tuple[str, ...] = tuple(
+            sorted({"chat", "template", s.balance_meter, *(m for _, m in s.action_meters)})
+        )
+        self._loading: dict[str, asyncio.Task[None]] = {}  # user loads in flight
+
+    def learn_meters(self, meters: Sequence[str] | set[str]) -> None:
+        """Ask for these meters too in every full check from now on."""
+        self.known_meters = tuple(sorted(set(self.known_meters) | set(meters)))
+
+    async def load(self, what: str, user_id: str, windows: Windows) -> None:
+        """Load what a NOT_LOADED answer named: 'catalog' (the user's shard) or the user."""
+        if what == "catalog":
+            await self.sync_catalog([self.rt.keys.shard(user_id)])
+        else:
+            await self.load_user(user_id, windows)
+
+    # -- the catalog -----------------------------------------------------------------------
+    async def sync_catalog(self, shards: Sequence[int] | None = None) -> int:
+        """Copy the plan catalog from PostgreSQL into the given shards (default: all)."""
+        rt = self.rt
+        plans = await list_plans(rt.db)
+        if not any(p.plan_code == rt.settings.default_plan for p in plans):
+            raise InvariantBroken(
+                f"the default plan {rt.settings.default_plan!r} is not in the catalog: "
+                "run `quota-gateway migrate`"
+            )
+        self.learn_meters({m for p in plans for m in p.meters})
+        version = max(p.version for p in plans)
+        fields = catalog_fields(plans)
+        targets = range(rt.settings.n_shards) if shards is None else shards
+        results = await asyncio.gather(*(
+            rt.scripts.load_catalog(rt.keys.plans(s), version=version, fields=fields)
+            for s in targets
+        ))
+        return sum(results)
+
+    async def resync_catalog(self) -> int:
+        """Bring every shard copy that is older than PostgreSQL's catalog up to date;
+        returns how many were. A plan change committed in PostgreSQL whose copying to the
+        shards failed half-way would otherwise leave those shards on the old rules for
+        good: only a missing copy is refilled by the debits themselves. The reconciler
+        runs this with its chores."""
+        rt = self.rt
+        version = await rt.db.fetchval("catalog_version")
+        held = await asyncio.gather(*(rt.redis.execute("HGET", rt.keys.plans(s), "~v")
+                                      for s in range(rt.settings.n_shards)))
+        stale = [s for s, v in enumerate(held) if v is not None and int(v) < version]
+        if stale:
+            await self.sync_catalog(stale)
+        return len(stale)
+
+    # -- one user --------------------------------------------------------------------------
+    async def load_user(self, user_id: str, windows: Windows) -> None:
+        """Write the user's PostgreSQL state into Redis where Redis lacks it: first the
+        idempotency keys of recent debits, then the state (which marks the user loaded).
+
+        Concurrent loads of one user in this process share one: after Redis lost its data,
+        every request of a busy user answers "not loaded" at once, and each would otherwise
+        read the same rows from PostgreSQL.
+        """
+        task = self._loading.get(user_id)
+        if task is None:
+            task = asyncio.ensure_future(self._load_user(user_id, windows))
+            self._loading[user_id] = task
+            task.add_done_callback(functools.partial(self._load_done, user_id))
+        await asyncio.shield(task)  # a caller that goes away leaves the load running
+
+    def _load_done(self, user_id: str, task: asyncio.Task[None]) -> None:
+        self._loading.pop(user_id, None)
+        if not task.cancelled():
+            task.exception()  # seen here too, in case every caller went away
+
+    async def _load_user(self, user_id: str, windows: Windows) -> None:
+        rt = self.rt
+        user_key = rt.keys.user(user_id)
+        if await rt.redis.execute("HEXISTS", user_key, "loaded"):
+            return  # another process loaded it meanwhile
+        await self.restore_refs(user_id)
+        for _ in range(rt.settings.load_retries):
+            generation = await rt.redis.execute("HGET", user_key, "wg") or "0"
+            written = await self._write_state(user_id, user_key, generation, windows)
+            if written == 1:
+                metrics.USER_LOADS.inc()
+            if written != -1:
+                return
+        raise DependencyUnavailable("redis", f"user {user_id!r} kept changing while loading")
+
+    async def _write_state(self, user_id: str, user_key: str, generation: str,
+                           windows: Windows) -> int:
+        """Read the user's state in one PostgreSQL snapshot and run load_user.lua: 1
+        loaded, 0 loaded meanwhile, -1 a write-through changed the user since
+        ``generation`` was read (read again)."""
+        rt = self.rt
+        periods = [windows.period_id("d"), windows.period_id("m"), "n"]
+        # One snapshot: the credit balances and the payment changes they already hold.
+        async with rt.db.snapshot() as conn:
+            plan = await conn.fetchrow(QUERIES["get_user_plan"], user_id)
+            credits = await conn.fetch(QUERIES["user_credits"], user_id)
+            included = await conn.fetch(QUERIES["user_pending_payments"], user_id)
+            usage = await conn.fetch(QUERIES["user_usage"], user_id, periods)
+        counters, lifetime = self._usage(user_id, usage, windows)
+        return await rt.scripts.load_user(
+            user_key, generation=generation,
+            plan_code=plan["plan_code"] if plan else rt.settings.default_plan,
+            expires_ms=to_ms(plan["expires_at"]) if plan and plan["expires_at"] else 0,
+            plan_version=plan["version"] if plan else 0, state_ttl_ms=rt.state_ttl_ms,
+            now=rt.clock.script_now(),
+            credits=[(r["meter"], max(0, r["balance_micro"])) for r in credits],
+            lifetime=lifetime, included_outbox=[r["id"] for r in included], counters=counters,
+        )
+
+    def _usage(self, user_id: str, usage: Sequence[Any], windows: Windows
+               ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
+        """Flushed usage rows as period counters (key, used, expire-at ms) and lifetime
+        usages (meter, used)."""
+        grace_ms = self.rt.settings.counter_grace_seconds * 1000
+        counters: list[tuple[str, int, int]] = []
+        lifetime: list[tuple[str, int]] = []
+        for row in usage:
+            kind, _, period = row["period_id"].partition(":")
+            if kind == "n":
+                lifetime.append((row["meter"], row["used_micro"]))
+                continue
+            kind_window = "d" if kind == "d" else "m"
+            counters.append((self.rt.keys.counter(user_id, row["meter"], kind, period),
+                             row["used_micro"], windows.period_end_ms(kind_window) + grace_ms))
+        return counters, lifetime
+
+    async def restore_refs(self, user_id: str) -> int:
+        """Put back the idempotency keys of the user's flushed debits still within their TTL
+        (Redis may have lost them with the user's state), so that a retry of one answers
+        DUPLICATE with its tx id and remaining instead of debiting again. Keys that exist
+        are kept. The ledger is read a page at a time, each page restored by one short
+        script call. Returns the number of keys written.
+
+        The script judges each key's life on the clock that stamped the debits (Redis
+        TIME); the ledger is read from ``RESTORE_CLOCK_MARGIN_MS`` earlier than this
+        process's clock says the window starts, so that a clock running ahead loses no key."""
+        rt = self.rt
+        ttl_ms = rt.settings.idempotency_ttl_seconds * 1000
+        start = rt.clock.now_ms() - ttl_ms - RESTORE_CLOCK_MARGIN_MS
+        after: tuple[datetime, uuid.UUID] = (from_ms(start), uuid.UUID(int=0))
+        written = 0
+        while True:
+            rows = await rt.db.fetch("user_recent_debits", user_id, *after, RESTORE_PAGE)
+            refs = [
+                # A debit flushed before migration 0004 has no remaining recorded: 0.
+                (rt.keys.idempotency(user_id, row["ref"]),
+                 f"{fingerprint(row['meter'], -row['amount_micro'], row['reason'] or '')}"
+                 f"\n{row['tx_id']}\n{row['remaining_micro'] or 0}",
+                 to_ms(row["occurred_at"]) + ttl_ms)
+                for row in rows
+            ]
+            written += await rt.scripts.restore_refs(now=rt.clock.script_now(), refs=refs)
+            if len(rows) < RESTORE_PAGE:
+                break
+            after = (rows[-1]["occurred_at"], rows[-1]["tx_id"])
+        if written:
+            metrics.REFS_RESTORED.inc(written)
+        return written
