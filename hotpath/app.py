@@ -78,7 +78,8 @@ from hotpath.schemas import (
 )
 from lua.replies import CheckReply, DebitReply, MeterView, Status
 from payments.credits import CreditOrder, Payments
-from payments.webhook import PaymentWebhook, Verifier, make_verifier
+from payments.verifiers import Verifier, make_verifier
+from payments.webhook import PaymentWebhook
 from persistence.plans import PlanBody, list_plans, validate_plan
 from quota.engine import Engine, make_engine
 

@@ -5,14 +5,11 @@ the plan assignment, the credit ledger events, the credit balances and a ``redis
 row; then ``apply_payment.lua`` applies that row in Redis, at most once per row. A row
 committed but not applied (Redis down, a crash in between) is applied by the reconciler.
 
-Refunds take back credits in proportion to the refunded amount. Redis decides how much is
-still there to take: credits already spent cannot be taken back, and the shortfall stays
-visible in the refund's ``wanted`` and ``taken`` columns and in its ledger events.
+Refunds (``payments.refunds``) take back what a payment credited.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -21,16 +18,9 @@ import asyncpg
 
 from core.clock import from_ms
 from core.errors import NotFound, OrderReused, Rejected
+from payments.refunds import CENTS, Refunds, fingerprint_of
 from persistence.queries import QUERIES
 from quota.engine import Engine
-
-_CENTS = Decimal("0.01")
-
-
-def _fingerprint(*parts: object) -> str:
-    """What makes a repeated order or refund "the same request"."""
-    text = "\x1f".join(str(p) for p in parts)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,24 +64,12 @@ class CreditResult:
                    duplicate)
 
 
-@dataclass(frozen=True, slots=True)
-class RefundResult:
-    """A refund: what it wanted back, what Redis could take (None until applied)."""
-
-    refund_id: str
-    order_id: str
-    user_id: str
-    wanted: dict[str, int]
-    taken: dict[str, int] | None
-    plan_revoked: bool
-    duplicate: bool = False
-
-
 class Payments:
     """The write-through side of money, bound to one engine."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.refunds = Refunds(engine)
 
     # -- credits ---------------------------------------------------------------------------
     async def credit(self, order: CreditOrder) -> CreditResult:
@@ -112,8 +90,8 @@ class Payments:
                 raise NotFound(f"unknown plan {order.plan_code!r}", field="plan_code")
             amount = order.amount if order.amount is not None else Decimal(plan["price"])
             currency = order.currency or plan["currency"]
-            fingerprint = _fingerprint(order.user_id, order.plan_code, order.credits,
-                                       amount.quantize(_CENTS), currency)
+            fingerprint = fingerprint_of(order.user_id, order.plan_code, order.credits,
+                                       amount.quantize(CENTS), currency)
             existing = await conn.fetchrow(QUERIES["get_receipt"], order.order_id)
             if existing is None and order.payment_id:
                 existing = await conn.fetchrow(QUERIES["get_receipt_by_payment"],
@@ -199,85 +177,7 @@ class Payments:
             await conn.execute(
                 QUERIES["insert_receipt"], order_id, payment_id, user_id,
                 plan_code if known else None, "canceled", str(amount), currency, {},
-                _fingerprint(user_id, plan_code, amount, currency), source, "webhook", None,
+                fingerprint_of(user_id, plan_code, amount, currency), source, "webhook", None,
                 None, None, None, {}, from_ms(self.engine.clock.now_ms()),
             )
         return True
-
-    # -- refunds ---------------------------------------------------------------------------
-    async def refund(self, refund_id: str, payment_id: str, amount: Decimal, currency: str,
-                     caller: str) -> RefundResult:
-        """Take back the credits of a refunded payment, in proportion to the amount.
-
-        A refund that completes the payment's amount takes back everything not taken yet
-        and, if the user's plan is still the one the payment bought, ends that plan now.
-        """
-        engine = self.engine
-        now_ms = engine.clock.now_ms()
-        fingerprint = _fingerprint(payment_id, amount.quantize(_CENTS), currency)
-        async with engine.db.transaction() as conn:
-            await conn.execute(QUERIES["lock_order"], f"refund:{refund_id}")
-            existing = await conn.fetchrow(QUERIES["get_refund"], refund_id)
-            receipt = await conn.fetchrow(QUERIES["get_receipt_by_payment"], payment_id)
-            if receipt is None:
-                raise Rejected(422, "unknown_payment",
-                               f"no succeeded payment {payment_id!r} to refund",
-                               field="object.payment_id")
-            if existing is not None:
-                same = _fingerprint(payment_id, existing["amount"], existing["currency"])
-                if existing["order_id"] != receipt["order_id"] or same != fingerprint:
-                    raise Rejected(422, "refund_reused",
-                                   f"refund {refund_id!r} was recorded with other content",
-                                   field="object.id")
-                return RefundResult(refund_id, existing["order_id"], receipt["user_id"],
-                                    existing["wanted"], existing["taken"],
-                                    existing["plan_revoked"], duplicate=True)
-            await conn.execute(QUERIES["lock_order"], receipt["order_id"])
-            if receipt["status"] != "succeeded":
-                raise Rejected(422, "payment_not_succeeded",
-                               f"payment {payment_id!r} is {receipt['status']}",
-                               field="object.payment_id")
-            if currency != receipt["currency"]:
-                raise Rejected(422, "currency_mismatch", "the refund's currency is not the "
-                               "payment's", field="object.amount.currency")
-            earlier = await conn.fetch(QUERIES["order_refunds"], receipt["order_id"])
-            paid = Decimal(receipt["amount"])
-            refunded = sum((Decimal(r["amount"]) for r in earlier), Decimal(0)) + amount
-            if refunded > paid:
-                raise Rejected(422, "refund_exceeds_payment",
-                               f"refunds would total {refunded} of a {paid} payment",
-                               field="object.amount.value")
-            complete = refunded == paid
-            credits = {m: int(v) for m, v in receipt["credits"].items()}
-            wanted = {}
-            for meter, total in sorted(credits.items()):
-                before = sum(int(r["wanted"].get(meter, 0)) for r in earlier)
-                if complete or paid == 0:
-                    wanted[meter] = total - before
-                else:  # exact integer arithmetic on cents and micro-units
-                    wanted[meter] = total * int(amount / _CENTS) // int(paid / _CENTS)
-            user_id = receipt["user_id"]
-            plan_payload = None
-            if complete and receipt["plan_version"] is not None:
-                row = await conn.fetchrow(QUERIES["revoke_plan"], user_id,
-                                          receipt["plan_version"], from_ms(now_ms))
-                if row is not None:
-                    plan_payload = {"plan_code": row["plan_code"], "expires_ms": now_ms,
-                                    "version": row["version"]}
-                    await conn.execute(QUERIES["insert_plan_event"], engine.new_id(now_ms),
-                                       user_id, row["plan_code"], caller,
-                                       f"refund {refund_id}", from_ms(now_ms))
-            triples = [[m, w, engine.new_id(now_ms)] for m, w in wanted.items() if w > 0]
-            payload = {"refund_id": refund_id, "order_id": receipt["order_id"],
-                       "caller": caller, "credits": triples, "plan": plan_payload}
-            outbox_id = await conn.fetchval(QUERIES["insert_outbox"], user_id, "refund",
-                                            payload)
-            await conn.execute(QUERIES["insert_refund"], refund_id, receipt["order_id"],
-                               str(amount), currency, wanted, plan_payload is not None,
-                               outbox_id)
-        await engine.outbox.apply(outbox_id, user_id, "refund", payload, quiet=True)
-        stored = await engine.db.fetchrow("get_refund", refund_id)
-        assert stored is not None
-        return RefundResult(refund_id, receipt["order_id"], user_id, wanted, stored["taken"],
-                            plan_payload is not None)
-

@@ -14,14 +14,8 @@ from core.amounts import decode_hook
 from core.errors import Rejected
 from core.ids import user_id_problem
 from hotpath.schemas import BalanceCheckIn
-from payments.webhook import (
-    SignatureVerifier,
-    _units,
-    client_address,
-    load_public_key,
-    parse_event,
-    parse_object,
-)
+from payments.notifications import parse_event, parse_object, units_field
+from payments.verifiers import SignatureVerifier, client_address, load_public_key
 from tests.payment_support import notification, payment_object, public_pem, refund_object, sign
 
 PROXIES = (ipaddress.ip_network("10.0.0.0/8"),)
@@ -103,15 +97,15 @@ def test_units_in_metadata_hold_a_json_number(raw: object) -> None:
     """A payment's metadata units as the API reads amounts: a number, or a string holding
     a JSON number (Decimal() alone took "1_0" as 10 and Arabic-Indic digits as 12)."""
     with pytest.raises(Rejected) as caught:
-        _units({"units_chat": raw}, "units_chat")
+        units_field({"units_chat": raw}, "units_chat")
     assert caught.value.field == "object.metadata.units_chat" and caught.value.status == 422
 
 
 def test_units_in_metadata_are_read_exactly() -> None:
-    assert _units({"units_chat": "2.5"}, "units_chat") == 2_500_000
-    assert _units({"units_chat": Decimal("0.000001")}, "units_chat") == 1
-    assert _units({"units_chat": 10}, "units_chat") == 10_000_000
-    assert _units({}, "units_chat") == 0
+    assert units_field({"units_chat": "2.5"}, "units_chat") == 2_500_000
+    assert units_field({"units_chat": Decimal("0.000001")}, "units_chat") == 1
+    assert units_field({"units_chat": 10}, "units_chat") == 10_000_000
+    assert units_field({}, "units_chat") == 0
 
 
 @pytest.mark.parametrize("user_id", ["user-1\n", "a\x85b", " ", "a:b", ""])
