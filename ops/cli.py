@@ -264,7 +264,8 @@ def dead_letters() -> None:
 async def _with_webhook(settings: Settings, action: Callable[[PaymentWebhook], Awaitable[T]]
                         ) -> T:
     from payments.credits import Payments
-    from payments.webhook import PaymentWebhook, make_verifier
+    from payments.verifiers import make_verifier
+    from payments.webhook import PaymentWebhook
     from quota.engine import make_engine
 
     engine = make_engine(settings)
