@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.clock import FixedClock
 from core.settings import Settings
@@ -114,3 +115,21 @@ async def app_client(settings: Settings, clock: FixedClock, key: str = KEY, *,
     finally:
         await app.state.api.webhook.verifier.aclose()
         await engine.close()
+
+
+def metric_value(text: str, sample: str, **labels: str) -> float:
+    """The value of one sample (its full name, e.g. ``quota_debits_total``, and exactly
+    these labels) in a Prometheus text page; 0 when the page has no such sample yet (a
+    counter or labelled child appears only once it has been touched)."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == sample and found.labels == labels:
+                return float(found.value)
+    return 0.0
+
+
+async def read_metric(http: httpx.AsyncClient, sample: str, **labels: str) -> float:
+    """``metric_value`` of the app's /metrics page right now."""
+    response = await http.get("/metrics")
+    assert response.status_code == 200, response.text
+    return metric_value(response.text, sample, **labels)

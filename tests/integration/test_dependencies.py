@@ -22,7 +22,7 @@ from persistence.db import PostgresUnavailable
 from persistence.migrate import latest
 from quota.engine import Engine
 from reconciler.main import Reconciler
-from tests.support import app_client, debit, new_user, unique_plan
+from tests.support import app_client, debit, new_user, read_metric, unique_plan
 
 
 @pytest.fixture
@@ -164,15 +164,53 @@ async def test_a_redis_that_may_evict_keys_is_refused_until_noeviction(
 async def test_redis_restart_mid_service_reconnects(
     settings: Settings, clock: FixedClock, private_redis: EmbeddedRedis
 ) -> None:
-    """Redis killed: 503 while it is gone; back up (empty), the user reloads from PostgreSQL."""
-    async with app_client(settings.with_overrides(redis_url=private_redis.url), clock) as http:
-        user = new_user()
-        assert (await debit(http, user, 1)).status_code == 200
-        private_redis.kill()
-        assert (await debit(http, user, 1)).status_code == 503
-        private_redis.start()
-        back = await debit(http, user, 1)
-        assert back.status_code == 200, back.text
+    """Invariant 4. A user debits 7 of the free plan's 50 a day and the reconciler flushes
+    them to PostgreSQL. Redis (no persistence) is killed: debits answer 503 while it is
+    gone. It comes back empty on the same port: the service reconnects, and the user,
+    rebuilt from PostgreSQL, has exactly the flushed 7 used (43 left, not a fresh 50); the
+    next debit counts from there, and the reconciler, its group recreated, flushes it."""
+    local = settings.with_overrides(redis_url=private_redis.url)
+    admin = aioredis.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        async with app_client(local, clock) as http:
+            engine: Engine = http.engine  # type: ignore[attr-defined]
+            reconciler = Reconciler(engine, admin, name="restart-test")
+            user = new_user()
+            first = await debit(http, user, 7)
+            assert first.status_code == 200 and first.json()["remaining"] == 43, first.text
+            await reconciler.drain()
+            assert await _flushed_chat_micro(engine, user) == 7_000_000
+
+            private_redis.kill()
+            gone = await debit(http, user, 1)
+            assert gone.status_code == 503, gone.text
+            private_redis.start()  # same port, no data: everything in Redis is lost
+            await admin.connection_pool.disconnect()
+            assert await admin.dbsize() == 0
+
+            loads = await read_metric(http, "quota_user_loads_total")
+            check = await http.get(f"/internal/billing/quota/check/{user}")
+            assert check.status_code == 200, check.text
+            assert check.json()["remain_chat"] == 43  # the flushed usage, rebuilt
+            assert await read_metric(http, "quota_user_loads_total") == loads + 1
+            back = await debit(http, user, 1)
+            assert back.status_code == 200 and back.json()["remaining"] == 42, back.text
+            day_key, _ = engine.keys.counters(user, "chat",
+                                              engine.calendar.windows(clock.now_ms()))
+            assert await admin.get(day_key) == "8000000"
+            assert (await http.get("/ready")).status_code == 200
+            await reconciler.drain()
+            assert await _flushed_chat_micro(engine, user) == 8_000_000
+    finally:
+        await admin.aclose()
+
+
+async def _flushed_chat_micro(engine: Engine, user: str) -> int | None:
+    """The user's chat usage flushed to PostgreSQL (all periods), micro-units."""
+    async with engine.db.connection() as conn:
+        used = await conn.fetchval("SELECT sum(used_micro) FROM usage_counters "
+                                   "WHERE user_id = $1 AND meter = 'chat'", user)
+    return None if used is None else int(used)
 
 
 async def test_redis_restarted_from_an_older_snapshot_is_rebuilt_from_postgres(
