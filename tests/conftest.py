@@ -82,6 +82,35 @@ async def db_dsn(servers: Servers) -> AsyncIterator[str]:
         await admin.close()
 
 
+@pytest.fixture(scope="session")
+async def template_database(servers: Servers) -> AsyncIterator[str]:
+    """A migrated and seeded database that ``own_db_dsn`` copies; no test connects to it."""
+    name = f"qg_tmpl_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = await asyncpg.connect(servers.admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        await prepare_database(_with_database(servers.admin_dsn, name))
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def own_db_dsn(servers: Servers, template_database: str) -> AsyncIterator[str]:
+    """A database of this test's own, migrated and seeded (a copy of the template), dropped
+    afterwards: for a test that counts what the whole database holds (the report, pending
+    outbox rows) or changes its schema, which the session database shares with every test."""
+    name = f"qg_own_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(servers.admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield _with_database(servers.admin_dsn, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 @pytest.fixture
 def prefix() -> str:
     """A key prefix of this test's own."""

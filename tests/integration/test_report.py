@@ -1,4 +1,8 @@
-"""The nightly report: clean after a normal run, non-zero on injected drift."""
+"""The nightly report: clean after a normal run, non-zero on injected drift.
+
+The report reads the whole database (every debit and succeeded receipt of the day, the
+flushed usage of the open periods, the summary row of a day), so each test here runs on a
+database of its own: its counts are exact whatever other tests left in the session's."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from core.settings import Settings
@@ -16,10 +21,18 @@ from reconciler.report import run
 from tests.support import DAY_MS, HOUR_MS, T0, apply_plan, balance_debit, debit, new_user
 
 
+@pytest.fixture
+def settings(settings: Settings, own_db_dsn: str) -> Settings:
+    """The test's settings on a database of its own (engine, client and CLI use it)."""
+    return settings.with_overrides(db_dsn=own_db_dsn)
+
+
 async def test_report_is_clean_then_finds_injected_drift(
     client: httpx.AsyncClient, engine: Engine, raw_redis: aioredis.Redis, tmp_path: Path
 ) -> None:
-    """Totals match the debits; a counter nudged in Redis is reported as drift."""
+    """Totals are exactly the day's flushed debits (3 of 2 chat, 1 of 0.5 units; the
+    unflushed one counted as unflushed, not in the totals), both counters agree, no
+    payments; a counter nudged by 5 in Redis is reported as exactly that one drift."""
     user, other = new_user(), new_user()
     await apply_plan(client, other, "base750", expires_at="2027-01-01T00:00:00Z")
     for _ in range(3):
@@ -30,10 +43,15 @@ async def test_report_is_clean_then_finds_injected_drift(
 
     clean = await run(engine, raw_redis, date(2026, 11, 23), tmp_path / "clean")
     assert clean.drift_count == 0, clean.drift
-    assert clean.unflushed_entries >= 1
-    totals = {(t["plan_code"], t["meter"]): t for t in clean.totals}
-    assert totals[("free", "chat")]["debits"] >= 3
-    assert totals[("base750", "units")]["amount"] != "0"
+    assert clean.unflushed_entries == 1
+    assert clean.totals == [
+        {"plan_code": "base750", "meter": "units", "debits": 1, "amount": "0.5",
+         "from_allowance": "0.5", "from_credits": "0"},
+        {"plan_code": "free", "meter": "chat", "debits": 3, "amount": "6",
+         "from_allowance": "6", "from_credits": "0"},
+    ]
+    assert clean.counters_checked == 2  # user's chat day, other's units
+    assert (clean.payments_checked, clean.payment_mismatches) == (0, [])
     files = sorted(p.name for p in (tmp_path / "clean").iterdir())
     assert files == ["reconciliation-2026-11-23-drift.csv", "reconciliation-2026-11-23-totals.csv",
                      "reconciliation-2026-11-23.html", "reconciliation-2026-11-23.json"]
@@ -47,8 +65,11 @@ async def test_report_is_clean_then_finds_injected_drift(
         (user, "chat", "5")]
     saved = orjson.loads((tmp_path / "drift" / "reconciliation-2026-11-23.json").read_bytes())
     assert saved["drift_count"] == 1
-    count = await engine.db.fetchval("report_exists", date(2026, 11, 23))
-    assert count is True
+    assert drifted.drift[0]["redis"] == "12" and drifted.drift[0]["unflushed"] == "1"
+    async with engine.db.connection() as conn:
+        rows = await conn.fetch("SELECT drift_count FROM reconciliation_reports "
+                                "WHERE report_date = $1 ORDER BY id", date(2026, 11, 23))
+    assert [r["drift_count"] for r in rows] == [0, 1]  # one summary row per run
 
 
 async def test_scheduled_report_runs_once_after_its_time(
@@ -72,7 +93,8 @@ async def test_scheduled_report_runs_once_after_its_time(
 
 
 def test_report_command_exit_code_says_drift(settings: Settings, tmp_path: Path) -> None:
-    """`quota-gateway report` exits 0 when clean and 1 once a Redis counter drifts."""
+    """`quota-gateway report` exits 0 when clean (nothing to check on an empty database)
+    and 1 once a Redis counter drifts: exactly that one counter."""
     import time
 
     import redis
@@ -87,6 +109,7 @@ def test_report_command_exit_code_says_drift(settings: Settings, tmp_path: Path)
     args = ["report", "--date", "2026-11-23", "--out", str(tmp_path)]
     clean = CliRunner().invoke(main, args, env=env)
     assert clean.exit_code == 0, clean.output
+    assert "0 plan/meter totals, 0 counters checked, 0 drifting" in clean.output
     windows = Calendar("UTC").windows(time.time_ns() // 1_000_000)  # the command's real clock
     key = Keys(settings.key_prefix, settings.n_shards).counters("drifter", "chat", windows)[0]
     client = redis.Redis.from_url(settings.redis_url or "")
@@ -94,4 +117,4 @@ def test_report_command_exit_code_says_drift(settings: Settings, tmp_path: Path)
     client.close()
     drifted = CliRunner().invoke(main, args, env=env)
     assert drifted.exit_code == 1, drifted.output
-    assert "1 drifting" in drifted.output
+    assert "0 plan/meter totals, 1 counters checked, 1 drifting" in drifted.output
