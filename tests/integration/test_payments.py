@@ -33,7 +33,6 @@ from tests.payment_support import (
 )
 from tests.support import (
     CREDIT,
-    DAY_MS,
     KEY,
     T0,
     WEBHOOK,
@@ -381,69 +380,6 @@ async def test_canceled_payment_is_recorded_and_credits_nothing(
 
 # -- refunds -------------------------------------------------------------------------------
 
-async def test_refund_after_partial_spending_takes_back_what_is_left(
-    pay: httpx.AsyncClient, client: httpx.AsyncClient, engine: Engine,
-    raw_redis: aioredis.Redis, tmp_path: Path,
-) -> None:
-    """100 chat credits bought for 100.00, 70 spent. A 50.00 refund wants 50 back but only
-    30 are left: it takes 30 (the shortfall is recorded). The final 50.00 refund wants the
-    other 50, takes 0, and ends the plan. The ledger (after the reconciler) and PostgreSQL's
-    balance agree with Redis, and the report matches the payment."""
-    plan, user, payment = unique_plan(), new_user(), new_payment()
-    await put_plan(client, plan, {"chat": {"limit": 0, "period": "month"}})
-    body = notification("payment.succeeded", payment_object(
-        payment, user, plan, amount="100.00", units_chat="100"))
-    assert (await signed(pay, body)).status_code == 200
-    spent = await debit(client, user, 70)
-    assert spent.status_code == 200 and spent.json()["from_credits"] == 70
-
-    half = notification("refund.succeeded", refund_object("rf-1-" + payment, payment, "50.00"))
-    response = await signed(pay, half)
-    assert response.status_code == 200, response.text
-    assert response.json()["refund_id"] == "rf-1-" + payment
-    assert (await remaining(pay, user))["remain_chat"] == 0
-    rest = notification("refund.succeeded", refund_object("rf-2-" + payment, payment, "50.00"))
-    assert (await signed(pay, rest)).status_code == 200
-    assert (await signed(pay, rest)).json()["status"] == "duplicate"
-    too_much = notification("refund.succeeded", refund_object("rf-3-" + payment, payment,
-                                                              "0.01"))
-    refused = await signed(pay, too_much)
-    assert refused.status_code == 422
-    assert refused.json()["error"]["code"] == "refund_exceeds_payment"
-
-    refunds = await pg(pay, "SELECT refund_id, wanted, taken, plan_revoked FROM "
-                            "payment_refunds WHERE order_id = $1 ORDER BY refund_id", payment)
-    assert [(r["wanted"], r["taken"], r["plan_revoked"]) for r in refunds] == [
-        ({"chat": 50_000_000}, {"chat": 30_000_000}, False),
-        ({"chat": 50_000_000}, {"chat": 0}, True),
-    ]
-    state = await remaining(pay, user)
-    assert state["meters"]["chat"]["credits"] == 0
-    assert (state["plan_code"], state["assigned_plan"], state["plan_status"]) == (
-        "free", plan, "expired")  # the bought plan ended at the refund
-
-    await Reconciler(engine, raw_redis, name="refund-test").drain()
-    ledger = await pg(pay, "SELECT ref, amount_micro, from_credits_micro, reason FROM ledger "
-                           "WHERE kind = 'refund' AND user_id = $1 ORDER BY ref", user)
-    assert [(r["ref"], r["amount_micro"], r["reason"]) for r in ledger] == [
-        ("rf-1-" + payment, -30_000_000, "wanted=50000000"),
-        ("rf-2-" + payment, 0, "wanted=50000000"),
-    ]
-    balance = await pg(pay, "SELECT balance_micro FROM credit_balances WHERE user_id = $1 "
-                            "AND meter = 'chat'", user)
-    assert balance[0]["balance_micro"] == 0
-
-    report = await run(engine, raw_redis, date(2026, 11, 23), tmp_path)
-    assert report.payments_checked >= 1
-    assert payment not in [m["order_id"] for m in report.payment_mismatches]
-    await pg(pay, "DELETE FROM ledger WHERE kind = 'credit' AND ref = $1", payment)
-    broken = await run(engine, raw_redis, date(2026, 11, 23), tmp_path)
-    assert payment in [m["order_id"] for m in broken.payment_mismatches]
-    assert broken.drift_count >= 1
-    await pg(pay, "DELETE FROM payment_refunds WHERE order_id = $1", payment)
-    await pg(pay, "DELETE FROM payment_receipts WHERE order_id = $1", payment)
-
-
 async def test_refund_survives_redis_losing_its_stream_before_the_flush(
     pay: httpx.AsyncClient, client: httpx.AsyncClient, engine: Engine,
     raw_redis: aioredis.Redis, settings: Settings,
@@ -477,24 +413,97 @@ async def test_refund_survives_redis_losing_its_stream_before_the_flush(
     assert (await remaining(pay, user))["remain_chat"] == 55
 
 
-async def test_report_matches_every_payment_of_the_day(
-    pay: httpx.AsyncClient, engine: Engine, raw_redis: aioredis.Redis, tmp_path: Path,
-    clock: FixedClock,
-) -> None:
-    """Credits through the API and the webhook on one day are each matched once."""
-    clock.set(T0 + 200 * DAY_MS)  # a day of this test's own
-    day = datetime.fromtimestamp(clock.now_ms() / 1000, UTC).date()
-    for i in range(3):
-        assert (await pay.post(CREDIT, json=credit_body(f"o{i}-{new_payment()}",
-                                                        new_user()))).status_code == 200
-        assert (await signed(pay, notification("payment.succeeded", payment_object(
-            new_payment(), new_user(), "pro_month", units_tpl="3")))).status_code == 200
-    report = await run(engine, raw_redis, day, tmp_path)
-    assert report.payments_checked == 6 and report.payment_mismatches == []
-    page = (tmp_path / f"reconciliation-{day}.html").read_text()
-    assert "6 succeeded payments" in page
-    summary = orjson.loads((tmp_path / f"reconciliation-{day}.json").read_bytes())
-    assert summary["payments_checked"] == 6
+# -- the report (it reads every receipt of the day: on a database of its own) -------------
+
+class TestReportOnADatabaseOfItsOwn:
+    """The report checks every succeeded receipt of its day in the database, so these tests
+    run on a database of their own: their counts are exact whatever else ran before."""
+
+    @pytest.fixture
+    def settings(self, settings: Settings, own_db_dsn: str) -> Settings:
+        """The test's settings (and so pay, client and engine) on its own database."""
+        return settings.with_overrides(db_dsn=own_db_dsn)
+
+    async def test_refund_after_partial_spending_takes_back_what_is_left(
+        self, pay: httpx.AsyncClient, client: httpx.AsyncClient, engine: Engine,
+        raw_redis: aioredis.Redis, tmp_path: Path,
+    ) -> None:
+        """100 chat credits bought for 100.00, 70 spent. A 50.00 refund wants 50 back but only
+        30 are left: it takes 30 (the shortfall is recorded). The final 50.00 refund wants the
+        other 50, takes 0, and ends the plan. The ledger (after the reconciler) and PostgreSQL's
+        balance agree with Redis, and the report matches the payment: the day's one payment,
+        no drift; with its ledger credit deleted, exactly that payment is reported."""
+        plan, user, payment = unique_plan(), new_user(), new_payment()
+        await put_plan(client, plan, {"chat": {"limit": 0, "period": "month"}})
+        body = notification("payment.succeeded", payment_object(
+            payment, user, plan, amount="100.00", units_chat="100"))
+        assert (await signed(pay, body)).status_code == 200
+        spent = await debit(client, user, 70)
+        assert spent.status_code == 200 and spent.json()["from_credits"] == 70
+
+        half = notification("refund.succeeded", refund_object("rf-1-" + payment, payment, "50.00"))
+        response = await signed(pay, half)
+        assert response.status_code == 200, response.text
+        assert response.json()["refund_id"] == "rf-1-" + payment
+        assert (await remaining(pay, user))["remain_chat"] == 0
+        rest = notification("refund.succeeded", refund_object("rf-2-" + payment, payment, "50.00"))
+        assert (await signed(pay, rest)).status_code == 200
+        assert (await signed(pay, rest)).json()["status"] == "duplicate"
+        too_much = notification("refund.succeeded", refund_object("rf-3-" + payment, payment,
+                                                                  "0.01"))
+        refused = await signed(pay, too_much)
+        assert refused.status_code == 422
+        assert refused.json()["error"]["code"] == "refund_exceeds_payment"
+
+        refunds = await pg(pay, "SELECT refund_id, wanted, taken, plan_revoked FROM "
+                                "payment_refunds WHERE order_id = $1 ORDER BY refund_id", payment)
+        assert [(r["wanted"], r["taken"], r["plan_revoked"]) for r in refunds] == [
+            ({"chat": 50_000_000}, {"chat": 30_000_000}, False),
+            ({"chat": 50_000_000}, {"chat": 0}, True),
+        ]
+        state = await remaining(pay, user)
+        assert state["meters"]["chat"]["credits"] == 0
+        assert (state["plan_code"], state["assigned_plan"], state["plan_status"]) == (
+            "free", plan, "expired")  # the bought plan ended at the refund
+
+        await Reconciler(engine, raw_redis, name="refund-test").drain()
+        ledger = await pg(pay, "SELECT ref, amount_micro, from_credits_micro, reason FROM ledger "
+                               "WHERE kind = 'refund' AND user_id = $1 ORDER BY ref", user)
+        assert [(r["ref"], r["amount_micro"], r["reason"]) for r in ledger] == [
+            ("rf-1-" + payment, -30_000_000, "wanted=50000000"),
+            ("rf-2-" + payment, 0, "wanted=50000000"),
+        ]
+        balance = await pg(pay, "SELECT balance_micro FROM credit_balances WHERE user_id = $1 "
+                                "AND meter = 'chat'", user)
+        assert balance[0]["balance_micro"] == 0
+
+        report = await run(engine, raw_redis, date(2026, 11, 23), tmp_path)
+        assert (report.payments_checked, report.drift_count) == (1, 0), report.payment_mismatches
+        await pg(pay, "DELETE FROM ledger WHERE kind = 'credit' AND ref = $1", payment)
+        broken = await run(engine, raw_redis, date(2026, 11, 23), tmp_path)
+        assert broken.payment_mismatches == [
+            {"order_id": payment, "user_id": user, "receipt": {"chat": "100"}, "ledger": {},
+             "applied_in_redis": True}]
+        assert (broken.payments_checked, broken.drift_count, broken.drift) == (1, 1, [])
+
+    async def test_report_matches_every_payment_of_the_day(
+        self, pay: httpx.AsyncClient, engine: Engine, raw_redis: aioredis.Redis, tmp_path: Path,
+        clock: FixedClock,
+    ) -> None:
+        """Credits through the API and the webhook on one day are each matched once: the
+        report checks exactly these six payments and finds none unmatched."""
+        day = datetime.fromtimestamp(clock.now_ms() / 1000, UTC).date()
+        for i in range(3):
+            assert (await pay.post(CREDIT, json=credit_body(f"o{i}-{new_payment()}",
+                                                            new_user()))).status_code == 200
+            assert (await signed(pay, notification("payment.succeeded", payment_object(
+                new_payment(), new_user(), "pro_month", units_tpl="3")))).status_code == 200
+        report = await run(engine, raw_redis, day, tmp_path)
+        assert report.payments_checked == 6 and report.payment_mismatches == []
+        page = (tmp_path / f"reconciliation-{day}.html").read_text()
+        assert "6 succeeded payments" in page
+        summary = orjson.loads((tmp_path / f"reconciliation-{day}.json").read_bytes())
+        assert summary["payments_checked"] == 6
 
 
 async def test_metrics_count_webhooks_and_dead_letters(pay: httpx.AsyncClient) -> None:
