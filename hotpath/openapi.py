@@ -12,7 +12,7 @@ from core.settings import Settings
 from hotpath.schemas import ErrorOut
 
 if TYPE_CHECKING:
-    from hotpath.app import Operation
+    from hotpath.routing import Operation
 
 _STATUS_TEXT = {
     401: "Missing or invalid X-Internal-Key",

@@ -29,6 +29,10 @@ from core.ids import (
 )
 from persistence.plans import PLAN_PATTERN
 
+#: Transactions per page: the default and the most one page may ask for.
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+
 UserId = Annotated[str, Meta(
     min_length=1, max_length=MAX_USER_ID, pattern=USER_ID_PATTERN,
     description="The user's id (no ':', no control characters, not blank)")]

@@ -34,6 +34,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 from core.errors import DependencyUnavailable
+from lua.resp import BATCH_MAX, Batch, RedisReplyError, settle
 from lua.source import Script
 
 
@@ -42,10 +43,6 @@ class RedisUnavailable(DependencyUnavailable):
 
     def __init__(self, message: str) -> None:
         super().__init__("redis", message)
-
-
-class RedisReplyError(Exception):
-    """Redis answered a command with an error (a bug or a misconfiguration, not the caller's)."""
 
 
 def _parse_url(url: str) -> dict[str, Any]:
@@ -70,113 +67,18 @@ def _parse_url(url: str) -> dict[str, Any]:
     }
 
 
-#: The most items one batch script call carries.
-BATCH_MAX = 32
-#: Packed batch headers, by header. A header holds a day's windows and the deployment's
-#: constants ("now" is 0 in production: Redis TIME), so it is packed about once a day
-#: instead of once per call (hiredis turns ints into text slowly): the client path of a
-#: batch of one went from 184k to 169k instructions (bench/instructions.py).
-_PACKED_HEADERS: dict[tuple[str | int, ...], bytes] = {}
-_PACKED_HEADERS_MAX = 16  # tests pin "now", and then every call has its own header
-
-
-def _bulk(values: Sequence[str | int]) -> bytes:
-    """``values`` as RESP bulk strings, without the array line ``*<n>``."""
-    command: Any = tuple(values)  # hiredis' stub types a 1-tuple
-    packed: bytes = hiredis.pack_command(command)
-    return packed[packed.index(b"\n") + 1:]
-
-
-def _packed_header(header: tuple[str | int, ...]) -> bytes:
-    packed = _PACKED_HEADERS.get(header)
-    if packed is None:
-        if len(_PACKED_HEADERS) >= _PACKED_HEADERS_MAX:
-            _PACKED_HEADERS.clear()
-        packed = _PACKED_HEADERS[header] = _bulk(header)
-    return packed
-
-
-def _settle(future: asyncio.Future[Any], reply: Any) -> None:
-    """Hand a caller its reply; an error reply raises RedisReplyError in the caller."""
-    if future.done():  # the caller went away (cancelled); the reply is dropped
-        return
-    if isinstance(reply, hiredis.ReplyError):
-        future.set_exception(RedisReplyError(str(reply)))
-    else:
-        future.set_result(reply)
-
-
-class _Batch:
-    """Items of one batch script call: keys and arguments per item, shared header args."""
-
-    __slots__ = ("evaled", "futures", "header", "item_args", "item_keys", "script")
-
-    def __init__(self, script: Script, header: tuple[str | int, ...]) -> None:
-        self.script = script
-        self.header = header
-        self.item_keys: list[str] = []
-        self.item_args: list[str | int] = []
-        self.futures: list[asyncio.Future[Any]] = []
-        self.evaled = False  # sent again by EVAL after NOSCRIPT
-
-    def pack(self) -> bytes:
-        """EVALSHA (EVAL once the script cache answered NOSCRIPT) of every item."""
-        keys, args = self.item_keys, self.item_args
-        if self.evaled:
-            command: Any = ("EVAL", self.script.source, len(keys), *keys, *self.header, *args)
-            packed: bytes = hiredis.pack_command(command)
-            return packed
-        n_keys = b"%d" % len(keys)
-        return b"".join((
-            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%s\r\n" % (
-                3 + len(keys) + len(self.header) + len(args), self.script.sha.encode(),
-                len(n_keys), n_keys),
-            _bulk(keys), _packed_header(self.header), _bulk(args)))
-
-    def resolve(self, reply: Any) -> None:
-        """Hand each caller its item's reply; a whole-call error goes to every item.
-
-        A batch script answers one flat array: per item the number of its values, then
-        the values (or 1 and an error reply)."""
-        futures = self.futures
-        items: list[Any] = []
-        if isinstance(reply, list):
-            at, end = 0, len(reply)
-            while at < end and len(items) < len(futures):
-                size = reply[at]
-                if not isinstance(size, int) or not 0 < size <= end - at - 1:
-                    break
-                items.append(reply[at + 1] if size == 1 and isinstance(
-                    reply[at + 1], hiredis.ReplyError) else reply[at + 1:at + 1 + size])
-                at += 1 + size
-            if at != end:
-                items = []
-        if len(items) != len(futures):
-            message = str(reply) if isinstance(reply, hiredis.ReplyError) else \
-                f"{self.script.name}: {len(futures)} items, unexpected reply {reply!r:.200}"
-            self.fail(RedisReplyError(message))
-            return
-        for future, item in zip(futures, items, strict=True):
-            _settle(future, item)
-
-    def fail(self, exc: Exception) -> None:
-        for future in self.futures:
-            if not future.done():
-                future.set_exception(exc)
-
-
 class _Pipe(asyncio.Protocol):
     """One TCP connection: writes coalesced per loop tick, replies matched in order."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape")
-        self.pending: deque[tuple[asyncio.Future[Any] | _Batch, float]] = deque()
+        self.pending: deque[tuple[asyncio.Future[Any] | Batch, float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
         # Batch items queued since the last flush (held while a batch call is unanswered),
         # by (script, header); packed at the flush.
-        self.batches: dict[tuple[str, tuple[str | int, ...]], tuple[_Batch, float]] = {}
+        self.batches: dict[tuple[str, tuple[str | int, ...]], tuple[Batch, float]] = {}
         self.batches_pending = 0  # batch calls written (or about to be) and not answered
         self.flush_scheduled = False
         self.closed = False
@@ -200,7 +102,7 @@ class _Pipe(asyncio.Protocol):
                 self.abort("unexpected reply from Redis")
                 return
             future, deadline = pending.popleft()
-            if isinstance(future, _Batch):
+            if isinstance(future, Batch):
                 self.batches_pending -= 1
                 if isinstance(reply, hiredis.ReplyError) and not future.evaled \
                         and str(reply).startswith("NOSCRIPT"):
@@ -211,7 +113,7 @@ class _Pipe(asyncio.Protocol):
                 if not self.batches_pending and self.batches:
                     self._schedule_flush()  # the items held while this call ran go now
                 continue
-            _settle(future, reply)
+            settle(future, reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -223,10 +125,10 @@ class _Pipe(asyncio.Protocol):
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
-    def _queue(self, packed: bytes, waiter: asyncio.Future[Any] | _Batch,
+    def _queue(self, packed: bytes, waiter: asyncio.Future[Any] | Batch,
                deadline: float) -> None:
         self.pending.append((waiter, deadline))
-        if isinstance(waiter, _Batch):
+        if isinstance(waiter, Batch):
             self.batches_pending += 1
         self.out.append(packed)
         self._schedule_flush()
@@ -245,7 +147,7 @@ class _Pipe(asyncio.Protocol):
         if entry is None or len(entry[0].futures) >= BATCH_MAX:
             if entry is not None:  # full: it takes its place in the stream now
                 self._queue(entry[0].pack(), entry[0], entry[1])
-            entry = self.batches[group] = (_Batch(script, header), deadline)
+            entry = self.batches[group] = (Batch(script, header), deadline)
             if not self.batches_pending:
                 self._schedule_flush()
         batch = entry[0]
@@ -276,7 +178,7 @@ class _Pipe(asyncio.Protocol):
         self.out = []
         exc = RedisUnavailable(message)
         for waiter, _ in pending:
-            if isinstance(waiter, _Batch):
+            if isinstance(waiter, Batch):
                 waiter.fail(exc)
             elif not waiter.done():
                 waiter.set_exception(exc)
@@ -393,7 +295,7 @@ class PipelinedRedis:
         self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
         args: Sequence[str | int],
     ) -> Any:
-        """One item of a batch script call (see ``_Batch``): its own reply, or its error.
+        """One item of a batch script call (see ``Batch``): its own reply, or its error.
 
         Items queued in the same tick with the same script and ``header`` share one call.
         """

@@ -42,8 +42,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 
-from lua.connection import RedisReplyError, RedisUnavailable
+from lua.connection import RedisUnavailable
 from lua.keys import Keys
+from lua.resp import RedisReplyError
 
 log = logging.getLogger("quota_gateway.instance")
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import DependencyUnavailable, InvariantBroken
-from lua.connection import PipelinedRedis, RedisReplyError
+from lua.connection import PipelinedRedis
 from lua.periods import Windows
 from lua.replies import CheckReply, Status
+from lua.resp import RedisReplyError
 from lua.source import SCRIPTS, Script
 
 _DEBIT_MANY = SCRIPTS["debit_many"]

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from core.clock import FixedClock
 from core.errors import DependencyUnavailable
 from core.settings import Settings
-from lua import connection
+from lua import resp
 from lua.replies import DebitReply, Status
 from ops.devservers import EmbeddedRedis
 from quota.engine import Engine
@@ -32,13 +32,13 @@ U = 1_000_000  # one unit in micro-units (the engine's amounts)
 def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """The number of items of every batch script call packed, in order."""
     sizes: list[int] = []
-    pack = connection._Batch.pack
+    pack = resp.Batch.pack
 
-    def recording_pack(self: connection._Batch) -> bytes:
+    def recording_pack(self: resp.Batch) -> bytes:
         sizes.append(len(self.futures))
         return pack(self)
 
-    monkeypatch.setattr(connection._Batch, "pack", recording_pack)
+    monkeypatch.setattr(resp.Batch, "pack", recording_pack)
     yield sizes
 
 
@@ -66,7 +66,7 @@ async def test_500_concurrent_debits_of_1_against_100_accept_exactly_100(
     assert statuses.count(Status.INSUFFICIENT) == 401
     assert statuses[:99] == [Status.OK] * 99  # in call order, as if one after the other
     assert [r.remaining for r in replies[:99]] == [n * U for n in range(98, -1, -1)]
-    assert sum(batch_sizes) == 500 and max(batch_sizes) == connection.BATCH_MAX
+    assert sum(batch_sizes) == 500 and max(batch_sizes) == resp.BATCH_MAX
     assert len(batch_sizes) < 500 / 8  # they really were batched
     check = await engine.check(user, ["units"])
     assert check.meters[0].remaining == 0 and check.meters[0].used == 100 * U

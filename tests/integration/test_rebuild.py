@@ -18,7 +18,8 @@ from core.clock import FixedClock
 from core.events import LedgerEvent, decode
 from core.settings import Settings
 from lua import instance
-from lua.connection import PipelinedRedis, RedisReplyError, RedisUnavailable
+from lua.connection import PipelinedRedis, RedisUnavailable
+from lua.resp import RedisReplyError
 from persistence.db import PostgresUnavailable
 from quota import loading
 from quota.engine import Engine

@@ -13,9 +13,9 @@ from core.clock import _TxIds, new_tx_id
 from core.errors import Forbidden, Unauthorized
 from core.settings import Caller, SettingsError, load_settings
 from hotpath.auth import Authenticator
-from lua.connection import _PACKED_HEADERS_MAX, _Batch
 from lua.keys import Keys
 from lua.periods import Calendar
+from lua.resp import _PACKED_HEADERS_MAX, Batch
 from lua.source import SCRIPTS
 from persistence.plans import read_catalog_file
 from persistence.queries import QUERIES, parse
@@ -296,7 +296,7 @@ def test_a_batch_packs_to_the_same_bytes_as_hiredis(items: int) -> None:
         header = (h, "2026-11-23", 1_763_856_000_000, 1_763_942_400_000, "2026-11",
                   1_761_955_200_000, 1_764_547_200_000, 604_800_000, 86_400, 3_600_000,
                   1_000_000, "free")
-        batch = _Batch(script, header)
+        batch = Batch(script, header)
         for i in range(items):
             batch.item_keys.extend(f"qg:{{{i:03d}}}:k{j}:пользователь" for j in range(6))
             batch.item_args.extend([f"u{i}", "chat", 10**6 + i, f"ref-{i}", "chat:1:", "",
