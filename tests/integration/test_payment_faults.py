@@ -58,16 +58,18 @@ def credit_body(user: str, units: int = 500) -> dict[str, Any]:
 
 @pytest.mark.timeout(120)
 async def test_redis_killed_between_commit_and_apply_credits_exactly_once(
-    settings: Settings, clock: FixedClock, tmp_path: Path
+    settings: Settings, clock: FixedClock, tmp_path: Path, own_db_dsn: str
 ) -> None:
     """Redis (with its append-only file) is SIGKILLed after the credit's PostgreSQL commit
     and before its Redis apply: the answer is 200 with ``applied: false``. Redis comes back
     from its AOF as another process (run_id): the service answers 503 until it has rebuilt
     the users from PostgreSQL (hotpath/instance.py), whose loads bring the credit; the
-    reconciler's later apply of the outbox adds nothing. Re-running it changes nothing."""
+    reconciler's later apply of the outbox finds exactly the two rows and adds nothing;
+    re-running it finds none. (Pending rows are read from the whole database: a database
+    of the test's own, so the counts are its two.)"""
     private = EmbeddedRedis(tmp_path / "redis", persist=True, appendfsync="always")
     url = await asyncio.to_thread(private.start)
-    local = settings.with_overrides(redis_url=url)
+    local = settings.with_overrides(redis_url=url, db_dsn=own_db_dsn)
     admin = aioredis.Redis.from_url(url, decode_responses=True)
     try:
         async with app_client(local, clock) as http:
