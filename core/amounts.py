@@ -8,7 +8,7 @@ ever involved. Out of the service they go as JSON numbers again, through ``Decim
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 SCALE = 1_000_000  # micro-units per unit
@@ -43,6 +43,26 @@ class Amount(Decimal):
 ZERO = cast(Amount, Decimal(0))
 
 
+#: A number whose exponent lies this far out is judged the same as with any larger one
+#: (too large, too many decimal places, or zero): ``exact_number`` clamps exponents that
+#: Decimal cannot hold to it.
+EXPONENT_CLAMP = 1000
+
+
+def exact_number(text: str) -> Decimal:
+    """A JSON number's text as an exact Decimal: the ``float_hook`` of every decoder that
+    reads amounts. Decimal cannot hold an exponent beyond about 10**18 (``-0e305021520410
+    48165961590941029380720``); such a number comes back with its exponent clamped to
+    ``EXPONENT_CLAMP``, which ``to_micro`` refuses for the same reason as the original."""
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        pass
+    mantissa, _, exponent = text.lower().partition("e")
+    sign = -1 if exponent.startswith("-") else 1
+    return Decimal(f"{mantissa}e{sign * EXPONENT_CLAMP}")
+
+
 def read_amount(value: Any) -> Amount:
     """A decoded JSON value as an amount (a decoder with ``float_hook=Decimal`` hands
     numbers over as int or Decimal): a number, or a string holding a JSON number. Raises
@@ -51,7 +71,7 @@ def read_amount(value: Any) -> Amount:
         if NUMBER_TEXT.fullmatch(value) is None:
             raise ValueError("must be a number, or a string holding a JSON number such as "
                              "\"2.5\"")
-        return Amount(value)
+        return Amount(exact_number(value))
     if isinstance(value, int | Decimal) and not isinstance(value, bool):
         return Amount(value)
     raise TypeError(f"Expected a number, got `{type(value).__name__}`")

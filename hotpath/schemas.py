@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from msgspec import Meta
 
-from core.amounts import ZERO, Amount, AmountError, decode_hook, to_micro
+from core.amounts import ZERO, Amount, AmountError, decode_hook, exact_number, to_micro
 from core.errors import InvalidInput
 from core.ids import (
     CONTROL,
@@ -330,7 +330,7 @@ def decode(body: bytes, model: type[T]) -> T:
     decoder = _decoders.get(model)
     if decoder is None:
         decoder = _decoders[model] = msgspec.json.Decoder(
-            model, dec_hook=decode_hook, float_hook=Decimal)
+            model, dec_hook=decode_hook, float_hook=exact_number)
     try:
         return decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:

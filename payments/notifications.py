@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from core.amounts import AmountError, read_amount, to_micro
+from core.amounts import AmountError, exact_number, read_amount, to_micro
 from core.errors import Rejected
 from core.ids import MAX_REF, PRINTABLE_PATTERN
 
@@ -24,7 +24,7 @@ from core.ids import MAX_REF, PRINTABLE_PATTERN
 EVENTS = {"payment.succeeded": "succeeded", "payment.canceled": "canceled",
           "refund.succeeded": "succeeded"}
 #: JSON with every non-integer number as an exact Decimal (never a float).
-_DECODER = msgspec.json.Decoder(float_hook=Decimal)
+_DECODER = msgspec.json.Decoder(float_hook=exact_number)
 
 @dataclass(frozen=True, slots=True)
 class Notification:
@@ -59,6 +59,9 @@ def parse_event(body: bytes) -> tuple[str, dict[str, Any]]:
     """The event name and raw object of a notification body."""
     try:
         data = _DECODER.decode(body)
+    except msgspec.ValidationError as exc:  # JSON, with a number no decoder can hold
+        raise Rejected(422, "invalid_notification", f"a number is out of range: {exc}") \
+            from None
     except msgspec.DecodeError as exc:
         raise Rejected(422, "malformed_json", f"body is not JSON: {exc}") from None
     if not isinstance(data, dict):

@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from core.amounts import ZERO, Amount, AmountError, decode_hook, from_micro, to_micro
+from core.amounts import (
+    ZERO,
+    Amount,
+    AmountError,
+    decode_hook,
+    exact_number,
+    from_micro,
+    to_micro,
+)
 from core.errors import InvalidInput, VersionConflict
 from persistence.db import Database
 from persistence.queries import QUERIES
@@ -122,7 +130,7 @@ def read_catalog_file(text: bytes | None = None) -> list[Plan]:
     """The plans of the catalog file shipped in the repository (or of ``text``)."""
     if text is None:
         text = (resources.files(__package__) / "plans.json").read_bytes()
-    decoded = msgspec.json.Decoder(dict[str, Any], float_hook=Decimal).decode(text)
+    decoded = msgspec.json.Decoder(dict[str, Any], float_hook=exact_number).decode(text)
     plans = msgspec.convert(decoded["plans"], type=list[PlanBody], dec_hook=decode_hook)
     return [validate_plan(body.plan_code or "", body) for body in plans]
 
