@@ -250,69 +250,65 @@ async def test_redis_restarted_from_an_older_snapshot_is_rebuilt_from_postgres(
 
 
 async def test_a_schema_behind_the_build_is_not_ready_and_holds_the_flush(
-    settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis,
+    settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis, own_db_dsn: str,
 ) -> None:
     """A build deployed before `quota-gateway migrate` ran: /ready answers 503 naming the
     migration to run, and the reconciler flushes nothing (its events wait in the stream, none
-    set aside as poison) until the schema is there."""
-    async with app_client(settings, clock) as http:
+    set aside as poison) until the schema is there. The newest migration's row is deleted
+    from a database of the test's own: the session's must never look unmigrated to the
+    tests running beside this one."""
+    async with app_client(settings.with_overrides(db_dsn=own_db_dsn), clock) as http:
         engine: Engine = http.engine  # type: ignore[attr-defined]
         assert (await debit(http, new_user(), 1)).status_code == 200
         async with engine.db.connection() as conn:
             row = await conn.fetchrow("DELETE FROM schema_migrations WHERE version = $1 "
                                       "RETURNING version, name, checksum", latest())
         assert row is not None
-        try:
-            ready = await http.get("/ready")
-            assert ready.status_code == 503
-            message = ready.json()["checks"]["postgres"]
-            assert f"needs {latest()}" in message and "quota-gateway migrate" in message
-            reconciler = Reconciler(engine, raw_redis, name="schema-test")
-            with pytest.raises(PostgresUnavailable, match="quota-gateway migrate"):
-                await reconciler.drain()
-            assert reconciler.stats.inserted == 0
-        finally:
-            async with engine.db.connection() as conn:
-                await conn.execute("INSERT INTO schema_migrations (version, name, checksum) "
-                                   "VALUES ($1, $2, $3)", *row)
+        ready = await http.get("/ready")
+        assert ready.status_code == 503
+        message = ready.json()["checks"]["postgres"]
+        assert f"needs {latest()}" in message and "quota-gateway migrate" in message
+        reconciler = Reconciler(engine, raw_redis, name="schema-test")
+        with pytest.raises(PostgresUnavailable, match="quota-gateway migrate"):
+            await reconciler.drain()
+        assert reconciler.stats.inserted == 0
+        async with engine.db.connection() as conn:
+            await conn.execute("INSERT INTO schema_migrations (version, name, checksum) "
+                               "VALUES ($1, $2, $3)", *row)
         assert (await http.get("/ready")).status_code == 200
         await reconciler.drain()
         assert reconciler.stats.inserted == 1 and reconciler.stats.poisoned == 0
 
 
 async def test_migration_0005_refuses_a_ledger_with_a_ref_debited_twice(
-    settings: Settings, clock: FixedClock,
+    own_db_dsn: str,
 ) -> None:
     """The unique (user_id, ref) index of debits cannot be built over a ledger that already
-    holds a ref debited twice: the migration stops, says how many and how to find them, and
-    changes nothing (its transaction is rolled back)."""
+    holds a ref debited twice: the migration stops, says how many (exactly the one pair put
+    there) and how to find them, and changes nothing (its statements are one transaction).
+    The ledger is taken back to before 0005 in a database of the test's own: the session's
+    keeps its indexes for the tests running beside this one."""
     migration = (Path(__file__).parents[2] / "persistence" / "sql" / "migrations"
                  / "0005_debit_ref_unique.sql").read_text()
     user = new_user()
-    async with app_client(settings, clock) as http:
-        engine: Engine = http.engine  # type: ignore[attr-defined]
-        async with engine.db.connection() as conn:
-            transaction = conn.transaction()
-            await transaction.start()
-            try:
-                # The ledger as it was before 0005: no unique index on a debit's ref (0007's
-                # (user_id, ref, ref_round) index stands for 0005's since).
-                await conn.execute("DROP INDEX ledger_debit_ref_round")
-                for tx in (uuid.uuid4(), uuid.uuid4()):
-                    await conn.execute(
-                        "INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, "
-                        "from_allowance_micro, ref, "
-                        "occurred_at) VALUES ($1, 'debit', $2, 'chat', -1, 1, 'r-1', now())",
-                        tx, user)
-                # At least this one: other tests' refs reused past their TTL (0007's
-                # rounds) are pairs too, in the session's database.
-                with pytest.raises(asyncpg.RaiseError,
-                                   match=r"[1-9][0-9]* \(user_id, ref\) pairs debited"):
-                    await conn.execute(migration)
-            finally:
-                await transaction.rollback()
-            assert await conn.fetchval("SELECT count(*) FROM ledger WHERE user_id = $1",
-                                       user) == 0
-            assert await conn.fetchval(
-                "SELECT count(*) FROM pg_indexes WHERE indexname = 'ledger_debit_ref_round'"
-            ) == 1
+    conn = await asyncpg.connect(own_db_dsn)
+    try:
+        # The ledger as it was before 0005: no unique index on a debit's ref (0007's
+        # (user_id, ref, ref_round) index stands for 0005's since).
+        await conn.execute("DROP INDEX ledger_debit_ref_round")
+        for tx in (uuid.uuid4(), uuid.uuid4()):
+            await conn.execute(
+                "INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, "
+                "from_allowance_micro, ref, "
+                "occurred_at) VALUES ($1, 'debit', $2, 'chat', -1, 1, 'r-1', now())",
+                tx, user)
+        indexes = "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'ledger' " \
+                  "ORDER BY indexname"
+        before = [tuple(r) for r in await conn.fetch(indexes)]
+        with pytest.raises(asyncpg.RaiseError,
+                           match=r"the ledger holds 1 \(user_id, ref\) pairs debited"):
+            await conn.execute(migration)
+        assert [tuple(r) for r in await conn.fetch(indexes)] == before
+        assert await conn.fetchval("SELECT count(*) FROM ledger") == 2
+    finally:
+        await conn.close()
