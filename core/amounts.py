@@ -18,7 +18,12 @@ SCALE_DIGITS = 6
 #: scripts make stays far below that.
 MAX_UNITS = 1_000_000_000
 MAX_MICRO = MAX_UNITS * SCALE
-assert MAX_MICRO * 4 < 2**53
+#: The most credits one user may hold of one meter, in micro-units: each credit is at most
+#: MAX_MICRO, and the balance they add up to is capped too (in the PostgreSQL transaction
+#: that adds them), so that what a script reads and sums (an allowance, the credits, a
+#: debit's amount) stays exact in Lua's doubles.
+MAX_BALANCE_MICRO = 2 * MAX_MICRO
+assert MAX_MICRO + MAX_BALANCE_MICRO + MAX_MICRO < 2**53
 
 
 class AmountError(ValueError):

@@ -60,7 +60,7 @@ from hotpath.schemas import (
     money,
 )
 from lua.replies import CheckReply, DebitReply, MeterView, Status
-from payments.credits import CreditOrder, Payments
+from payments.credits import BalanceLimit, CreditOrder, Payments
 from payments.verifiers import Verifier, make_verifier
 from payments.webhook import PaymentWebhook
 from persistence.plans import PlanBody, list_plans, validate_plan
@@ -194,7 +194,11 @@ class Api:
         order = CreditOrder(body.order_id, body.user_id, body.plan_code,
                             tuple(c for c in credits if c[1] > 0), paid, body.currency,
                             source="api", caller=caller.name)
-        result = await self.payments.credit(order)
+        try:
+            result = await self.payments.credit(order)
+        except BalanceLimit as exc:
+            exc.field = "units_chat" if exc.meter == self.chat_meter else "units_tpl"
+            raise
         expired = 0 < result.expires_ms <= self.engine.clock.now_ms()
         out = QuotaCreditOut(
             order_id=result.order_id, user_id=result.user_id, plan_code=result.plan_code,

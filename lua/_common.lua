@@ -28,6 +28,15 @@ local function int_or_zero(value)
   return tonumber(value)
 end
 
+-- A stored running sum (credits, usage) as a number. PostgreSQL caps every such sum far
+-- below 2^53 (MAX_BALANCE_MICRO); one at or past it would not be exact here: refuse it.
+local function stored_int(value, name)
+  if not value then return 0 end
+  local n = tonumber(value)
+  if n >= EXACT then error('qg: ' .. name .. ' is past 2^53: ' .. value) end
+  return n
+end
+
 -- "Now" in milliseconds: the caller's pinned time (tests, simulations) or Redis TIME.
 local function clock(override)
   local pinned = int_arg(override, 'now')

@@ -50,6 +50,12 @@ local result = {}
 local code = ''
 if op == 'credit' then
   if loaded then
+    for i = 0, n - 1 do  -- every sum checked before the first write
+      local have = stored_int(redis.call('HGET', KEYS[1], 'cr:' .. ARGV[12 + 3 * i]), 'credits')
+      if have + tonumber(ARGV[13 + 3 * i]) >= EXACT then
+        error('qg: credits would pass 2^53: ' .. ARGV[12 + 3 * i])
+      end
+    end
     for i = 0, n - 1 do
       local meter, amount = ARGV[12 + 3 * i], tonumber(ARGV[13 + 3 * i])
       redis.call('HINCRBY', KEYS[1], 'cr:' .. meter, amount)
@@ -63,7 +69,7 @@ else
   code = redis.call('HGET', KEYS[1], 'plan') or ''
   for i = 0, n - 1 do
     local meter, wanted, tx = ARGV[12 + 3 * i], tonumber(ARGV[13 + 3 * i]), ARGV[14 + 3 * i]
-    local have = int_or_zero(redis.call('HGET', KEYS[1], 'cr:' .. meter))
+    local have = stored_int(redis.call('HGET', KEYS[1], 'cr:' .. meter), 'credits')
     local take = math.min(wanted, math.max(have, 0))
     if take > 0 then redis.call('HINCRBY', KEYS[1], 'cr:' .. meter, -take) end
     redis.call('XADD', KEYS[2], '*', 'e', table.concat({

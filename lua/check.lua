@@ -48,9 +48,9 @@ for i = 1, n do
   elseif period == 'm' then
     used, period_end = int_or_zero(redis.call('GET', KEYS[2 + 2 * i])), month_end
   else
-    used, period_end = int_or_zero(redis.call('HGET', KEYS[1], 'n:' .. meter)), 0
+    used, period_end = stored_int(redis.call('HGET', KEYS[1], 'n:' .. meter), 'usage'), 0
   end
-  local credits = int_or_zero(redis.call('HGET', KEYS[1], 'cr:' .. meter))
+  local credits = stored_int(redis.call('HGET', KEYS[1], 'cr:' .. meter), 'credits')
   local allowance = limit - used
   if allowance < 0 then allowance = 0 end
   local row = {meter, period, limit, used, credits, allowance + credits, period_end}

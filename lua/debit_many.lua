@@ -163,9 +163,9 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
     -- back below what the debit does not take from the allowance.
     used = redis.call('INCRBY', counter, amount_arg) - amount
   else
-    used = int_or_zero(user[5])
+    used = stored_int(user[5], 'usage')
   end
-  local credits = int_or_zero(user[4])
+  local credits = stored_int(user[4], 'credits')
   local allowance = limit - used
   if allowance < 0 then allowance = 0 end  -- the limit was lowered below the usage
   local from_allowance = math.min(amount, allowance)

@@ -16,11 +16,23 @@ from typing import Any
 
 import asyncpg
 
+from core.amounts import MAX_BALANCE_MICRO, format_micro
 from core.clock import from_ms
-from core.errors import NotFound, OrderReused, Rejected
+from core.errors import InvalidInput, NotFound, OrderReused, Rejected
 from payments.refunds import CENTS, Refunds, fingerprint_of
 from persistence.queries import QUERIES
 from quota.engine import Engine
+
+
+class BalanceLimit(InvalidInput):
+    """A credit would take a user's balance of a meter over MAX_BALANCE_MICRO; nothing of
+    the order is recorded. ``meter`` names the meter, ``held`` what the user holds."""
+
+    def __init__(self, meter: str, held: int) -> None:
+        super().__init__(
+            f"the {meter} credit balance may hold at most {format_micro(MAX_BALANCE_MICRO)}"
+            f" units; it holds {format_micro(held)}", field=meter, code="balance_limit")
+        self.meter = meter
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +124,10 @@ class Payments:
             triples: list[list[Any]] = []
             for meter, micro in order.credits:
                 credit_tx = engine.new_id(now_ms)
-                await conn.execute(QUERIES["add_credit_balance"], order.user_id, meter, micro)
+                balance = await conn.fetchval(QUERIES["add_credit_balance"], order.user_id,
+                                              meter, micro)
+                if balance > MAX_BALANCE_MICRO:
+                    raise BalanceLimit(meter, balance - micro)
                 await conn.execute(QUERIES["insert_credit_event"], credit_tx, order.user_id,
                                    meter, micro, order.order_id, order.caller, order.plan_code,
                                    occurred)

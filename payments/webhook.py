@@ -17,7 +17,7 @@ import orjson
 from core import metrics
 from core.errors import NotFound, OrderReused, QuotaError, Rejected
 from core.ids import user_id_problem
-from payments.credits import CreditOrder, Payments
+from payments.credits import BalanceLimit, CreditOrder, Payments
 from payments.notifications import (
     EVENTS,
     known_event,
@@ -88,10 +88,11 @@ class PaymentWebhook:
             raise Rejected(422, "unknown_plan", "the payment names no plan",
                            field="object.metadata.plan_code")
         meters = self.payments.engine.action_meters  # seed 000's two credit fields
+        credit_fields = (meters.get("chat_tokens", "chat"), meters.get("tpl_run", "template"))
         credits = tuple(sorted(
             (meter, micro) for meter, micro in (
-                (meters.get("chat_tokens", "chat"), units_field(metadata, "units_chat")),
-                (meters.get("tpl_run", "template"), units_field(metadata, "units_tpl")))
+                (credit_fields[0], units_field(metadata, "units_chat")),
+                (credit_fields[1], units_field(metadata, "units_tpl")))
             if micro > 0
         ))
         order = CreditOrder(order_id, user_id, plan_code, credits, note.amount, note.currency,
@@ -103,6 +104,10 @@ class PaymentWebhook:
                            field="object.metadata.plan_code") from None
         except OrderReused as exc:
             raise Rejected(422, "order_reused", exc.message, field="object.id") from None
+        except BalanceLimit as exc:
+            name = "units_chat" if exc.meter == credit_fields[0] else "units_tpl"
+            raise Rejected(422, "balance_limit", exc.message,
+                           field=f"object.metadata.{name}") from None
         return Outcome("duplicate" if result.duplicate else "processed", note.event, order_id)
 
     async def receive(self, body: bytes, headers: Mapping[str, str], sender: str

@@ -264,9 +264,11 @@ UPDATE payment_receipts SET payment_id = $2 WHERE order_id = $1 AND payment_id I
 
 -- name: add_credit_balance --
 -- Add a credit to a user's balance of one meter; $1 user_id, $2 meter, $3 micro-units.
+-- Returns the new balance (the caller refuses one over its cap, rolling back).
 INSERT INTO credit_balances AS c (user_id, meter, balance_micro) VALUES ($1, $2, $3)
 ON CONFLICT (user_id, meter)
-DO UPDATE SET balance_micro = c.balance_micro + EXCLUDED.balance_micro, updated_at = now();
+DO UPDATE SET balance_micro = c.balance_micro + EXCLUDED.balance_micro, updated_at = now()
+RETURNING balance_micro;
 
 -- name: insert_credit_event --
 -- A credit in the ledger, written with its receipt; $1 tx_id, $2 user_id, $3 meter,
