@@ -19,7 +19,16 @@ from hotpath.schemas import (
 )
 from quota.engine import Engine
 from reconciler.main import Reconciler
-from tests.support import DAY_MS, apply_plan, debit, new_ref, new_user, put_plan, unique_plan
+from tests.support import (
+    DAY_MS,
+    apply_plan,
+    debit,
+    metric_value,
+    new_ref,
+    new_user,
+    put_plan,
+    unique_plan,
+)
 
 
 async def test_plan_catalog_reads_and_writes(client: httpx.AsyncClient) -> None:
@@ -153,15 +162,24 @@ async def test_a_plan_put_back_with_its_version_is_refused_if_it_changed_since(
 
 
 async def test_metrics_count_outcomes_without_user_labels(client: httpx.AsyncClient) -> None:
-    """Debit outcomes and latencies per route are exported; no label carries a user id."""
+    """A debit that fits and one that does not add exactly one to their outcome's counter
+    and one latency sample each to the debit route's histogram (2xx and 4xx); the user id
+    appears nowhere on the page (no label carries it)."""
     user = new_user()
-    await debit(client, user, 50)
-    await debit(client, user, 1)
-    text = (await client.get("/metrics")).text
-    assert 'quota_debits_total{meter="chat",result="ok"}' in text
-    assert 'quota_debits_total{meter="chat",result="insufficient"}' in text
-    assert 'quota_http_request_duration_seconds_bucket{le="0.005",route="quota_debit"' in text
-    assert user not in text
+    counted = [("quota_debits_total", {"meter": "chat", "result": "ok"}),
+               ("quota_debits_total", {"meter": "chat", "result": "insufficient"}),
+               ("quota_http_request_duration_seconds_count",
+                {"route": "quota_debit", "status": "2xx"}),
+               ("quota_http_request_duration_seconds_count",
+                {"route": "quota_debit", "status": "4xx"})]
+    page = (await client.get("/metrics")).text
+    before = [metric_value(page, name, **labels) for name, labels in counted]
+    assert (await debit(client, user, 50)).status_code == 200
+    assert (await debit(client, user, 1)).status_code == 403
+    page = (await client.get("/metrics")).text
+    after = [metric_value(page, name, **labels) for name, labels in counted]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
+    assert user not in page
 
 
 async def test_a_foreign_stream_entry_goes_to_poison_not_the_ledger(
