@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from tests.support import (
     debit,
     new_user,
     put_plan,
+    read_metric,
     unique_plan,
 )
 
@@ -506,16 +507,39 @@ class TestReportOnADatabaseOfItsOwn:
         assert summary["payments_checked"] == 6
 
 
-async def test_metrics_count_webhooks_and_dead_letters(pay: httpx.AsyncClient) -> None:
-    body = notification("payment.succeeded", payment_object(new_payment(), new_user(),
-                                                            "pro_month"))
-    await signed(pay, body)
-    await pay.post(WEBHOOK, content=body)  # unsigned: a dead letter
-    text = (await pay.get("/metrics")).text
-    assert 'quota_webhooks_total{event="payment.succeeded",outcome="processed"}' in text
-    assert 'quota_webhooks_total{event="payment.succeeded",outcome="dead_letter"}' in text
-    assert 'quota_dead_letters_total{reason="unverified"}' in text
-    assert "quota_credits_total" in text and "quota_pending_applies" in text
+async def test_metrics_count_webhooks_and_dead_letters(
+    pay_settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis, own_db_dsn: str,
+) -> None:
+    """A signed payment with chat credits and its unsigned copy add exactly one processed
+    and one dead-lettered notification, one unverified dead letter and one chat credit
+    applied. The pending-applies gauge is what the reconciler finds waiting: 1 with the
+    payment's outbox row marked unapplied, 0 once it applied it (the count is of the whole
+    database: a database of the test's own)."""
+    counted = [("quota_webhooks_total", {"event": "payment.succeeded", "outcome": "processed"}),
+               ("quota_webhooks_total",
+                {"event": "payment.succeeded", "outcome": "dead_letter"}),
+               ("quota_dead_letters_total", {"reason": "unverified"}),
+               ("quota_credits_total", {"meter": "chat"})]
+    payment = new_payment()
+    body = notification("payment.succeeded", payment_object(payment, new_user(), "pro_month",
+                                                            units_chat="100"))
+    async with app_client(pay_settings.with_overrides(db_dsn=own_db_dsn), clock,
+                          PAY_KEY) as pay:
+        before = [await read_metric(pay, name, **labels) for name, labels in counted]
+        assert (await signed(pay, body)).status_code == 200
+        assert (await pay.post(WEBHOOK, content=body)).status_code == 401  # unsigned
+        after = [await read_metric(pay, name, **labels) for name, labels in counted]
+        assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1]
+
+        await pg(pay, "UPDATE redis_outbox SET applied_at = NULL WHERE id = (SELECT "
+                      "outbox_id FROM payment_receipts WHERE payment_id = $1)", payment)
+        engine: Engine = pay.engine  # type: ignore[attr-defined]
+        reconciler = Reconciler(engine, raw_redis, name="pending-gauge")
+        reconciler.outbox_min_age = timedelta(0)
+        assert await reconciler.apply_pending_outbox() == 1
+        assert await read_metric(pay, "quota_pending_applies") == 1
+        assert await reconciler.apply_pending_outbox() == 0
+        assert await read_metric(pay, "quota_pending_applies") == 0
 
 
 async def test_openapi_lists_the_payment_routes(pay: httpx.AsyncClient) -> None:
