@@ -123,11 +123,26 @@ class Refunds:
             await conn.execute(QUERIES["insert_refund"], refund_id, receipt["order_id"],
                                str(amount), currency, wanted, plan_payload is not None,
                                outbox_id)
-        await engine.outbox.apply(outbox_id, user_id, "refund", payload, quiet=True)
+        if await self._credit_applied(receipt["outbox_id"]):
+            await engine.outbox.apply(outbox_id, user_id, "refund", payload, quiet=True)
         stored = await engine.db.fetchrow("get_refund", refund_id)
         assert stored is not None
         return RefundResult(refund_id, receipt["order_id"], user_id, wanted, stored["taken"],
                             plan_payload is not None)
+
+    async def _credit_applied(self, credit_outbox_id: int | None) -> bool:
+        """Apply the payment's own credit first if it has not reached Redis yet (Redis
+        blipped after its commit): a refund applied before it would take back only what
+        Redis held without it, and the credit would then land in full. False when the
+        credit is still pending: the refund then waits for the reconciler, which applies
+        pending changes oldest first, the credit before its refunds."""
+        if credit_outbox_id is None:
+            return True
+        row = await self.engine.db.fetchrow("pending_outbox_row", credit_outbox_id)
+        if row is None:
+            return True
+        return await self.engine.outbox.apply(row["id"], row["user_id"], row["op"],
+                                              row["payload"], quiet=True)
 
     @staticmethod
     def _repeated(existing: asyncpg.Record, receipt: asyncpg.Record, refund_id: str,

@@ -289,6 +289,10 @@ SELECT amount::text AS amount, wanted FROM payment_refunds WHERE order_id = $1;
 -- Whether a write-through change reached Redis; $1 id.
 SELECT applied_at IS NOT NULL FROM redis_outbox WHERE id = $1;
 
+-- name: pending_outbox_row --
+-- One queued change if it has not reached Redis yet (no row otherwise); $1 id.
+SELECT id, user_id, op, payload FROM redis_outbox WHERE id = $1 AND applied_at IS NULL;
+
 -- name: insert_refund --
 -- Record a refund; $1 refund_id, $2 order_id, $3 amount (text), $4 currency, $5 wanted (jsonb),
 -- $6 plan_revoked, $7 outbox_id.
