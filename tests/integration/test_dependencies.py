@@ -38,9 +38,9 @@ async def test_redis_down_answers_503_and_ready_says_redis(settings: Settings,
                                                            clock: FixedClock) -> None:
     """With nothing listening on the Redis port, debits and /ready answer 503."""
     dead = settings.with_overrides(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    errors = 'quota_dependency_errors_total{dependency="redis"}'
+    errors = "quota_dependency_errors_total"
     async with app_client(dead, clock) as http:
-        before = _sample((await http.get("/metrics")).text, errors)
+        before = await read_metric(http, errors, dependency="redis")
         response = await debit(http, new_user(), 1)
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "unavailable"
@@ -50,7 +50,7 @@ async def test_redis_down_answers_503_and_ready_says_redis(settings: Settings,
         assert msgspec.convert(ready.json(), ReadyOut).status == "unavailable"  # as the spec says
         assert ready.json()["checks"]["postgres"] == "ok"
         assert "Redis" in ready.json()["checks"]["redis"]
-        assert _sample((await http.get("/metrics")).text, errors) == before + 1  # the debit
+        assert await read_metric(http, errors, dependency="redis") == before + 1  # the debit
 
 
 async def test_postgres_down_blocks_loading_new_users_with_503(settings: Settings,
@@ -58,15 +58,15 @@ async def test_postgres_down_blocks_loading_new_users_with_503(settings: Setting
     """A user not in Redis cannot be loaded without PostgreSQL: 503, nothing assumed zero."""
     dead = settings.with_overrides(db_dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
                                    db_timeout_seconds=2.0)
-    errors = 'quota_dependency_errors_total{dependency="postgres"}'
+    errors = "quota_dependency_errors_total"
     async with app_client(dead, clock) as http:
-        before = _sample((await http.get("/metrics")).text, errors)
+        before = await read_metric(http, errors, dependency="postgres")
         response = await debit(http, new_user(), 1)
         assert response.status_code == 503
         assert "PostgreSQL" in response.json()["error"]["message"]
         ready = (await http.get("/ready")).json()
         assert ready["checks"]["redis"] == "ok" and ready["checks"]["postgres"] != "ok"
-        assert _sample((await http.get("/metrics")).text, errors) == before + 1
+        assert await read_metric(http, errors, dependency="postgres") == before + 1
 
 
 #: A plan PUT made from "no such plan yet" (version 0).
@@ -110,14 +110,6 @@ async def test_a_plan_committed_before_redis_fails_answers_200(
         assert stored["version"] == response.json()["version"]
         assert stored["meters"]["chat"]["limit"] == 3
         assert any("catalog resync" in r.getMessage() for r in caplog.records)
-
-
-def _sample(text: str, name: str) -> float:
-    """The value of one sample in a Prometheus text page (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def test_emptied_script_cache_falls_back_to_eval(
