@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -50,13 +51,14 @@ class Stall:
     connection from then on (the commands still reach Redis and run)."""
 
     def __init__(self, upstream: str) -> None:
-        self.upstream = aioredis.Redis.from_url(upstream).connection_pool.connection_kwargs
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 6379)
         self.silent = True
         self.accepted = 0
         self._hushed: set[asyncio.StreamWriter] = set()
         self._open: set[asyncio.StreamWriter] = set()
         self._upstreams: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[object]] = set()
         self._server: asyncio.Server | None = None
         self._changed = asyncio.Condition()
         self.url = ""
@@ -89,27 +91,29 @@ class Stall:
                       ) -> None:
         self.accepted += 1
         self._open.add(writer)
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         try:
             if self.silent:
-                while await reader.read(65536):
-                    pass
+                with contextlib.suppress(ConnectionError):
+                    while await reader.read(65536):
+                        pass
                 return
-            up_reader, up_writer = await asyncio.open_connection(
-                self.upstream.get("host", "127.0.0.1"), self.upstream.get("port", 6379))
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
             self._open.add(up_writer)
             self._upstreams.add(up_writer)
             replies = asyncio.ensure_future(self._pump(up_reader, writer, client=writer))
-            self._tasks.add(replies)
             try:
                 await self._pump(reader, up_writer, client=None)
             finally:
                 replies.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await replies
-                self._tasks.discard(replies)
                 await self._close(up_writer)
         finally:
             await self._close(writer)
+            self._handlers.discard(handler)
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter,
                     client: asyncio.StreamWriter | None) -> None:
@@ -136,6 +140,7 @@ class Stall:
         self._server.close()
         for writer in list(self._open):
             writer.close()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         await self._server.wait_closed()
 
 
@@ -409,8 +414,10 @@ async def test_a_connection_refused_during_its_handshake_is_closed(
     more connection open on both sides, until the worker runs out of descriptors or Redis
     of maxclients. (The connections are counted by a relay in front of the server.)"""
     port = free_port()
-    with redis_server(tmp_path / "redis", "--port", str(port), "--requirepass", "right"):
-        relay = Stall(f"redis://127.0.0.1:{port}/0") if fault == "wrong-password" else stall
+    wrong_password = fault == "wrong-password"
+    server = redis_server(tmp_path / "redis", "--port", str(port), "--requirepass", "right")
+    with server if wrong_password else contextlib.nullcontext():
+        relay = Stall(f"redis://127.0.0.1:{port}/0") if wrong_password else stall
         if relay is not stall:
             relay.silent = False
             await relay.start()
@@ -420,7 +427,7 @@ async def test_a_connection_refused_during_its_handshake_is_closed(
                 for _ in range(3):
                     response = await debit(http, new_user(), 1)
                     assert response.status_code == 503
-                    expected = "WRONGPASS" if fault == "wrong-password" else "TimeoutError"
+                    expected = "WRONGPASS" if wrong_password else "TimeoutError"
                     assert expected in response.json()["error"]["message"]
                 assert relay.accepted == 3
                 assert await relay.all_closed(within=3.0), (
