@@ -34,6 +34,12 @@ WEBHOOKS = Counter(
 DEAD_LETTERS = Counter(
     "quota_dead_letters_total", "Notifications kept as dead letters, by reason code", ["reason"],
 )
+WEBHOOK_REJECTIONS = Counter(
+    "quota_webhook_rejections_total",
+    "Notifications that failed verification (or were too large to verify), by reason code "
+    "and whether a record of them was kept (kept=false: over the rate limit)",
+    ["reason", "kept"],
+)
 PENDING_APPLIES = Gauge(
     "quota_pending_applies", "Write-through changes committed in PostgreSQL, not yet in Redis",
     multiprocess_mode="max",

@@ -215,15 +215,13 @@ class Api:
         sender = request.client.host if request.client else ""
         try:
             body = await read_body(request, self.settings.max_body_bytes)
-        except PayloadTooLarge as exc:
+        except PayloadTooLarge as exc:  # too large to verify: recorded, not kept
             kept = exc.extra if isinstance(exc.extra, bytes) else b""
-            exc.extra = {"dead_letter_id": await self.webhook.store(
-                kept, request.headers, sender, exc)}
+            exc.extra = {"rejection_id": await self.webhook.reject(kept, sender, exc)}
             raise
-        outcome, rejected, dead_letter = await self.webhook.receive(body, request.headers,
-                                                                    sender)
+        outcome, rejected, record = await self.webhook.receive(body, request.headers, sender)
         if rejected is not None:
-            rejected.extra = {"dead_letter_id": dead_letter}
+            rejected.extra = record
             raise rejected
         assert outcome is not None
         return json_response(WebhookOut(outcome.status, outcome.event, outcome.order_id,

@@ -313,10 +313,13 @@ class VersionConflictOut(msgspec.Struct):
 
 
 class WebhookErrorOut(msgspec.Struct):
-    """A notification not processed: kept as a dead letter (its id) for finance."""
+    """A notification not processed: a verified one is kept whole as a dead letter (its
+    id) for finance; one that failed verification is recorded (its id; none past the
+    rate limit)."""
 
     error: ErrorBody
     dead_letter_id: int | None = None
+    rejection_id: int | None = None
 
 
 T = TypeVar("T")

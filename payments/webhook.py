@@ -1,15 +1,19 @@
 """The payment webhook: verify, process once, and keep whatever cannot be processed.
 
-A notification that fails verification or cannot be processed is stored in
-``dead_letters`` and answered 4xx; a failure of our PostgreSQL (or of the provider's API)
-answers 503 so the sender retries. Verifiers: ``payments.verifiers``; the format:
-``payments.notifications``.
+A verified notification that cannot be processed is stored whole in ``dead_letters`` and
+answered 4xx with its ``dead_letter_id``; one that fails verification is only recorded
+(sender, reason, size, body hash; bounded and rate-limited) in ``webhook_rejections`` and
+answered 401/403 with its ``rejection_id``, so forged posts cannot fill PostgreSQL. A
+failure of our PostgreSQL (or of the provider's API) answers 503 so the sender retries.
+Verifiers: ``payments.verifiers``; the format: ``payments.notifications``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import orjson
@@ -32,6 +36,38 @@ log = logging.getLogger("quota_gateway.webhook")
 
 #: Headers never stored with a dead letter.
 SECRET_HEADERS = frozenset({"authorization", "x-internal-key", "cookie", "proxy-authorization"})
+#: Records kept of notifications that failed verification (sender, reason, size, body
+#: hash; never the body): the newest this many per sender, and in all.
+REJECTIONS_PER_SENDER = 100
+REJECTIONS_MAX = 10_000
+#: How many such records one process writes: a sustained rate per second and a burst.
+#: Past it a refusal is only counted (quota_webhook_rejections_total{kept="false"}).
+REJECTIONS_PER_SECOND = 20.0
+REJECTIONS_BURST = 100
+#: The statuses of a refusal by the verifier: the sender is not who it claims to be.
+UNVERIFIED = (401, 403)
+
+
+class RateLimit:
+    """A token bucket: ``take`` is True while the rate (and burst) allow one more."""
+
+    def __init__(self, per_second: float, burst: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self.clock = clock
+        self.tokens = float(burst)
+        self.at = clock()
+
+    def take(self) -> bool:
+        """Spend a token if one is left."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_second)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +83,15 @@ class Outcome:
 class PaymentWebhook:
     """Verify, process once, or keep as a dead letter."""
 
-    def __init__(self, payments: Payments, verifier: Verifier) -> None:
+    def __init__(self, payments: Payments, verifier: Verifier, *,
+                 per_sender: int = REJECTIONS_PER_SENDER, max_kept: int = REJECTIONS_MAX,
+                 rate: RateLimit | None = None) -> None:
         self.payments = payments
         self.verifier = verifier
         self.db = payments.engine.db
+        self.per_sender = per_sender
+        self.max_kept = max_kept
+        self.rate = rate or RateLimit(REJECTIONS_PER_SECOND, REJECTIONS_BURST)
 
     async def handle(self, body: bytes, headers: Mapping[str, str], sender: str, *,
                      verify: bool = True, source: str = "webhook") -> Outcome:
@@ -111,15 +152,32 @@ class PaymentWebhook:
         return Outcome("duplicate" if result.duplicate else "processed", note.event, order_id)
 
     async def receive(self, body: bytes, headers: Mapping[str, str], sender: str
-                      ) -> tuple[Outcome | None, Rejected | None, int | None]:
-        """The HTTP side: process, or store a dead letter and say which."""
+                      ) -> tuple[Outcome | None, Rejected | None, dict[str, int | None]]:
+        """The HTTP side: process; or keep a verified notification that cannot be processed
+        as a dead letter, and record one that failed verification; say which."""
         try:
             outcome = await self.handle(body, headers, sender)
         except Rejected as exc:
-            dead_letter = await self.store(body, headers, sender, exc)
-            return None, exc, dead_letter
+            if exc.status in UNVERIFIED:
+                return None, exc, {"rejection_id": await self.reject(body, sender, exc)}
+            return None, exc, {"dead_letter_id": await self.store(body, headers, sender, exc)}
         metrics.WEBHOOKS.labels(outcome.event, outcome.status).inc()
-        return outcome, None, None
+        return outcome, None, {}
+
+    async def reject(self, body: bytes, sender: str, exc: QuotaError) -> int | None:
+        """Record a notification that failed verification (or was too large to verify):
+        sender, reason, size and body hash, bounded per sender and in all, and at most
+        ``rate`` records a second; its record's id, or None past the rate."""
+        metrics.WEBHOOKS.labels(_event_of(body), "rejected").inc()
+        kept = self.rate.take()
+        metrics.WEBHOOK_REJECTIONS.labels(exc.code, "true" if kept else "false").inc()
+        if not kept:
+            return None
+        reason = f"{exc.code}: {exc.message}" + (f" ({exc.field})" if exc.field else "")
+        record: int = await self.db.fetchval(
+            "insert_webhook_rejection", sender, reason, len(body),
+            hashlib.sha256(body).digest(), self.per_sender, self.max_kept)
+        return record
 
     async def replay(self, dead_letter_id: int, body: bytes | None = None, *,
                      verify: bool = True) -> Outcome:

@@ -323,6 +323,32 @@ RETURNING version, plan_code;
 INSERT INTO dead_letters (source, sender, headers, body, reason) VALUES ($1, $2, $3, $4, $5)
 RETURNING id;
 
+-- name: insert_webhook_rejection --
+-- Record a notification that failed verification, keeping only the newest $5 records of
+-- its sender and the newest $6 in all; $1 sender, $2 reason, $3 size, $4 body SHA-256.
+-- Returns the record's id. (Every part of the statement sees the table as it was before
+-- it, so the new row is not among the ones counted.)
+WITH added AS (
+    INSERT INTO webhook_rejections (sender, reason, size, body_sha256)
+    VALUES (left($1, 128), left($2, 300), $3, $4)
+    RETURNING id
+), by_sender AS (
+    DELETE FROM webhook_rejections
+    WHERE sender = left($1, 128) AND id <= (
+        SELECT id FROM webhook_rejections WHERE sender = left($1, 128)
+        ORDER BY id DESC OFFSET $5::integer - 1 LIMIT 1)
+), in_all AS (
+    DELETE FROM webhook_rejections
+    WHERE id <= (SELECT id FROM webhook_rejections ORDER BY id DESC OFFSET $6::integer - 1
+                 LIMIT 1)
+)
+SELECT id FROM added;
+
+-- name: list_webhook_rejections --
+-- The newest records of refused notifications; $1 limit.
+SELECT id, received_at, sender, reason, size, encode(body_sha256, 'hex') AS body_sha256
+FROM webhook_rejections ORDER BY id DESC LIMIT $1;
+
 -- name: list_dead_letters --
 -- Dead letters, newest first; $1 include replayed ones, $2 limit.
 SELECT id, received_at, source, sender, reason, status, length(body) AS size, replay_result

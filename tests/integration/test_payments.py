@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -230,12 +231,13 @@ async def dead_letters(http: httpx.AsyncClient, ids: list[int]) -> list[asyncpg.
                     ids)
 
 
-async def test_signed_notifications_credit_and_forgeries_become_dead_letters(
+async def test_signed_notifications_credit_and_forgeries_are_recorded_not_kept(
     pay: httpx.AsyncClient, pay_settings: Settings, clock: FixedClock,
 ) -> None:
     """RSA and Ed25519 signatures credit; tampering, a wrong key, a missing or malformed
-    header and an oversized body credit nothing and are kept whole; a replayed old
-    notification of a credited payment answers 200 and changes nothing."""
+    header and an oversized body credit nothing and are recorded (sender, reason, size,
+    SHA-256 of the body), never kept whole; a replayed old notification of a credited
+    payment answers 200 and changes nothing."""
     user = new_user()
     payment = new_payment()
     body = notification("payment.succeeded",
@@ -276,11 +278,14 @@ async def test_signed_notifications_credit_and_forgeries_become_dead_letters(
     }
     for name, response in attempts.items():
         assert response.status_code in (401, 413), (name, response.text)
-        assert response.json()["dead_letter_id"], name
-    kept = await dead_letters(pay, [r.json()["dead_letter_id"] for r in attempts.values()])
+        assert response.json()["rejection_id"], name
+        assert "dead_letter_id" not in response.json(), name
+    kept = await pg(pay, "SELECT * FROM webhook_rejections WHERE id = ANY($1::bigint[]) "
+                         "ORDER BY id", [r.json()["rejection_id"] for r in attempts.values()])
     assert len(kept) == len(attempts)
-    assert bytes(kept[0]["body"]) == tampered and "signature" in kept[0]["reason"]
-    assert all(row["status"] == "new" and row["source"] == "webhook" for row in kept)
+    assert bytes(kept[0]["body_sha256"]) == hashlib.sha256(tampered).digest()
+    assert kept[0]["size"] == len(tampered) and "signature" in kept[0]["reason"]
+    assert "body" not in kept[0]
     assert (await remaining(pay, victim))["plan_code"] == "free"
     assert not await pg(pay, "SELECT 1 FROM payment_receipts WHERE user_id = $1", victim)
 
@@ -511,14 +516,14 @@ async def test_metrics_count_webhooks_and_dead_letters(
     pay_settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis, own_db_dsn: str,
 ) -> None:
     """A signed payment with chat credits and its unsigned copy add exactly one processed
-    and one dead-lettered notification, one unverified dead letter and one chat credit
+    and one rejected notification, one recorded unverified rejection and one chat credit
     applied. The pending-applies gauge is what the reconciler finds waiting: 1 with the
     payment's outbox row marked unapplied, 0 once it applied it (the count is of the whole
     database: a database of the test's own)."""
     counted = [("quota_webhooks_total", {"event": "payment.succeeded", "outcome": "processed"}),
                ("quota_webhooks_total",
-                {"event": "payment.succeeded", "outcome": "dead_letter"}),
-               ("quota_dead_letters_total", {"reason": "unverified"}),
+                {"event": "payment.succeeded", "outcome": "rejected"}),
+               ("quota_webhook_rejections_total", {"reason": "unverified", "kept": "true"}),
                ("quota_credits_total", {"meter": "chat"})]
     payment = new_payment()
     body = notification("payment.succeeded", payment_object(payment, new_user(), "pro_month",
