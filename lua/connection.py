@@ -240,18 +240,18 @@ class PipelinedRedis:
                 if opts["db"]:
                     handshake.append(("SELECT", opts["db"]))
                 deadline = time.monotonic() + self.connect_timeout
-                for command in handshake:
-                    await pipe.send(hiredis.pack_command(command), deadline)
 
                 async def execute(*args: str | int) -> Any:
                     command: Any = args
                     return await pipe.send(hiredis.pack_command(command), deadline)
 
-                try:
+                try:  # a connection refused anywhere in its handshake is closed here
+                    for command in handshake:
+                        await execute(*command)
                     if self.on_connect is not None:
                         await self.on_connect(execute)
                 except BaseException:
-                    pipe.abort("refused by the connection check")
+                    pipe.abort("refused during the connection's handshake")
                     raise
         except (OSError, TimeoutError, RedisReplyError) as exc:
             raise RedisUnavailable(f"cannot connect to Redis: {exc!r}") from None

@@ -160,7 +160,7 @@ async def _reconcile(settings: Settings) -> None:
     engine = make_engine(settings)
     client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
                                      socket_timeout=max(5.0, settings.flush_block_ms / 500),
-                                     socket_connect_timeout=settings.redis_timeout_seconds)
+                                     socket_connect_timeout=settings.redis_connect_timeout_seconds)
     try:
         await serve_forever(engine, client)
     finally:

@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -178,11 +177,3 @@ class EmbeddedPostgres:
         if (self.pgdata / "postmaster.pid").exists():
             with contextlib.suppress(ToolFailed, subprocess.TimeoutExpired):
                 self._pg("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster: what a crash looks like."""
-        pid_file = self.pgdata / "postmaster.pid"
-        if pid_file.exists():
-            pid = int(pid_file.read_text().split()[0])
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)

@@ -171,7 +171,7 @@ def test_settings_refuse_development_shortcuts_in_production() -> None:
     ok = load_settings({"CALLER_KEYS": '{"chat-svc": {"key": "chat-key-0123456789", '
                                        '"scopes": ["debit", "read"]}}'})
     assert ok.callers[0].scopes == frozenset({"debit", "read"})
-    with pytest.raises(SettingsError, match="CALLER_KEYS name"):
+    with pytest.raises(SettingsError, match=r"CALLER_KEYS\['chat\\x1fsvc'\]\.name"):
         load_settings({"CALLER_KEYS": '{"chat\\u001fsvc": {"key": "chat-key-0123456789"}}'})
 
 
