@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import click
 
@@ -197,6 +198,11 @@ async def _report(settings: Settings, day: date, out: Path) -> int:
     return 1 if report.drift_count else 0
 
 
+def default_report_day(settings: Settings, now: datetime) -> date:
+    """The day ``report`` totals without --date: yesterday in TIMEZONE."""
+    return (now.astimezone(ZoneInfo(settings.timezone)) - timedelta(days=1)).date()
+
+
 @main.command()
 @click.option("--date", "day", type=click.DateTime(["%Y-%m-%d"]), default=None,
               help="The day to total (default: yesterday in TIMEZONE).")
@@ -207,9 +213,8 @@ def report(day: datetime | None, out: Path | None) -> None:
     settings = _settings()
     if not settings.redis_url or not settings.db_dsn:
         raise click.ClickException("report needs REDIS_URL and DB_DSN")
-    if day is None:
-        day = datetime.now(tz=UTC) - timedelta(days=1)
-    sys.exit(asyncio.run(_report(settings, day.date(), out or Path(settings.report_dir))))
+    chosen = default_report_day(settings, datetime.now(tz=UTC)) if day is None else day.date()
+    sys.exit(asyncio.run(_report(settings, chosen, out or Path(settings.report_dir))))
 
 
 @main.command()

@@ -21,6 +21,7 @@ import redis.exceptions
 
 from core import metrics
 from core.errors import DependencyUnavailable
+from core.settings import report_time
 from persistence.db import PostgresUnavailable
 from persistence.migrate import schema_behind
 from persistence.queries import QUERIES
@@ -74,6 +75,8 @@ class Reconciler:
         #: A change younger than this is left to the request that committed it.
         self.outbox_min_age = OUTBOX_MIN_AGE
         self.claim_every = claim_every_seconds or max(1.0, s.flush_claim_idle_ms / 4000)
+        #: REPORT_AT as (hour, minute) in TIMEZONE; None: no scheduled report.
+        self.report_time = report_time(s.report_at)
         self._next_claim = 0.0
         self._next_chores = 0.0
         self._groups_ready = False
@@ -154,7 +157,7 @@ class Reconciler:
         if resynced:
             log.warning("plan catalog: %d shard copies were behind PostgreSQL, refreshed",
                         resynced)
-        if self.settings.report_at:
+        if self.report_time is not None:
             await self.scheduled_report()
 
     async def scheduled_report(self) -> bool:
@@ -165,7 +168,7 @@ class Reconciler:
 
         zone = self.engine.calendar.zone
         now = datetime.fromtimestamp(self.engine.clock.now_ms() / 1000, tz=zone)
-        if now.strftime("%H:%M") < self.settings.report_at:
+        if self.report_time is None or (now.hour, now.minute) < self.report_time:
             return False
         day = previous_day(self.engine)
         async with self.engine.db.connection() as conn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from core.settings import (
     validate,
     variable,
 )
+from ops.cli import default_report_day
 
 SECRET_KEY = "caller-key-0123456789-secret"
 #: A value other than the default for every field, as its variable spells it.
@@ -196,3 +198,16 @@ def test_report_at_refuses_anything_else(text: str) -> None:
     with pytest.raises(SettingsError, match="REPORT_AT"):
         load_settings({"REPORT_AT": text})
 
+
+def test_report_command_defaults_to_yesterday_in_timezone() -> None:
+    """`quota-gateway report` without --date totals yesterday in TIMEZONE: at 20:00 UTC on
+    2026-11-25 it is 05:00 on the 26th in Tokyo, so the day is the 25th (yesterday in UTC
+    is the 24th); at 03:00 UTC on the 26th it is 22:00 on the 25th in New York, so the day
+    is the 24th (yesterday in UTC is the 25th)."""
+    now = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
+    tokyo = load_settings({"TIMEZONE": "Asia/Tokyo"})
+    assert default_report_day(tokyo, now) == date(2026, 11, 25)
+    assert default_report_day(load_settings({}), now) == date(2026, 11, 24)
+    at_dawn = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)  # 22:00 on the 25th in New York
+    new_york = load_settings({"TIMEZONE": "America/New_York"})
+    assert default_report_day(new_york, at_dawn) == date(2026, 11, 24)
