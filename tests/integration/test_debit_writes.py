@@ -12,7 +12,6 @@ a retry answers what its first attempt answered whatever the meter holds now.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import httpx
 import redis.asyncio as aioredis
@@ -162,7 +161,7 @@ async def test_a_retry_while_the_backlog_is_full_still_answers_409(
     ref = new_ref()
     first = await engine.debit(user, "chat", U, ref)
     assert first.status is Status.OK
-    full = make_engine(replace(settings, max_backlog_entries=1), clock)
+    full = make_engine(settings.with_overrides(max_backlog_entries=1), clock)
     try:
         retry = await full.debit(user, "chat", U, ref)
         assert (retry.status, retry.tx_id, retry.remaining) == (
@@ -179,7 +178,7 @@ async def test_refs_live_as_long_as_idempotency_ttl_seconds_says(
 ) -> None:
     """The idempotency key of a debit expires after IDEMPOTENCY_TTL_SECONDS (here an hour,
     the default being 7 days); past it, the ref is new again."""
-    hourly = make_engine(replace(settings, idempotency_ttl_seconds=3600), clock)
+    hourly = make_engine(settings.with_overrides(idempotency_ttl_seconds=3600), clock)
     try:
         user, ref = new_user(), new_ref()
         assert (await hourly.debit(user, "chat", U, ref)).status is Status.OK
