@@ -12,7 +12,6 @@ a retry answers what its first attempt answered whatever the meter holds now.
 
 from __future__ import annotations
 
-
 import httpx
 import redis.asyncio as aioredis
 
