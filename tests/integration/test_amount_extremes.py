@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 
 import httpx
+import orjson
 import pytest
 
 from core.clock import FixedClock
@@ -37,26 +38,37 @@ def _raw(template: str, number: str, as_string: bool) -> bytes:
     return template.replace("N", f'"{number}"' if as_string else number).encode()
 
 
+def _template(body: dict[str, object]) -> str:
+    """``body`` as JSON, its value "N" left bare for the number to go in."""
+    return orjson.dumps(body).decode().replace('"N"', "N")
+
+
 def _routes() -> list[tuple[str, str, str, str]]:
     """(method, path, JSON body template with N for the amount, the field named)."""
     user = new_user()
-    quota_debit = ('{"user_id": "%s", "action": "chat_tokens", "units": N, "ref": "%s"}'
-                   % (user, new_ref()))
-    plan = '{"meters": {"chat": {"limit": %s, "period": "day"}}, "duration_days": 30, ' \
-           '"price": %s, "currency": "RUB"}'
-    credit = ('{"order_id": "%s", "user_id": "%s", "plan_code": "free", "units_chat": %s, '
-              '"units_tpl": %s%s}')
     code = unique_plan()
+
+    def plan(limit: object, price: object) -> str:
+        return _template({"meters": {"chat": {"limit": limit, "period": "day"}},
+                          "duration_days": 30, "price": price, "currency": "RUB"})
+
+    def credit(**amounts: object) -> str:
+        return _template({"order_id": new_ref(), "user_id": user, "plan_code": "free",
+                          "units_chat": 0, "units_tpl": 0, **amounts})
+
     return [
-        ("POST", "/internal/billing/quota/debit", quota_debit, "units"),
+        ("POST", "/internal/billing/quota/debit", _template(
+            {"user_id": user, "action": "chat_tokens", "units": "N", "ref": new_ref()}),
+         "units"),
         ("POST", "/internal/billing/debit",
-         '{"user_id": "%s", "units": N, "ref": "%s"}' % (user, new_ref()), "units"),
-        ("POST", "/internal/billing/check", '{"user_id": "%s", "units": N}' % user, "units"),
-        ("PUT", f"/internal/billing/plans/{code}", plan % ("N", "1"), "meters.chat.limit"),
-        ("PUT", f"/internal/billing/plans/{code}", plan % ("1", "N"), "price"),
-        ("POST", CREDIT, credit % (new_ref(), user, "N", "0", ""), "units_chat"),
-        ("POST", CREDIT, credit % (new_ref(), user, "0", "N", ""), "units_tpl"),
-        ("POST", CREDIT, credit % (new_ref(), user, "1", "0", ', "amount": N'), "amount"),
+         _template({"user_id": user, "units": "N", "ref": new_ref()}), "units"),
+        ("POST", "/internal/billing/check", _template({"user_id": user, "units": "N"}),
+         "units"),
+        ("PUT", f"/internal/billing/plans/{code}", plan("N", 1), "meters.chat.limit"),
+        ("PUT", f"/internal/billing/plans/{code}", plan(1, "N"), "price"),
+        ("POST", CREDIT, credit(units_chat="N"), "units_chat"),
+        ("POST", CREDIT, credit(units_tpl="N"), "units_tpl"),
+        ("POST", CREDIT, credit(units_chat=1, amount="N"), "amount"),
     ]
 
 
