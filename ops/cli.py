@@ -1,4 +1,5 @@
-"""The ``quota-gateway`` command: serve, migrate, reconcile, report, dead letters."""
+"""The ``quota-gateway`` command: serve, migrate, reconcile, report; the operator's
+commands (dead letters, webhook rejections, poisoned ledger entries) are in ``ops.admin``."""
 
 from __future__ import annotations
 
@@ -11,20 +12,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from zoneinfo import ZoneInfo
 
 import click
 
-from core.settings import Settings, SettingsError, load_settings, validate
+from core.settings import Settings
+from ops.admin import dead_letters, poison
+from ops.config import settings_or_exit as _settings
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-    from payments.webhook import PaymentWebhook
 
 log = logging.getLogger("quota_gateway")
 T = TypeVar("T")
@@ -61,22 +62,6 @@ def create_worker_app() -> Starlette:
     app = create_app()
     tune_gc()
     return app
-
-
-def _settings(**overrides: object) -> Settings:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        raise click.ClickException(f"configuration: {exc}") from None
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    if not changes:
-        return settings
-    settings = settings.with_overrides(**changes)
-    try:
-        validate(settings)  # --port 0, --workers 0: refused as the variables would be
-    except SettingsError as exc:
-        raise click.ClickException(f"configuration: {exc}") from None
-    return settings
 
 
 def ensure_servers(settings: Settings) -> Settings:
@@ -260,100 +245,9 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
             shutil.rmtree(multiproc, ignore_errors=True)
 
 
-# -- dead letters --------------------------------------------------------------------------
-@main.group("dead-letters")
-def dead_letters() -> None:
-    """Payment notifications that could not be processed: list, show, replay."""
-
-
-async def _with_webhook(settings: Settings, action: Callable[[PaymentWebhook], Awaitable[T]]
-                        ) -> T:
-    from payments.credits import Payments
-    from payments.verifiers import make_verifier
-    from payments.webhook import PaymentWebhook
-    from quota.engine import make_engine
-
-    engine = make_engine(settings)
-    webhook = PaymentWebhook(Payments(engine), make_verifier(settings))
-    try:
-        return await action(webhook)
-    finally:
-        await webhook.verifier.aclose()
-        await engine.close()
-
-
-def _dead_letter_settings() -> Settings:
-    settings = _settings()
-    if not settings.redis_url or not settings.db_dsn:
-        raise click.ClickException("dead-letters needs REDIS_URL and DB_DSN")
-    return settings
-
-
-@dead_letters.command("list")
-@click.option("--all", "show_all", is_flag=True, help="Include the ones already replayed.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
-def dead_letters_list(show_all: bool, limit: int) -> None:
-    """Newest first: id, time, status, size, sender, reason."""
-    async def run(webhook: PaymentWebhook) -> list[Any]:
-        return await webhook.db.fetch("list_dead_letters", show_all, limit)
-
-    rows = asyncio.run(_with_webhook(_dead_letter_settings(), run))
-    if not rows:
-        click.echo("no dead letters" + ("" if show_all else " waiting"))
-    for r in rows:
-        click.echo(f"{r['id']}\t{r['received_at']:%Y-%m-%d %H:%M:%S%z}\t{r['status']}\t"
-                   f"{r['size']} B\t{r['sender'] or '-'}\t{r['reason']}")
-
-
-@dead_letters.command("show")
-@click.argument("dead_letter_id", type=int)
-def dead_letters_show(dead_letter_id: int) -> None:
-    """One dead letter as JSON: headers, sender, reason and the body as received."""
-    import base64
-
-    import orjson
-
-    async def run(webhook: PaymentWebhook) -> Any:
-        return await webhook.db.fetchrow("get_dead_letter", dead_letter_id)
-
-    row = asyncio.run(_with_webhook(_dead_letter_settings(), run))
-    if row is None:
-        raise click.ClickException(f"no dead letter {dead_letter_id}")
-    body = bytes(row["body"])
-    try:
-        shown: dict[str, str] = {"body": body.decode("utf-8")}
-    except UnicodeDecodeError:
-        shown = {"body_base64": base64.b64encode(body).decode()}
-    data = {"id": row["id"], "received_at": row["received_at"].isoformat(),
-            "source": row["source"], "sender": row["sender"], "status": row["status"],
-            "reason": row["reason"], "replay_result": row["replay_result"],
-            "headers": row["headers"], **shown}
-    click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-
-
-@dead_letters.command("replay")
-@click.argument("dead_letter_id", type=int)
-@click.option("--body", "body_file", type=click.Path(exists=True, dir_okay=False,
-                                                      path_type=Path),
-              help="Replay this fixed body instead of the stored one.")
-@click.option("--no-verify", is_flag=True,
-              help="Skip the signature or sender check and the provider refetch: the "
-                   "operator vouches for the body (needed after editing a signed body).")
-def dead_letters_replay(dead_letter_id: int, body_file: Path | None, no_verify: bool) -> None:
-    """Process a dead letter again; exit 1 if it is rejected again."""
-    from core.errors import QuotaError
-
-    body = body_file.read_bytes() if body_file else None
-
-    async def run(webhook: PaymentWebhook) -> str:
-        outcome = await webhook.replay(dead_letter_id, body, verify=not no_verify)
-        return f"{outcome.status}: {outcome.event} order {outcome.order_id}"
-
-    try:
-        click.echo(asyncio.run(_with_webhook(_dead_letter_settings(), run)))
-    except QuotaError as exc:
-        click.echo(f"not processed: {exc.code}: {exc.message}", err=True)
-        sys.exit(1)
+# -- operator commands (ops/admin.py) -----------------------------------------------------
+main.add_command(dead_letters)
+main.add_command(poison)
 
 
 if __name__ == "__main__":  # python -m ops.cli: after every command is defined

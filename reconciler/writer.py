@@ -17,13 +17,18 @@ from reconciler.consumer import Entry
 
 log = logging.getLogger("quota_gateway.reconciler")
 
-#: Errors that say "try the same batch again later", not "this entry is bad".
-TRANSIENT = (
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.QueryCanceledError,
-    asyncpg.LockNotAvailableError,
-)
+#: SQLSTATE classes that say "try the same batch again later", not "this entry is bad":
+#: 08 connection exception, 40 transaction rollback (deadlock, serialization), 53
+#: insufficient resources (disk full, out of memory, too many connections), 57 operator
+#: intervention (query canceled, shutdown), 58 system error (I/O); and lock not available.
+TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+TRANSIENT_STATES = frozenset({"55P03"})
+
+
+def transient(exc: asyncpg.PostgresError) -> bool:
+    """Whether PostgreSQL refused for a reason of its own, not because of the entry."""
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return state[:2] in TRANSIENT_CLASSES or state in TRANSIENT_STATES
 
 
 #: Tries at a reused ref's next round before the batch is left for a later retry.
@@ -69,10 +74,10 @@ class LedgerWriter:
         refused: set[str] = set()
         try:
             inserted = await self._batch(events, bad)
-        except TRANSIENT as exc:
-            raise PostgresUnavailable(f"transient failure, batch will be retried: {exc!r}") \
-                from None
         except asyncpg.PostgresError as exc:
+            if transient(exc):
+                raise PostgresUnavailable(f"transient failure, batch will be retried: "
+                                          f"{exc!r}") from None
             # One event broke the statement: write them one by one to find it.
             log.warning("batch of %d refused (%r); writing events one by one", len(events), exc)
             inserted, refused = await self._one_by_one(events, source, bad)
@@ -139,9 +144,9 @@ class LedgerWriter:
         for event in events:
             try:
                 inserted += await self._batch([event], [])
-            except TRANSIENT as exc:
-                raise PostgresUnavailable(f"transient failure: {exc!r}") from None
             except asyncpg.PostgresError as exc:
+                if transient(exc):
+                    raise PostgresUnavailable(f"transient failure: {exc!r}") from None
                 bad.append((source[str(event.tx_id)], f"{type(exc).__name__}: {exc}"))
                 refused.add(str(event.tx_id))
         async with self.db.transaction() as conn:

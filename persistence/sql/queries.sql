@@ -176,6 +176,21 @@ WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.tx_id = t.tx_id);
 INSERT INTO poison_events (shard, stream_id, fields, error) VALUES ($1, $2, $3, $4)
 ON CONFLICT (shard, stream_id) DO NOTHING;
 
+-- name: list_poison --
+-- Poisoned ledger entries, newest first; $1 true to include the replayed ones, $2 limit.
+SELECT id, shard, stream_id, fields, error, created_at, replayed_at, replay_result
+FROM poison_events WHERE $1 OR replayed_at IS NULL ORDER BY id DESC LIMIT $2;
+
+-- name: get_poison --
+-- One poisoned ledger entry; $1 id.
+SELECT * FROM poison_events WHERE id = $1;
+
+-- name: mark_poison_replayed --
+-- A poisoned entry that a replay wrote (or found written); $1 id, $2 result. The first
+-- replay's result stays.
+UPDATE poison_events SET replayed_at = now(), replay_result = $2
+WHERE id = $1 AND replayed_at IS NULL;
+
 -- name: poison_count --
 -- How many entries were set aside.
 SELECT count(*) FROM poison_events;
