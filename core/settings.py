@@ -99,6 +99,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     idempotency_ttl_seconds: TtlSeconds = 7 * DAY_SECONDS
     counter_grace_seconds: TtlSeconds = 2 * DAY_SECONDS
     user_state_ttl_seconds: TtlSeconds = 30 * DAY_SECONDS
+    #: A user PostgreSQL knows nothing of (a read of a never-seen id) stays this briefly.
+    unknown_user_ttl_seconds: TtlSeconds = 60
     max_backlog_entries: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] = 1_000_000
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     redis_timeout_seconds: Seconds = 2.0

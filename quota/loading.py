@@ -144,11 +144,15 @@ class Loader:
             included = await conn.fetch(QUERIES["user_pending_payments"], user_id)
             usage = await conn.fetch(QUERIES["user_usage"], user_id, periods)
         counters, lifetime = self._usage(user_id, usage, windows)
+        # Nothing to hold (a read of a never-seen id): a short stay, so that reads of random
+        # ids cost no lasting memory; a debit, credit or plan sets the full TTL.
+        empty = plan is None and not credits and not included and not usage
+        ttl_ms = rt.settings.unknown_user_ttl_seconds * 1000 if empty else rt.state_ttl_ms
         return await rt.scripts.load_user(
             user_key, generation=generation,
             plan_code=plan["plan_code"] if plan else rt.settings.default_plan,
             expires_ms=to_ms(plan["expires_at"]) if plan and plan["expires_at"] else 0,
-            plan_version=plan["version"] if plan else 0, state_ttl_ms=rt.state_ttl_ms,
+            plan_version=plan["version"] if plan else 0, state_ttl_ms=ttl_ms,
             now=rt.clock.script_now(),
             credits=[(r["meter"], max(0, r["balance_micro"])) for r in credits],
             lifetime=lifetime, included_outbox=[r["id"] for r in included], counters=counters,
