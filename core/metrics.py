@@ -65,6 +65,18 @@ FLUSH_SECONDS = Histogram(
     "quota_flush_batch_duration_seconds", "Time to write one batch to PostgreSQL",
     buckets=_BUCKETS,
 )
+LEDGER_BACKLOG = Gauge(
+    "quota_ledger_backlog_entries", "Unflushed ledger entries in all shard streams, as the "
+    "service last saw them (/ready)", multiprocess_mode="max",
+)
+LEDGER_BACKLOG_LIMIT = Gauge(
+    "quota_ledger_backlog_limit_entries", "Unflushed entries at which debits answer 503 "
+    "(every shard at its share)", multiprocess_mode="max",
+)
+LEDGER_OLDEST_SECONDS = Gauge(
+    "quota_ledger_oldest_seconds", "Age of the oldest unflushed ledger entry, as the service "
+    "last saw it (/ready): the flush lag even when no reconciler runs", multiprocess_mode="max",
+)
 FLUSH_LAG_SECONDS = Gauge(
     "quota_flush_lag_seconds", "Age of the oldest unflushed ledger event per shard",
     ["shard"], multiprocess_mode="max",

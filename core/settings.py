@@ -101,7 +101,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     user_state_ttl_seconds: TtlSeconds = 30 * DAY_SECONDS
     #: A user PostgreSQL knows nothing of (a read of a never-seen id) stays this briefly.
     unknown_user_ttl_seconds: TtlSeconds = 60
-    max_backlog_entries: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] = 1_000_000
+    #: Unflushed ledger entries in all shards before debits answer 503; 0: derived from
+    #: Redis's maxmemory (quota/backlog.py).
+    max_backlog_entries: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)] = 0
+    #: The flush lag past which /ready and quota_ledger_oldest_seconds say so.
+    flush_lag_alert_seconds: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     redis_timeout_seconds: Seconds = 2.0
     redis_connect_timeout_seconds: Seconds = 2.0

@@ -15,37 +15,77 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from msgspec import Meta
 
-from core.amounts import ZERO, Amount, AmountError, decode_hook, exact_number, to_micro
-from core.errors import InvalidInput
-from core.ids import (
-    CONTROL,
-    END,
-    MAX_ACTION,
-    MAX_REASON,
-    MAX_REF,
-    MAX_USER_ID,
-    PRINTABLE_PATTERN,
-    USER_ID_PATTERN,
+from core.amounts import (
+    MAX_UNITS,
+    SCALE_DIGITS,
+    ZERO,
+    Amount,
+    AmountError,
+    decode_hook,
+    exact_number,
+    to_micro,
 )
+from core.errors import InvalidInput
+from core.ids import CONTROL, END, MAX_ACTION, MAX_REASON, MAX_REF, MAX_USER_ID
 from persistence.plans import PLAN_PATTERN
 
 #: Transactions per page: the default and the most one page may ask for.
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
 
+#: The characters Python's ``\s`` takes for blank besides the control characters. The
+#: patterns below name them instead of writing ``\s`` or ``.``, whose meaning differs in the
+#: spec's (ECMA) regexes: there ``\s`` also takes U+FEFF and ``.`` stops at U+2028/U+2029.
+#: They read the same as core.ids' USER_ID_PATTERN and PRINTABLE_PATTERN in Python
+#: (tests/integration/test_spec.py compares them on every code point).
+BLANK = " \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_NOT_BLANK = rf"(?=[{BLANK}]*[^{BLANK}])"
+USER_ID_TEXT = rf"^{_NOT_BLANK}[^{CONTROL}:]+{END}"
+PRINTABLE_TEXT = rf"^{_NOT_BLANK}[^{CONTROL}]+{END}"
+#: A user id in a URL path cannot hold '/' either: the router splits the path there.
+USER_ID_IN_PATH_TEXT = rf"^{_NOT_BLANK}[^{CONTROL}:/]+{END}"
+#: The longest plan code PLAN_PATTERN admits.
+MAX_PLAN_CODE = 64
+
 UserId = Annotated[str, Meta(
-    min_length=1, max_length=MAX_USER_ID, pattern=USER_ID_PATTERN,
+    min_length=1, max_length=MAX_USER_ID, pattern=USER_ID_TEXT,
     description="The user's id (no ':', no control characters, not blank)")]
-Ref = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=PRINTABLE_PATTERN,
+UserIdInPath = Annotated[str, Meta(
+    min_length=1, max_length=MAX_USER_ID, pattern=USER_ID_IN_PATH_TEXT,
+    description="The user's id (no ':', no control characters, not blank); in a path, "
+                "no '/' either")]
+Ref = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=PRINTABLE_TEXT,
                           description="The caller's idempotency key for this debit")]
 Reason = Annotated[str, Meta(max_length=MAX_REASON, pattern=rf"^[^{CONTROL}]*{END}")]
+#: Any action name; the spec lists the configured ones (ACTION_METERS) as an enum.
 Action = Annotated[str, Meta(min_length=1, max_length=MAX_ACTION,
                              pattern=rf"^[a-z][a-z0-9_]*{END}")]
-PlanCode = Annotated[str, Meta(min_length=1, max_length=64,
+PlanCode = Annotated[str, Meta(min_length=1, max_length=MAX_PLAN_CODE,
                                pattern=rf"^{PLAN_PATTERN.pattern}{END}")]
-# An exact amount is read as ``Amount``: a JSON number with at most 6 decimal places, or
-# the same digits as a string ("2.5"; README, "Amounts"); written as a ``Decimal``, a JSON
-# number. The spec's text for both: hotpath/openapi.py.
+#: A ledger page's cursor as next_before hands it out: ``<epoch ms>_<tx id>`` (or empty:
+#: the first page). The handler reads it.
+Cursor = Annotated[str, Meta(
+    max_length=64, pattern=rf"^(?:[0-9]{{1,14}}_[0-9a-f]{{8}}(?:-[0-9a-f]{{4}}){{3}}"
+                           rf"-[0-9a-f]{{12}})?{END}",
+    description="next_before of the previous page")]
+
+# An exact amount is read as ``Amount``: a JSON number, or the same digits as a string
+# ("2.5"; README, "Amounts"); written as a ``Decimal``, a JSON number. Each kind states its
+# bounds and places for the spec (hotpath/openapi.py derives the string form's pattern);
+# ``micro``/``money`` and core.amounts hold the rules themselves.
+MICRO_STEP = Decimal(1).scaleb(-SCALE_DIGITS)
+CENT = Decimal("0.01")
+#: What one request may pay, in its currency.
+MAX_MONEY = Decimal(10) ** 15
+Units = Annotated[Amount, Meta(extra_json_schema={
+    "exclusiveMinimum": 0, "maximum": MAX_UNITS, "multipleOf": MICRO_STEP})]
+UnitsOrZero = Annotated[Amount, Meta(extra_json_schema={
+    "minimum": 0, "maximum": MAX_UNITS, "multipleOf": MICRO_STEP})]
+Money = Annotated[Amount, Meta(extra_json_schema={
+    "minimum": 0, "maximum": MAX_MONEY, "multipleOf": CENT})]
+#: A time a request sets ahead (a plan's expiry): RFC 3339 with an offset; the spec's
+#: pattern admits the dates from two days after it is built (hotpath/openapi.py).
+FutureTime = Annotated[datetime, Meta(tz=True, extra_json_schema={"x-future": True})]
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True):
@@ -57,7 +97,7 @@ class QuotaDebitIn(Strict):
 
     user_id: UserId
     action: Action
-    units: Amount
+    units: Units
     ref: Ref
 
 
@@ -65,14 +105,14 @@ class BalanceCheckIn(Strict):
     """Seed 002 pre-check."""
 
     user_id: UserId
-    units: Amount
+    units: Units
 
 
 class BalanceDebitIn(Strict):
     """Seed 002 debit of the balance meter."""
 
     user_id: UserId
-    units: Amount
+    units: Units
     ref: Ref
     reason: Reason = ""
 
@@ -82,10 +122,10 @@ class PlanApplyIn(Strict):
 
     user_id: UserId
     plan_code: PlanCode
-    expires_at: datetime | None = None
+    expires_at: FutureTime | None = None
 
 
-OrderId = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=PRINTABLE_PATTERN,
+OrderId = Annotated[str, Meta(min_length=1, max_length=MAX_REF, pattern=PRINTABLE_TEXT,
                               description="Pay-svc's order id: one credit per order")]
 Currency = Annotated[str, Meta(pattern=rf"^[A-Z]{{3}}{END}", description="ISO 4217 code")]
 
@@ -96,9 +136,9 @@ class QuotaCreditIn(Strict):
     order_id: OrderId
     user_id: UserId
     plan_code: PlanCode
-    units_chat: Amount = ZERO
-    units_tpl: Amount = ZERO
-    amount: Amount | None = None  # what was paid; default: the plan's price
+    units_chat: UnitsOrZero = ZERO
+    units_tpl: UnitsOrZero = ZERO
+    amount: Money | None = None  # what was paid; default: the plan's price
     currency: Currency | None = None  # default: the plan's currency
 
 
@@ -275,7 +315,9 @@ class HealthOut(msgspec.Struct):
 class ReadyOut(msgspec.Struct):
     """Readiness: ``ready`` (200) when every check is ``ok``, else ``unavailable`` (503), the
     failing checks saying why (``redis``, ``postgres``: a schema behind the build's
-    is a PostgreSQL failure that names the migration to run)."""
+    is a PostgreSQL failure that names the migration to run). ``ledger`` says ``lagging: ...``
+    (still 200) when the oldest unflushed entry is older than FLUSH_LAG_ALERT_SECONDS, and
+    ``full: ...`` (503) when shard streams are at their backlog limit."""
 
     status: str
     checks: dict[str, str]
@@ -352,16 +394,13 @@ def micro(value: Decimal, field: str, *, allow_zero: bool = False) -> int:
         raise InvalidInput(str(exc), field=field) from None
 
 
-MAX_MONEY = Decimal(10) ** 15
-
-
 def money(value: Decimal, field: str) -> Decimal:
     """A paid amount: finite, not negative, at most 2 decimal places (kopecks, cents)."""
     if not value.is_finite() or value < 0 or value > MAX_MONEY \
-            or value != value.quantize(Decimal("0.01")):
+            or value != value.quantize(CENT):
         raise InvalidInput("must be a non-negative amount with at most 2 decimal places",
                            field=field)
-    return value.quantize(Decimal("0.01"))
+    return value.quantize(CENT)
 
 
 def _encode_amount(value: Any) -> Any:

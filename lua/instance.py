@@ -62,6 +62,8 @@ class InstanceGuard:
         self.keys = keys
         self.rebuild: asyncio.Task[None] | None = None
         self._warned: set[str] = set()
+        #: Redis's maxmemory in bytes as last seen on connect (0: none, or not told).
+        self.maxmemory = 0
 
     @property
     def instance_key(self) -> str:
@@ -79,6 +81,9 @@ class InstanceGuard:
             raise RedisUnavailable(
                 f"Redis may evict keys (maxmemory-policy {policy}): an evicted period counter "
                 "would read as a new period; set maxmemory-policy noeviction")
+        maxmemory = await self._info(execute, "memory", "maxmemory",
+                                     "the backlog limit cannot be sized to Redis's memory")
+        self.maxmemory = int(maxmemory) if maxmemory and maxmemory.isdigit() else 0
         run_id = await self._info(execute, "server", "run_id",
                                   "a Redis that comes back older than it was cannot be detected")
         if run_id is None:

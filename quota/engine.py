@@ -8,8 +8,10 @@ Redis), ``Plans`` (assignments and catalog changes).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 
+from core import metrics
 from core.clock import Clock, SystemClock, new_tx_id
 from core.errors import DependencyUnavailable, invariant
 from core.events import debit_event_head
@@ -23,6 +25,7 @@ from lua.scripts import DebitLimits, Scripts
 from persistence.db import Database
 from persistence.migrate import schema_behind
 from persistence.queries import QUERIES
+from quota.backlog import Backlog, backlog_total, per_shard
 from quota.loading import Loader, fingerprint
 from quota.outbox import Outbox
 from quota.plans import Plans
@@ -57,15 +60,24 @@ class Engine:
         self.loader = Loader(self.rt)
         self.outbox = Outbox(self.rt, self.loader)
         self.plans = Plans(self.rt, self.loader, self.outbox)
-        self._limits = DebitLimits(
-            idempotency_ttl_ms=settings.idempotency_ttl_seconds * 1000,
-            grace_ms=settings.counter_grace_seconds * 1000,
-            state_ttl_ms=settings.user_state_ttl_seconds * 1000,
-            backlog_limit=settings.max_backlog_entries, default_plan=settings.default_plan)
-        self._header: tuple[Windows, int, tuple[str | int, ...]] | None = None
         # Each new Redis connection first proves that Redis is not older than it was.
         self.guard = InstanceGuard(settings.redis_url, self.keys)
         redis.on_connect = self.guard.check
+        self._limits = self._debit_limits()
+        self._header: tuple[Windows, int, tuple[str | int, ...]] | None = None
+
+    def backlog_total(self) -> int:
+        """Unflushed ledger entries all shards may hold (sized to Redis's maxmemory)."""
+        return backlog_total(self.settings.max_backlog_entries, self.guard.maxmemory)
+
+    def _debit_limits(self) -> DebitLimits:
+        s = self.settings
+        return DebitLimits(
+            idempotency_ttl_ms=s.idempotency_ttl_seconds * 1000,
+            grace_ms=s.counter_grace_seconds * 1000,
+            state_ttl_ms=s.user_state_ttl_seconds * 1000,
+            backlog_limit=per_shard(self.backlog_total(), s.n_shards),
+            default_plan=s.default_plan)
 
     async def close(self) -> None:
         """Release Redis and PostgreSQL (and stop a rebuild this process runs)."""
@@ -79,6 +91,7 @@ class Engine:
         cached = self._header
         if cached is not None and cached[0] is windows and cached[1] == now:
             return cached[2]
+        self._limits = self._debit_limits()  # Redis's maxmemory may have been learnt since
         header = Scripts.debit_header(now=now, windows=windows, limits=self._limits)
         self._header = (windows, now, header)
         return header
@@ -152,7 +165,29 @@ class Engine:
                 status["postgres"] = behind
         except DependencyUnavailable as exc:
             status["postgres"] = exc.message
+        if status["redis"] == "ok":
+            backlog = await self.backlog()
+            status["ledger"] = backlog.verdict(self.settings.flush_lag_alert_seconds)
         return status
+
+    async def backlog(self) -> Backlog:
+        """The unflushed ledger: entries, its limit, the oldest entry's age, full shards;
+        published as gauges (the reconciler's own may be gone with it)."""
+        keys, n = self.keys, self.settings.n_shards
+        limit = per_shard(self.backlog_total(), n)
+        lengths = await asyncio.gather(*(self.redis.execute("XLEN", keys.ledger(s))
+                                         for s in range(n)))
+        firsts = await asyncio.gather(*(
+            self.redis.execute("XRANGE", keys.ledger(s), "-", "+", "COUNT", 1)
+            for s, length in enumerate(lengths) if length))
+        now_ms = self.clock.now_ms()
+        oldest = max((now_ms - int(f[0][0].split("-")[0]) for f in firsts if f), default=0)
+        backlog = Backlog(sum(lengths), limit * n, max(0.0, oldest / 1000),
+                          sum(1 for length in lengths if length >= limit))
+        metrics.LEDGER_BACKLOG.set(backlog.entries)
+        metrics.LEDGER_BACKLOG_LIMIT.set(backlog.limit)
+        metrics.LEDGER_OLDEST_SECONDS.set(backlog.oldest_seconds)
+        return backlog
 
 
 def make_engine(settings: Settings, clock: Clock | None = None) -> Engine:

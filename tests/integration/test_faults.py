@@ -717,13 +717,14 @@ async def test_backlog_limit_while_postgres_down_refuses_the_excess_and_loses_no
     settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis, rng: random.Random,
     private_postgres: EmbeddedPostgres,
 ) -> None:
-    """With MAX_BACKLOG_ENTRIES=6 and PostgreSQL down, each shard accepts exactly 6 debits
-    and answers 503 backlog_full to every other; after PostgreSQL restarts the backlog drains
-    by itself, the ledger holds exactly the accepted debits and none of the refused refs, and
-    a refused ref retried then is accepted once."""
+    """With a backlog limit of 6 entries a shard (MAX_BACKLOG_ENTRIES = 6 x N_SHARDS) and
+    PostgreSQL down, each shard accepts exactly 6 debits and answers 503 backlog_full to
+    every other; after PostgreSQL restarts the backlog drains by itself, the ledger holds
+    exactly the accepted debits and none of the refused refs, and a refused ref retried
+    then is accepted once."""
     limit = 6
     local = settings.with_overrides(db_dsn=private_postgres.dsn, db_timeout_seconds=2.0,
-                                    max_backlog_entries=limit)
+                                    max_backlog_entries=limit * settings.n_shards)
     keys = stream_keys(local)
     engine = make_engine(local, clock)
     reconciler = Reconciler(make_engine(local, clock), raw_redis, name="backlog-outage")

@@ -72,7 +72,7 @@ def test_serve_without_urls_starts_embedded_servers_and_flushes(tmp_path: Path) 
     url = f"http://127.0.0.1:{port}"
     try:
         ready = _wait_ready(url, process, 120)
-        assert ready.json()["checks"] == {"redis": "ok", "postgres": "ok"}
+        assert ready.json()["checks"] == {"redis": "ok", "postgres": "ok", "ledger": "ok"}
         status, headers_out, error = _raw_exchange(
             port, b"POST /internal/billing/quota/debit HTTP/1.1\r\nHost: x\r\n"
                   b"Content-Length: ten\r\n\r\n{}")
