@@ -119,7 +119,7 @@ class Api:
         return MeterOut(
             limit=from_micro(view.limit), used=from_micro(view.used),
             credits=from_micro(view.credits), remaining=from_micro(view.remaining),
-            period={"d": "day", "m": "month"}.get(view.period, "none"),
+            period={"d": "day", "m": "month", "c": "cycle"}.get(view.period, "none"),
             resets_at=self._iso(view.period_end_ms),
         )
 

@@ -56,12 +56,30 @@ local function plan_in_force(user_fields_plan, user_fields_exp, now, default_cod
   return assigned, 'active', assigned, exp
 end
 
--- A catalog rule's text ('<period>:<allowance>', see load_catalog.lua, or false) as
--- period ('d', 'm' or 'n') and allowance in micro-units. A meter the plan does not name
+-- A catalog rule's text ('<period>:<allowance>', or 'c:<allowance>:<since ms>' for a cycle,
+-- see load_catalog.lua; or false) as period ('d', 'm', 'c' or 'n'), allowance in
+-- micro-units and, for a cycle, when the meter became one. A meter the plan does not name
 -- has no allowance (credits can still pay for it).
 local function parse_rule(text)
-  if not text then return 'n', 0 end
-  return string.sub(text, 1, 1), tonumber(string.sub(text, 3))
+  if not text then return 'n', 0, 0 end
+  local period = string.sub(text, 1, 1)
+  if period == 'c' then
+    local limit, since = string.match(text, '^c:(%d+):(%d+)$')
+    return 'c', tonumber(limit), tonumber(since)
+  end
+  return period, tonumber(string.sub(text, 3)), 0
+end
+
+-- Where a 'cycle' meter counts for a user: its assignment's own counter (key
+-- <user>:c:<meter>:y:<start ms>, the cycle's id, in the user's hash slot), ending at the
+-- plan's expiry; or, for an assignment that began before the meter became a cycle (or
+-- whose start Redis does not hold), the calendar month, as before the switch.
+-- Returns the period kind to count in ('y' or 'm') and, for 'y', the key and cycle id.
+local function cycle_counter(user_key, meter, start, since)
+  if start > 0 and start >= since then
+    return 'y', user_key .. ':c:' .. meter .. ':y:' .. istr(start), start
+  end
+  return 'm'
 end
 
 -- A meter's rule in a plan, read from a shard's catalog copy (see parse_rule).

@@ -13,6 +13,7 @@
 -- ARGV[8]  caller name    ARGV[9] ref: the order id (credit) or the refund id (refund)
 -- ARGV[10] user id
 -- ARGV[11] n, then n triples: meter, amount in micro-units, transaction id
+-- ARGV[12 + 3n]  the plan assignment's start ms (0 = not known)
 --
 -- Replies:
 --   {OK, result, plan}   applied now; result is 'meter=micro,...' of what was added (credit)
@@ -33,7 +34,9 @@ local version = int_arg(ARGV[5], 'plan version')
 int_arg(ARGV[4], 'plan expiry')
 local ttl = int_arg(ARGV[6], 'user ttl')
 local n = int_arg(ARGV[11], 'pair count')
-if #ARGV ~= 11 + 3 * n then error('qg: apply_payment needs three values per meter') end
+if #ARGV ~= 12 + 3 * n then error('qg: apply_payment needs three values per meter') end
+local plan_start = ARGV[12 + 3 * n]
+int_arg(plan_start, 'plan start')
 for i = 0, n - 1 do int_arg(ARGV[13 + 3 * i], 'amount') end
 
 local state = redis.call('HMGET', KEYS[1], 'loaded', marker, 'pv', 'plan')
@@ -43,7 +46,7 @@ if op == 'refund' and not loaded then return {NOT_LOADED, 'user'} end
 
 -- The plan, when this change carries one and Redis holds an older version.
 if ARGV[3] ~= '' and int_or_zero(state[3]) < version then
-  redis.call('HSET', KEYS[1], 'plan', ARGV[3], 'exp', ARGV[4], 'pv', ARGV[5])
+  redis.call('HSET', KEYS[1], 'plan', ARGV[3], 'exp', ARGV[4], 'pv', ARGV[5], 'ps', plan_start)
 end
 
 local result = {}

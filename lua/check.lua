@@ -13,6 +13,8 @@
 -- Replies:
 --   {OK, plan_code, plan_status, assigned_code, expires_ms, n,
 --    then n times: meter, period, limit, used, credits, remaining, period_end_ms}
+--   (period 'c', a cycle: counted from the assignment's start, ending at its expiry; a
+--   cycle meter of an assignment older than the cycle rule counts by month: 'm')
 --   {NOT_LOADED, 'user'|'catalog'}
 --   {STALE_WINDOW, now}
 --   {NEED_METERS, 'a,b,c'}   the plan names meters that were not asked for
@@ -25,7 +27,7 @@ end
 local n = #ARGV - 7
 if #KEYS ~= 2 + 2 * n then error('qg: check needs two counter keys per meter') end
 
-local user = redis.call('HMGET', KEYS[1], 'loaded', 'plan', 'exp')
+local user = redis.call('HMGET', KEYS[1], 'loaded', 'plan', 'exp', 'ps')
 if not user[1] then return {NOT_LOADED, 'user'} end
 local code, status, assigned, exp = plan_in_force(user[2], user[3], now, ARGV[6])
 local plan_meters = redis.call('HGET', KEYS[2], code)
@@ -41,9 +43,17 @@ end
 local reply = {OK, code, status, assigned, exp, n}
 for i = 1, n do
   local meter = ARGV[7 + i]
-  local period, limit = meter_rule(KEYS[2], code, meter)
+  local period, limit, since = meter_rule(KEYS[2], code, meter)
   local used, period_end
-  if period == 'd' then
+  local cycle_key
+  if period == 'c' then
+    local kind
+    kind, cycle_key = cycle_counter(KEYS[1], meter, int_or_zero(user[4]), since)
+    if kind == 'm' then period = 'm' end
+  end
+  if cycle_key then
+    used, period_end = int_or_zero(redis.call('GET', cycle_key)), exp
+  elseif period == 'd' then
     used, period_end = int_or_zero(redis.call('GET', KEYS[1 + 2 * i])), day_end
   elseif period == 'm' then
     used, period_end = int_or_zero(redis.call('GET', KEYS[2 + 2 * i])), month_end

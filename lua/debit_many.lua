@@ -11,6 +11,8 @@
 -- KEYS[6i-3]  shard plan catalog hash   <prefix>:{shard}:plans
 -- KEYS[6i-2]  day counter of the meter  <prefix>:{shard}:u:<user>:c:<meter>:d:<YYYY-MM-DD>
 -- KEYS[6i-1]  month counter             <prefix>:{shard}:u:<user>:c:<meter>:m:<YYYY-MM>
+--             (a 'cycle' meter counts in <user key>:c:<meter>:y:<assignment start ms>,
+--             built here from KEYS[6i-5]: the same hash slot; _common.lua, cycle_counter)
 -- KEYS[6i]    shard ledger stream       <prefix>:{shard}:ledger
 --             (debits of different shards may share a call on a single Redis; Redis
 --             Cluster would need one call per hash slot)
@@ -72,18 +74,20 @@ local now_s = istr(now)
 local month_end, grace  -- parsed when first needed
 local xlen, rules, fields, touched, n_touched = {}, {}, {}, {}, 0
 
--- The end of a period ('d' or 'm') in ms; the month's end and the grace are parsed once.
-local function period_end(period)
+-- The end of a period ('d', 'm' or 'c' ending at ``cycle_end``) in ms; the month's end and
+-- the grace are parsed once.
+local function period_end(period, cycle_end)
   if period == 'd' then return day_end end
+  if period == 'c' then return cycle_end end
   if not month_end then month_end = int_arg(ARGV[6], 'month end') end
   return month_end
 end
 
 -- A new counter expires at its period's end plus the grace, relative to the script's
 -- clock, so that a pinned clock (tests) and Redis agree.
-local function counter_ttl(period)
+local function counter_ttl(period, cycle_end)
   if not grace then grace = int_arg(ARGV[8], 'grace') end
-  return period_end(period) + grace - now
+  return period_end(period, cycle_end) + grace - now
 end
 
 -- Give back what an INCRBY took: a counter it created goes (a missing counter of a loaded
@@ -120,7 +124,7 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
     f = {'cr:' .. meter, 'n:' .. meter}
     fields[meter] = f
   end
-  local user = redis.call('HMGET', k_user, 'loaded', 'plan', 'exp', f[1], f[2], 'xt')
+  local user = redis.call('HMGET', k_user, 'loaded', 'plan', 'exp', f[1], f[2], 'xt', 'ps')
   if not user[1] then return {NOT_LOADED, 'user'} end
 
   local backlog = xlen[k_ledger]
@@ -153,6 +157,15 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
 
   local counter, period_id = nil, 'n'
   local used
+  local cycle_end  -- a cycle counter ends with the plan (its expiry)
+  if period == 'c' then
+    local kind, key, start = cycle_counter(k_user, meter, int_or_zero(user[7]), rule[3])
+    if kind == 'y' then
+      counter, period_id, cycle_end = key, 'y:' .. istr(start), int_or_zero(user[3])
+    else
+      period = 'm'
+    end
+  end
   if period == 'd' then
     counter, period_id = k_day, day_pid
   elseif period == 'm' then
@@ -177,7 +190,7 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
     local prior = redis.call('GET', k_ref)  -- a retry of a debit that went through
     if prior then return prior_reply(prior, head) end
     local end_ms = 0
-    if counter then end_ms = period_end(period) end
+    if counter then end_ms = period_end(period, cycle_end) end
     return {INSUFFICIENT, allowance + credits, limit, period, end_ms, code, status}
   end
 
@@ -197,7 +210,7 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
   if counted then
     if from_credits > 0 then redis.call('DECRBY', counter, from_credits) end
     -- A counter that did not exist gets its expiry now; one that existed already has it.
-    if used == 0 then redis.call('PEXPIRE', counter, counter_ttl(period)) end
+    if used == 0 then redis.call('PEXPIRE', counter, counter_ttl(period, cycle_end)) end
   elseif from_allowance > 0 then
     redis.call('HINCRBY', k_user, f[2], from_allowance)
   end

@@ -8,7 +8,8 @@
 -- ARGV[4]     plan version in PostgreSQL (user_plans.version, 0 = default plan)
 -- ARGV[5]     user state TTL, ms
 -- ARGV[6]     now ms (0 = Redis TIME): counters expire relative to it
--- ARGV[7]     c = number of credit balances, then c pairs: meter, micro-units
+-- ARGV[7]     the assignment's start ms (0 = the default plan, or not known)
+-- ARGV[8]     c = number of credit balances, then c pairs: meter, micro-units
 -- then        u = number of lifetime ('none' period) usages, then u pairs: meter, micro-units
 -- then        o = number of payment changes (redis_outbox ids) the credits read from
 --             PostgreSQL already include though not applied in Redis yet, then o ids
@@ -22,11 +23,12 @@ if (state[2] or '0') ~= ARGV[1] then return {-1} end
 
 local ttl = int_arg(ARGV[5], 'user ttl')
 local now = clock(ARGV[6])
-local i = 7
+local i = 8
 local fields = {'loaded', '1'}
 -- A plan written through after our read carries a newer version: keep it.
 if int_or_zero(state[3]) <= int_arg(ARGV[4], 'plan version') then
-  for _, v in ipairs({'plan', ARGV[2], 'exp', ARGV[3], 'pv', ARGV[4]}) do
+  int_arg(ARGV[7], 'plan start')
+  for _, v in ipairs({'plan', ARGV[2], 'exp', ARGV[3], 'pv', ARGV[4], 'ps', ARGV[7]}) do
     fields[#fields + 1] = v
   end
 end

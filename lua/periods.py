@@ -39,7 +39,8 @@ class Windows:
         return "n"
 
     def period_end_ms(self, period: str) -> int:
-        """When a period kind's current period ends (0 for 'n', which never resets)."""
+        """When a calendar period kind's current period ends (0 for 'n', which never resets;
+        a cycle, 'y', ends with its plan: the loader takes that from the plan)."""
         return {"d": self.day_end_ms, "m": self.month_end_ms}.get(period, 0)
 
 

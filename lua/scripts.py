@@ -99,7 +99,7 @@ class Scripts:
     # -- load_user.lua ---------------------------------------------------------------------
     async def load_user(
         self, user_key: str, *, generation: str, plan_code: str, expires_ms: int,
-        plan_version: int, state_ttl_ms: int, now: int,
+        plan_version: int, plan_start_ms: int, state_ttl_ms: int, now: int,
         credits: Sequence[tuple[str, int]], lifetime: Sequence[tuple[str, int]],
         included_outbox: Sequence[int], counters: Sequence[tuple[str, int, int]],
     ) -> int:
@@ -108,7 +108,7 @@ class Scripts:
         Returns 1 loaded, 0 already loaded, -1 changed since ``generation`` (read again)."""
         reply = await self._run(
             SCRIPTS["load_user"], (user_key, *(key for key, _, _ in counters)),
-            (generation, plan_code, expires_ms, plan_version, state_ttl_ms, now,
+            (generation, plan_code, expires_ms, plan_version, state_ttl_ms, now, plan_start_ms,
              len(credits), *(v for pair in credits for v in pair),
              len(lifetime), *(v for pair in lifetime for v in pair),
              len(included_outbox), *included_outbox,
@@ -134,21 +134,23 @@ class Scripts:
 
     # -- set_plan.lua ----------------------------------------------------------------------
     async def set_plan(self, user_key: str, *, plan_code: str, expires_ms: int, version: int,
-                       state_ttl_ms: int) -> int:
-        """Write through a committed plan assignment: 1 written, 0 Redis had it or newer."""
+                       start_ms: int, state_ttl_ms: int) -> int:
+        """Write through a committed plan assignment (``start_ms``: when it began, what a
+        cycle meter counts from): 1 written, 0 Redis had it or newer."""
         return int(await self._run(SCRIPTS["set_plan"], (user_key,),
-                                   (plan_code, expires_ms, version, state_ttl_ms)))
+                                   (plan_code, expires_ms, version, state_ttl_ms, start_ms)))
 
     # -- apply_payment.lua -----------------------------------------------------------------
     async def apply_payment(
         self, user_key: str, ledger_key: str, *, op: str, outbox_id: int, plan_code: str,
-        expires_ms: int, plan_version: int, state_ttl_ms: int, now: int, caller: str,
-        ref: str, user_id: str, credits: Sequence[tuple[str, int, str]],
+        expires_ms: int, plan_version: int, plan_start_ms: int, state_ttl_ms: int, now: int,
+        caller: str, ref: str, user_id: str, credits: Sequence[tuple[str, int, str]],
     ) -> PaymentReply:
         """Apply a committed credit or refund once per outbox row; ``credits`` are
         (meter, micro-units, tx id)."""
         reply = await self._run(
             SCRIPTS["apply_payment"], (user_key, ledger_key),
             (op, outbox_id, plan_code, expires_ms, plan_version, state_ttl_ms, now, caller,
-             ref, user_id, len(credits), *(v for triple in credits for v in triple)))
+             ref, user_id, len(credits), *(v for triple in credits for v in triple),
+             plan_start_ms))
         return PaymentReply(Status(reply[0]), reply[1], reply[2] if len(reply) > 2 else "")

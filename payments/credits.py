@@ -114,7 +114,8 @@ class Payments:
             expires_ms = now_ms + plan["duration_days"] * 86_400_000 if plan["duration_days"] \
                 else 0
             row = await conn.fetchrow(QUERIES["set_user_plan"], order.user_id, order.plan_code,
-                                      from_ms(expires_ms) if expires_ms else None)
+                                      from_ms(expires_ms) if expires_ms else None,
+                                      from_ms(now_ms))
             assert row is not None
             tx_id = engine.new_id(now_ms)
             occurred = from_ms(now_ms)
@@ -135,7 +136,7 @@ class Payments:
             payload = {
                 "order_id": order.order_id, "caller": order.caller, "credits": triples,
                 "plan": {"plan_code": order.plan_code, "expires_ms": expires_ms,
-                         "version": row["version"]},
+                         "version": row["version"], "start_ms": now_ms},
             }
             outbox_id = await conn.fetchval(QUERIES["insert_outbox"], order.user_id, "credit",
                                             payload)

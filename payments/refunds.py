@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from core.clock import from_ms
+from core.clock import from_ms, to_ms
 from core.errors import Rejected
 from persistence.queries import QUERIES
 from quota.engine import Engine
@@ -171,4 +171,5 @@ class Refunds:
         await conn.execute(QUERIES["insert_plan_event"], self.engine.new_id(now_ms),
                            receipt["user_id"], row["plan_code"], caller, f"refund {refund_id}",
                            from_ms(now_ms))
-        return {"plan_code": row["plan_code"], "expires_ms": now_ms, "version": row["version"]}
+        return {"plan_code": row["plan_code"], "expires_ms": now_ms, "version": row["version"],
+                "start_ms": to_ms(row["started_at"])}

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from core.amounts import (
+    MAX_UNITS,
+    SCALE_DIGITS,
     ZERO,
     Amount,
     AmountError,
@@ -25,21 +27,35 @@ from core.amounts import (
     to_micro,
 )
 from core.errors import InvalidInput, VersionConflict
+from core.ids import END
 from persistence.db import Database
 from persistence.queries import QUERIES
 
 PLAN_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 METER_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
-PERIOD_CODES = {"day": "d", "month": "m", "none": "n"}
+PERIOD_CODES = {"day": "d", "month": "m", "none": "n", "cycle": "c"}
 MAX_METERS = 32
 MAX_PRICE = Decimal("100000000")
+MAX_DURATION_DAYS = 3660
+#: A catalog version is a PostgreSQL bigint.
+MAX_VERSION = 2**63 - 1
+
+# The bounds the wire format states (msgspec checks them, the OpenAPI spec shows them);
+# ``extra_json_schema`` only describes amounts, which validate_plan checks.
+MeterName = Annotated[str, msgspec.Meta(pattern=rf"^{METER_PATTERN.pattern}{END}")]
+Limit = Annotated[Amount, msgspec.Meta(extra_json_schema={
+    "minimum": 0, "maximum": MAX_UNITS, "multipleOf": 10.0 ** -SCALE_DIGITS})]
+Price = Annotated[Amount, msgspec.Meta(extra_json_schema={
+    "minimum": 0, "maximum": int(MAX_PRICE), "multipleOf": 0.01})]
+Currency = Annotated[str, msgspec.Meta(pattern=rf"^[A-Z]{{3}}{END}",
+                                       description="ISO 4217 code")]
 
 
 class MeterBody(msgspec.Struct, forbid_unknown_fields=True):
     """One meter of a plan on the wire."""
 
-    limit: Amount
-    period: Literal["day", "month", "none"]
+    limit: Limit
+    period: Literal["day", "month", "cycle", "none"]
 
 
 class PlanBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -51,21 +67,26 @@ class PlanBody(msgspec.Struct, forbid_unknown_fields=True):
     it is 0), so that two editors cannot overwrite each other unseen. ``updated_by`` is
     the server's to set (the caller's name) and is ignored."""
 
-    meters: dict[str, MeterBody]
-    plan_code: str | None = None
-    duration_days: int | None = None
-    price: Amount = ZERO
-    currency: str = "RUB"
-    version: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    meters: Annotated[dict[MeterName, MeterBody], msgspec.Meta(max_length=MAX_METERS)]
+    plan_code: Annotated[str, msgspec.Meta(
+        pattern=rf"^{PLAN_PATTERN.pattern}{END}",
+        description="The path's plan code, if given")] | None = None
+    duration_days: Annotated[int, msgspec.Meta(ge=1, le=MAX_DURATION_DAYS)] | None = None
+    price: Price = ZERO
+    currency: Currency = "RUB"
+    version: Annotated[int, msgspec.Meta(ge=0, le=MAX_VERSION)] | None = None
     updated_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class MeterRule:
-    """A meter's allowance in micro-units and its period ('day', 'month', 'none')."""
+    """A meter's allowance in micro-units and its period ('day', 'month', 'cycle', 'none');
+    for 'cycle', when the meter became one (epoch ms; 0 until stored): an assignment that
+    began before keeps calendar months."""
 
     period: str
     limit_micro: int
+    since_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +134,14 @@ def validate_plan(code: str, body: PlanBody) -> Plan:
         except AmountError as exc:
             raise InvalidInput(str(exc), field=f"meters.{name}.limit") from None
         meters[name] = MeterRule(meter.period, limit)
-    if body.duration_days is not None and not 1 <= body.duration_days <= 3660:
-        raise InvalidInput("must be between 1 and 3660, or null", field="duration_days")
+    if body.duration_days is not None and not 1 <= body.duration_days <= MAX_DURATION_DAYS:
+        raise InvalidInput(f"must be between 1 and {MAX_DURATION_DAYS}, or null",
+                           field="duration_days")
+    cycles = sorted(name for name, rule in meters.items() if rule.period == "cycle")
+    if cycles and body.duration_days is None:
+        raise InvalidInput(f"a plan with cycle meters ({', '.join(cycles)}) needs a duration: "
+                           "the cycle is the plan's duration from its purchase",
+                           field="duration_days")
     price = body.price
     if not price.is_finite() or price < 0 or price > MAX_PRICE:
         raise InvalidInput(f"must be between 0 and {MAX_PRICE}", field="price")
@@ -139,7 +166,8 @@ def _from_row(row: Any, meters: list[dict[str, str]]) -> Plan:
     return Plan(
         plan_code=row["plan_code"],
         meters={
-            m["meter"]: MeterRule(m["period"], int(m["limit_micro"])) for m in meters
+            m["meter"]: MeterRule(m["period"], int(m["limit_micro"]),
+                                  int(m.get("since_ms") or 0)) for m in meters
         },
         duration_days=row["duration_days"],
         price=row["price"],
@@ -156,11 +184,12 @@ async def list_plans(db: Database) -> list[Plan]:
 
 
 async def put_plan(db: Database, plan: Plan, caller: str, *,
-                   from_version: int | None = None) -> Plan:
+                   from_version: int | None = None, now_ms: int = 0) -> Plan:
     """Create or replace a plan as ``caller``; returns it with its new catalog version.
 
     With ``from_version`` the plan must still be at that version (0: must not exist yet),
-    else VersionConflict, and nothing changes."""
+    else VersionConflict, and nothing changes. A meter that becomes ``cycle`` records
+    ``now_ms`` (the service's clock) as when it did; one already ``cycle`` keeps its time."""
     async with db.transaction() as conn:
         await conn.execute(QUERIES["lock_catalog"])
         if from_version is not None:
@@ -174,11 +203,16 @@ async def put_plan(db: Database, plan: Plan, caller: str, *,
             QUERIES["upsert_plan"], plan.plan_code, plan.duration_days, plan.price,
             plan.currency, caller,
         )
+        since = {r["meter"]: r["since_ms"]
+                 for r in await conn.fetch(QUERIES["plan_cycle_since"], plan.plan_code)}
         await conn.execute(QUERIES["delete_plan_meters"], plan.plan_code)
         names = sorted(plan.meters)
         await conn.execute(
             QUERIES["insert_plan_meters"], plan.plan_code, names,
             [plan.meters[n].period for n in names], [plan.meters[n].limit_micro for n in names],
+            # a meter already `cycle` keeps its time; one that becomes it: now
+            [since.get(n, now_ms) if plan.meters[n].period == "cycle" else None
+             for n in names],
         )
     return Plan(plan.plan_code, plan.meters, plan.duration_days, plan.price, plan.currency,
                 version, caller)
@@ -190,7 +224,8 @@ async def seed_missing(db: Database, plans: list[Plan]) -> list[str]:
     added = []
     for plan in plans:
         if plan.plan_code not in existing:
-            await put_plan(db, plan, "migrate")
+            # no one holds a plan not in the catalog yet: `cycle` since the beginning
+            await put_plan(db, plan, "migrate", now_ms=0)
             added.append(plan.plan_code)
     return added
 
@@ -202,5 +237,7 @@ def catalog_fields(plans: list[Plan]) -> list[str]:
         fields += [plan.plan_code, ",".join(sorted(plan.meters))]
         for name, rule in plan.meters.items():
             rule_text = f"{PERIOD_CODES[rule.period]}:{rule.limit_micro}"
+            if rule.period == "cycle":  # 'c:<allowance>:<since ms>' (lua/_common.lua)
+                rule_text += f":{rule.since_ms}"
             fields += [f"{plan.plan_code}|{name}", rule_text]
     return fields

@@ -146,10 +146,13 @@ class Loader:
         # One snapshot: the credit balances and the payment changes they already hold.
         async with rt.db.snapshot() as conn:
             plan = await conn.fetchrow(QUERIES["get_user_plan"], user_id)
+            if plan is not None:  # the current assignment's cycle
+                periods.append(f"y:{to_ms(plan['started_at'])}")
             credits = await conn.fetch(QUERIES["user_credits"], user_id)
             included = await conn.fetch(QUERIES["user_pending_payments"], user_id)
             usage = await conn.fetch(QUERIES["user_usage"], user_id, periods)
-        counters, lifetime = self._usage(user_id, usage, windows)
+        expires_ms = to_ms(plan["expires_at"]) if plan and plan["expires_at"] else 0
+        counters, lifetime = self._usage(user_id, usage, windows, expires_ms)
         # Nothing to hold (a read of a never-seen id): a short stay, so that reads of random
         # ids cost no lasting memory; a debit, credit or plan sets the full TTL.
         empty = plan is None and not credits and not included and not usage
@@ -157,17 +160,17 @@ class Loader:
         return await rt.scripts.load_user(
             user_key, generation=generation,
             plan_code=plan["plan_code"] if plan else rt.settings.default_plan,
-            expires_ms=to_ms(plan["expires_at"]) if plan and plan["expires_at"] else 0,
-            plan_version=plan["version"] if plan else 0, state_ttl_ms=ttl_ms,
+            expires_ms=expires_ms, plan_version=plan["version"] if plan else 0,
+            plan_start_ms=to_ms(plan["started_at"]) if plan else 0, state_ttl_ms=ttl_ms,
             now=rt.clock.script_now(),
             credits=[(r["meter"], max(0, r["balance_micro"])) for r in credits],
             lifetime=lifetime, included_outbox=[r["id"] for r in included], counters=counters,
         )
 
-    def _usage(self, user_id: str, usage: Sequence[Any], windows: Windows
+    def _usage(self, user_id: str, usage: Sequence[Any], windows: Windows, expires_ms: int
                ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
-        """Flushed usage rows as period counters (key, used, expire-at ms) and lifetime
-        usages (meter, used)."""
+        """Flushed usage rows as period counters (key, used, expire-at ms: a cycle's ends
+        with the plan) and lifetime usages (meter, used)."""
         grace_ms = self.rt.settings.counter_grace_seconds * 1000
         counters: list[tuple[str, int, int]] = []
         lifetime: list[tuple[str, int]] = []
@@ -176,9 +179,9 @@ class Loader:
             if kind == "n":
                 lifetime.append((row["meter"], row["used_micro"]))
                 continue
-            kind_window = "d" if kind == "d" else "m"
+            end_ms = expires_ms if kind == "y" else windows.period_end_ms(kind)
             counters.append((self.rt.keys.counter(user_id, row["meter"], kind, period),
-                             row["used_micro"], windows.period_end_ms(kind_window) + grace_ms))
+                             row["used_micro"], end_ms + grace_ms))
         return counters, lifetime
 
     async def restore_refs(self, user_id: str) -> int:

@@ -41,7 +41,7 @@ class Outbox:
                 await rt.scripts.set_plan(
                     rt.keys.user(user_id), plan_code=payload["plan_code"],
                     expires_ms=payload["expires_ms"], version=payload["version"],
-                    state_ttl_ms=rt.state_ttl_ms)
+                    start_ms=payload.get("start_ms", 0), state_ttl_ms=rt.state_ttl_ms)
             elif op in ("credit", "refund"):
                 now_ms = rt.clock.now_ms()
                 result, plan_code = await self.apply_payment(outbox_id, user_id, op, payload,
@@ -78,6 +78,7 @@ class Outbox:
                 keys.user(user_id), keys.ledger(keys.shard(user_id)), op=op,
                 outbox_id=outbox_id, plan_code=plan.get("plan_code", ""),
                 expires_ms=plan.get("expires_ms", 0), plan_version=plan.get("version", 0),
+                plan_start_ms=plan.get("start_ms", 0),
                 state_ttl_ms=rt.state_ttl_ms, now=now_ms, caller=payload.get("caller", ""),
                 ref=payload.get("refund_id") or payload["order_id"], user_id=user_id,
                 credits=[(m, a, tx) for m, a, tx in payload["credits"]])

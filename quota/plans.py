@@ -50,12 +50,13 @@ class Plans:
             if expires_ms is None and plan["duration_days"]:
                 expires_ms = now_ms + plan["duration_days"] * 86_400_000
             expires_at = from_ms(expires_ms) if expires_ms else None
-            row = await conn.fetchrow(QUERIES["set_user_plan"], user_id, plan_code, expires_at)
+            row = await conn.fetchrow(QUERIES["set_user_plan"], user_id, plan_code, expires_at,
+                                      from_ms(now_ms))
             assert row is not None
             await conn.execute(QUERIES["insert_plan_event"], tx_id, user_id, plan_code, caller,
                                None, from_ms(now_ms))
             payload = {"plan_code": plan_code, "expires_ms": expires_ms or 0,
-                       "version": row["version"]}
+                       "version": row["version"], "start_ms": now_ms}
             outbox_id = await conn.fetchval(QUERIES["insert_outbox"], user_id, "plan", payload)
         applied = await self.outbox.apply(outbox_id, user_id, "plan", payload, quiet=True)
         return PlanAssignment(user_id, plan_code, expires_ms or 0, row["version"], tx_id, applied)
@@ -72,7 +73,8 @@ class Plans:
         would have the caller's retry of its ``version`` refused as a conflict with its
         own change."""
         await self.rt.redis.execute("PING")
-        stored = await put_plan(self.rt.db, plan, caller, from_version=from_version)
+        stored = await put_plan(self.rt.db, plan, caller, from_version=from_version,
+                                now_ms=self.rt.clock.now_ms())
         try:
             await self.loader.sync_catalog()
         except DependencyUnavailable as exc:

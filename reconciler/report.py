@@ -55,14 +55,16 @@ class Report:
 
 async def _redis_counters(redis: aioredis.Redis, engine: Engine, periods: set[str]
                           ) -> dict[CounterKey, int]:
-    """Every period counter and lifetime usage of the open periods, from Redis."""
+    """Every period counter and lifetime usage of the open periods, and every cycle
+    counter (a plan's cycle in Redis is one in force), from Redis."""
     keys_of = engine.keys
     found: dict[CounterKey, int] = {}
     keys = [k async for k in redis.scan_iter(match=keys_of.counter_pattern(), count=1000)]
     values = await redis.mget(keys) if keys else []
     for key, value in zip(keys, values, strict=True):
         parsed = keys_of.parse_counter(key)
-        if value is not None and parsed is not None and parsed[2] in periods:
+        if value is not None and parsed is not None and (
+                parsed[2] in periods or parsed[2].startswith("y:")):
             found[parsed] = int(value)
     async for key in redis.scan_iter(match=keys_of.user_pattern(), count=1000, _type="hash"):
         user = keys_of.user_of(key)
@@ -122,9 +124,11 @@ async def build(engine: Engine, redis: aioredis.Redis, day: date) -> Report:
     suspects: set[CounterKey] | None = None
     for _ in range(RECHECKS):
         pending, report.unflushed_entries = await _unflushed(consumer)
-        flushed = {(r["user_id"], r["meter"], r["period_id"]): r["used_micro"]
-                   for r in await engine.db.fetch("usage_in_periods", sorted(periods))}
         live = await _redis_counters(redis, engine, periods)
+        cycles = {k[2] for k in live if k[2].startswith("y:")}  # each user's own
+        flushed = {(r["user_id"], r["meter"], r["period_id"]): r["used_micro"]
+                   for r in await engine.db.fetch("usage_in_periods",
+                                                  sorted(periods | cycles))}
         keys = set(live) | set(flushed)
         if suspects is not None:
             keys &= suspects

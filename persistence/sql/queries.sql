@@ -11,7 +11,9 @@ SELECT p.plan_code, p.duration_days, p.price::text AS price, p.currency, p.versi
        p.updated_by,
        coalesce(
            jsonb_agg(jsonb_build_object('meter', m.meter, 'period', m.period,
-                                        'limit_micro', m.limit_micro::text)
+                                        'limit_micro', m.limit_micro::text,
+                                        'since_ms', (extract(epoch FROM m.cycle_since)
+                                                     * 1000)::bigint::text)
                      ORDER BY m.meter) FILTER (WHERE m.meter IS NOT NULL),
            '[]'::jsonb) AS meters
 FROM plans p
@@ -41,9 +43,16 @@ RETURNING version;
 DELETE FROM plan_meters WHERE plan_code = $1;
 
 -- name: insert_plan_meters --
--- Write a plan's meters; $1 plan_code, $2 meters[], $3 periods[], $4 limits (micro)[].
-INSERT INTO plan_meters (plan_code, meter, period, limit_micro)
-SELECT $1, m, p, l FROM unnest($2::text[], $3::text[], $4::bigint[]) AS t (m, p, l);
+-- Write a plan's meters; $1 plan_code, $2 meters[], $3 periods[], $4 limits (micro)[],
+-- $5 when each became `cycle` (epoch ms, NULL for other periods)[].
+INSERT INTO plan_meters (plan_code, meter, period, limit_micro, cycle_since)
+SELECT $1, m, p, l, to_timestamp(s / 1000.0)
+FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS t (m, p, l, s);
+
+-- name: plan_cycle_since --
+-- When each `cycle` meter of a plan became one (epoch ms); $1 plan_code.
+SELECT meter, (extract(epoch FROM cycle_since) * 1000)::bigint AS since_ms
+FROM plan_meters WHERE plan_code = $1 AND period = 'cycle';
 
 -- name: lock_catalog --
 -- Serialize catalog writers so versions are committed in order (transaction-scoped).
@@ -54,12 +63,14 @@ SELECT pg_advisory_xact_lock(7311001);
 SELECT plan_code, started_at, expires_at, version FROM user_plans WHERE user_id = $1;
 
 -- name: set_user_plan --
--- Assign a plan; $1 user_id, $2 plan_code, $3 expires_at (NULL = never). Returns the version.
-INSERT INTO user_plans (user_id, plan_code, expires_at)
-VALUES ($1, $2, $3)
+-- Assign a plan; $1 user_id, $2 plan_code, $3 expires_at (NULL = never), $4 started_at (the
+-- service's clock: a `cycle` allowance counts from it). Returns the version.
+INSERT INTO user_plans (user_id, plan_code, expires_at, started_at)
+VALUES ($1, $2, $3, $4)
 ON CONFLICT (user_id) DO UPDATE
-SET plan_code = EXCLUDED.plan_code, expires_at = EXCLUDED.expires_at, started_at = now(),
-    version = nextval('user_plan_version_seq'), updated_at = now()
+SET plan_code = EXCLUDED.plan_code, expires_at = EXCLUDED.expires_at,
+    started_at = EXCLUDED.started_at, version = nextval('user_plan_version_seq'),
+    updated_at = now()
 RETURNING version, started_at, expires_at;
 
 -- name: insert_plan_event --
@@ -330,7 +341,7 @@ SELECT meter, from_credits_micro FROM ledger WHERE kind = 'refund' AND ref = $1;
 UPDATE user_plans
 SET expires_at = $3, version = nextval('user_plan_version_seq'), updated_at = now()
 WHERE user_id = $1 AND version = $2
-RETURNING version, plan_code;
+RETURNING version, plan_code, started_at;
 
 -- name: insert_dead_letter --
 -- Keep a notification that could not be processed; $1 source, $2 sender, $3 headers (jsonb),

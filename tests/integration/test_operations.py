@@ -120,14 +120,14 @@ async def test_responses_match_the_published_spec(client: httpx.AsyncClient) -> 
 
 
 async def test_balance_answers_say_when_the_balance_renews(client: httpx.AsyncClient) -> None:
-    """base750's units renew monthly: the balance and the pre-check give the month's end;
-    on free (units never renew) resets_at is null."""
+    """base750's units renew with the plan (a cycle of its 30 days): the balance and the
+    pre-check give the plan's expiry; on free (units never renew) resets_at is null."""
     user = new_user()
     await apply_plan(client, user, "base750")
     balance = (await client.get("/internal/billing/balance", params={"user_id": user})).json()
-    assert balance["balance"] == 750 and balance["resets_at"] == "2026-12-01T00:00:00Z"
+    assert balance["balance"] == 750 and balance["resets_at"] == "2026-12-23T12:00:00Z"
     pre = await client.post("/internal/billing/check", json={"user_id": user, "units": 1})
-    assert msgspec.convert(pre.json(), BalanceCheckOut).resets_at == "2026-12-01T00:00:00Z"
+    assert msgspec.convert(pre.json(), BalanceCheckOut).resets_at == "2026-12-23T12:00:00Z"
     free = (await client.get("/internal/billing/balance",
                              params={"user_id": new_user()})).json()
     assert free["resets_at"] is None and free["plan"]["plan_code"] == "free"

@@ -43,9 +43,10 @@ async def test_daily_allowance_resets_at_midnight(client: httpx.AsyncClient, clo
 
 async def test_monthly_allowance_resets_on_the_first(client: httpx.AsyncClient,
                                                      clock: FixedClock) -> None:
-    """base750's 750 units a month: spent in November, back on 1 December."""
-    user = new_user()
-    await apply_plan(client, user, "base750", expires_at="2027-06-01T00:00:00Z")
+    """A plan's 750 units a calendar month: spent in November, back on 1 December."""
+    user, plan = new_user(), unique_plan()
+    await put_plan(client, plan, {"units": {"limit": 750, "period": "month"}})
+    await apply_plan(client, user, plan, expires_at="2027-06-01T00:00:00Z")
     assert (await balance_debit(client, user, 750)).status_code == 200
     assert (await balance_debit(client, user, 1)).status_code == 403
     clock.set(T0 + 7 * DAY_MS + 12 * HOUR_MS - 1)  # 2026-11-30 23:59:59.999

@@ -227,10 +227,13 @@ def test_queries_file_parses_and_names_every_statement() -> None:
 
 
 def test_catalog_file_has_the_required_plans() -> None:
-    """free, base750 (750 units a month) and pro_month (10000 chat, 200 template)."""
+    """free, base750 (750 units a cycle of its 30 days) and pro_month (10000 chat, 200
+    template a cycle); free keeps calendar days."""
     plans = {p.plan_code: p for p in read_catalog_file()}
     assert plans["base750"].meters["units"].limit_micro == 750_000_000
-    assert plans["base750"].meters["units"].period == "month"
+    assert plans["base750"].meters["units"].period == "cycle"
+    assert plans["pro_month"].meters["chat"].period == "cycle"
+    assert plans["free"].meters["chat"].period == "day"
     assert plans["pro_month"].meters["chat"].limit_micro == 10_000_000_000
     assert plans["pro_month"].meters["template"].limit_micro == 200_000_000
     assert "free" in plans
