@@ -71,6 +71,14 @@ async def test_report_is_clean_then_finds_injected_drift(
                                 "WHERE report_date = $1 ORDER BY id", date(2026, 11, 23))
     assert [r["drift_count"] for r in rows] == [0, 1]  # one summary row per run
 
+    # base750's units are a cycle: its counter is checked under the cycle's period id
+    [start] = [k.rsplit(":y:", 1)[1] async for k in raw_redis.scan_iter(
+        match=f"{engine.keys.user(other)}:c:units:y:*")]
+    await raw_redis.incrby(f"{engine.keys.user(other)}:c:units:y:{start}", 250_000)
+    cycled = await run(engine, raw_redis, date(2026, 11, 23), tmp_path / "cycle")
+    assert [(d["user_id"], d["meter"], d["period"], d["difference"]) for d in cycled.drift
+            if d["user_id"] == other] == [(other, "units", f"y:{start}", "0.25")]
+
 
 async def test_scheduled_report_runs_once_after_its_time(
     engine: Engine, raw_redis: aioredis.Redis, tmp_path: Path
