@@ -379,11 +379,36 @@ def decode(body: bytes, model: type[T]) -> T:
     try:
         return decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _FIELD.search(text) or _NAMED.search(text)
-        raise InvalidInput(text, field=match[1] if match else None) from None
+        if _WHOLE_FLOAT.search(str(exc)) is None:
+            raise _invalid(exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"malformed JSON: {exc}", code="malformed_json") from None
+    # An integer written with a fraction of zeros ("30.0") is one in JSON (and in the
+    # spec's JSON Schema); msgspec's int takes only "30". Read such a body again, each
+    # whole number as an int (amounts are the same number either way).
+    try:
+        return msgspec.convert(_WHOLE_NUMBERS.decode(body), model, dec_hook=decode_hook)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+#: msgspec's complaint about a number with a fraction where an int belongs.
+_WHOLE_FLOAT = re.compile(r"Expected `int[^`]*`, got `float`")
+
+
+def _whole_or_exact(text: str) -> int | Decimal:
+    """A JSON number with a fraction or exponent: an int when it is a whole one."""
+    number = exact_number(text)
+    return int(number) if number == number.to_integral_value() else number
+
+
+_WHOLE_NUMBERS = msgspec.json.Decoder(float_hook=_whole_or_exact)
+
+
+def _invalid(exc: msgspec.ValidationError) -> InvalidInput:
+    text = str(exc)
+    match = _FIELD.search(text) or _NAMED.search(text)
+    return InvalidInput(text, field=match[1] if match else None)
 
 
 def micro(value: Decimal, field: str, *, allow_zero: bool = False) -> int:
