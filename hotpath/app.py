@@ -16,7 +16,7 @@ from hotpath.auth import Authenticator
 from hotpath.handlers import Api
 from hotpath.responses import envelope
 from hotpath.routes import operations
-from hotpath.routing import Endpoints
+from hotpath.routing import Endpoints, Operation
 from payments.verifiers import Verifier
 from quota.engine import Engine, make_engine
 
@@ -24,7 +24,12 @@ from quota.engine import Engine, make_engine
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return envelope(exc.status_code, code, str(exc.detail))
+    response = envelope(exc.status_code, code, str(exc.detail))
+    for name, value in (exc.headers or {}).items():
+        if name.lower() == "allow":  # a 405's: the methods of the path, in a stable order
+            value = ", ".join(sorted(m.strip() for m in value.split(",")))
+        response.headers[name] = value
+    return response
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -37,10 +42,14 @@ def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True
     """The Starlette app around an engine (tests pass their own engine, clock, verifier)."""
     api = Api(settings, engine, verifier)
     endpoints = Endpoints(Authenticator(settings.all_callers()))
-    routes = [
-        Route(op.path, endpoints.endpoint(op), methods=[op.method], name=op.name)
-        for op in operations(api)
-    ]
+    by_path: dict[str, list[Operation]] = {}
+    for op in operations(api):
+        by_path.setdefault(op.path, []).append(op)
+    # One route per path with all its methods: any other method is 405 with an Allow that
+    # names them all (with a route per operation, it would name the first route's only).
+    routes = [Route(path, endpoints.path_endpoint(ops), methods=[op.method for op in ops],
+                    name=ops[0].name)
+              for path, ops in by_path.items()]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -53,6 +62,9 @@ def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True
         routes=routes, lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _unexpected},
     )
+    # A path with a trailing '/' too many (an empty path parameter) is 404, not a redirect
+    # to another route.
+    app.router.redirect_slashes = False
     app.state.api = api
     return app
 

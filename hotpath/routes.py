@@ -3,9 +3,14 @@ and of the OpenAPI spec."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any
 
-from hotpath.routing import Operation, QueryParam
+from msgspec import Meta
+
+from core.settings import Caller
+from hotpath.openapi import build_spec
+from hotpath.responses import json_response
+from hotpath.routing import Handler, Operation, Param
 from hotpath.schemas import (
     DEFAULT_PAGE,
     MAX_PAGE,
@@ -16,9 +21,12 @@ from hotpath.schemas import (
     BalanceDebitOut,
     BalanceOut,
     CreditConflictOut,
+    Cursor,
     HealthOut,
+    PaymentNotificationIn,
     PlanApplyIn,
     PlanApplyOut,
+    PlanCode,
     PlanOut,
     PlansOut,
     QuotaCheckOut,
@@ -29,6 +37,8 @@ from hotpath.schemas import (
     QuotaDebitOut,
     ReadyOut,
     TransactionsOut,
+    UserId,
+    UserIdInPath,
     VersionConflictOut,
     WebhookErrorOut,
     WebhookOut,
@@ -36,10 +46,15 @@ from hotpath.schemas import (
 from persistence.plans import PlanBody
 
 if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
     from hotpath.handlers import Api
 
 Q, B = "/internal/billing/quota", "/internal/billing"
-USER_QUERY = QueryParam("user_id", {"type": "string"}, required=True)
+USER_QUERY = Param("user_id", "query", UserId, required=True)
+PLAN_PATH = Param("plan_code", "path", PlanCode)
+PageSize = Annotated[int, Meta(ge=1, le=MAX_PAGE, extra_json_schema={"default": DEFAULT_PAGE})]
 
 
 def operations(api: Api) -> list[Operation]:
@@ -54,7 +69,8 @@ def _quota(api: Api) -> list[Operation]:
     return [
         Operation("GET", f"{q}/check/{{user_id}}", "quota_check",
                   "Remaining quota of every meter (seed 000)", "read", api.quota_check,
-                  None, QuotaCheckOut, (401, 403, 422, 503)),
+                  None, QuotaCheckOut, (401, 403, 422, 503),
+                  params=(Param("user_id", "path", UserIdInPath),)),
         Operation("POST", f"{q}/debit", "quota_debit",
                   "Debit an action's meter once per ref (seed 000)", "debit",
                   api.quota_debit, QuotaDebitIn, QuotaDebitOut,
@@ -67,7 +83,11 @@ def _quota(api: Api) -> list[Operation]:
         Operation("POST", f"{b}/webhook/payment", "payment_webhook",
                   "Payment provider notification, verified by WEBHOOK_VERIFIER (no "
                   "X-Internal-Key); what fails is kept as a dead letter", None,
-                  api.payment_webhook, None, WebhookOut, (401, 403, 409, 413, 422, 503),
+                  api.payment_webhook, PaymentNotificationIn, WebhookOut,
+                  (401, 403, 409, 413, 422, 503),
+                  params=(Param("X-Signature", "header", str,
+                                description="The body's signature, base64 (needed with "
+                                            "WEBHOOK_VERIFIER=signature)"),),
                   error_bodies=tuple((st, WebhookErrorOut) for st in (401, 403, 409, 413,
                                                                        422))),
     ]
@@ -75,7 +95,7 @@ def _quota(api: Api) -> list[Operation]:
 
 def _balance(api: Api) -> list[Operation]:
     """Seed 002's balance API and the ledger's transactions."""
-    b, user_query = B, USER_QUERY
+    b = B
     balance_refused = ((403, BalanceDebitErrorOut), (409, BalanceDebitErrorOut))
     return [
         Operation("POST", f"{b}/check", "balance_check",
@@ -88,16 +108,12 @@ def _balance(api: Api) -> list[Operation]:
                   error_bodies=balance_refused),
         Operation("GET", f"{b}/balance", "balance", "Balance and plan (seed 002)", "read",
                   api.balance, None, BalanceOut, (401, 403, 422, 503),
-                  query=(user_query,)),
+                  params=(USER_QUERY,)),
         Operation("GET", f"{b}/transactions", "transactions",
                   "A user's ledger from PostgreSQL, newest first, paginated", "read",
                   api.transactions, None, TransactionsOut, (401, 403, 422, 503),
-                  query=(user_query,
-                         QueryParam("limit", {"type": "integer", "minimum": 1,
-                                              "maximum": MAX_PAGE,
-                                              "default": DEFAULT_PAGE}),
-                         QueryParam("before", {"type": "string"},
-                                    description="next_before of the previous page"))),
+                  params=(USER_QUERY, Param("limit", "query", PageSize),
+                          Param("before", "query", Cursor))),
     ]
 
 
@@ -108,11 +124,12 @@ def _plans(api: Api) -> list[Operation]:
         Operation("GET", f"{b}/plans", "plans_list", "The plan catalog", "read",
                   api.plans_list, None, PlansOut, (401, 403, 503)),
         Operation("GET", f"{b}/plans/{{plan_code}}", "plan_get", "One plan", "read",
-                  api.plan_get, None, PlanOut, (401, 403, 404, 503)),
+                  api.plan_get, None, PlanOut, (401, 403, 404, 503), params=(PLAN_PATH,)),
         Operation("PUT", f"{b}/plans/{{plan_code}}", "plan_put",
-                  "Create or replace a plan (with version: only if it is still at it)",
+                  "Create or replace a plan (with version: only if it is still at it); a "
+                  "plan_code in the body must be the path's",
                   "plans", api.plan_put, PlanBody, PlanOut,
-                  (401, 403, 409, 413, 415, 422, 503),
+                  (401, 403, 409, 413, 415, 422, 503), params=(PLAN_PATH,),
                   error_bodies=((409, VersionConflictOut),)),
         Operation("POST", f"{b}/plan/apply", "plan_apply", "Assign a plan to a user",
                   "plans", api.plan_apply, PlanApplyIn, PlanApplyOut,
@@ -128,7 +145,18 @@ def _service(api: Api) -> list[Operation]:
         Operation("GET", "/ready", "ready",
                   "Readiness: a script by EVALSHA and a PostgreSQL query", None, api.ready,
                   result=ReadyOut, errors=(503,), error_bodies=((503, ReadyOut),)),
-        Operation("GET", "/metrics", "metrics", "Prometheus metrics", None, api.metrics),
+        Operation("GET", "/metrics", "metrics", "Prometheus metrics", None, api.metrics,
+                  result=str, media_type="text/plain"),
         Operation("GET", "/openapi.json", "openapi", "This specification", None,
-                  api.openapi),
+                  _spec(api), result=dict[str, Any]),
     ]
+
+
+def _spec(api: Api) -> Handler:
+    """The spec's handler: built from the settings, the route table and the engine's
+    clock (the earliest expiry a request may set)."""
+    async def openapi(request: Request, caller: Caller | None) -> Response:
+        return json_response(build_spec(api.settings, operations(api),
+                                        now_ms=api.engine.clock.now_ms()))
+
+    return openapi

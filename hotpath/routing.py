@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,11 +30,13 @@ Handler = Callable[[Request, Caller | None], Awaitable[Response]]
 
 
 @dataclass(frozen=True, slots=True)
-class QueryParam:
-    """A query parameter of a route, as the spec shows it (the handler parses it)."""
+class Param:
+    """A path, query or header parameter of a route, as the spec shows it: ``kind`` is a
+    type msgspec describes (with its Meta constraints); the handler reads the value."""
 
     name: str
-    schema: dict[str, Any]
+    location: Literal["path", "query", "header"]
+    kind: Any
     required: bool = False
     description: str = ""
 
@@ -43,8 +45,11 @@ class QueryParam:
 class Operation:
     """One route: what it is, who may call it, what it takes and returns.
 
-    ``errors`` are the statuses it answers besides 200, each with the ErrorOut envelope
-    unless ``error_bodies`` names a model that carries more (a 409's original tx_id)."""
+    ``errors`` are the statuses its handler answers besides 200, each with the ErrorOut
+    envelope unless ``error_bodies`` names a model that carries more (a 409's original
+    tx_id); the spec adds what the HTTP layer answers on every route (400, 405, and 404
+    where a path parameter misses the route). ``result`` is a model, or a type or schema
+    of a plain answer in ``media_type``."""
 
     method: str
     path: str
@@ -53,10 +58,11 @@ class Operation:
     scope: str | None
     handler: Handler
     body: type | None = None
-    result: type | None = None
+    result: Any = None
     errors: tuple[int, ...] = ()
-    query: tuple[QueryParam, ...] = ()
+    params: tuple[Param, ...] = ()
     error_bodies: tuple[tuple[int, type], ...] = ()
+    media_type: str = JSON
 
 
 class Endpoints:
@@ -97,6 +103,19 @@ class Endpoints:
             return response
 
         endpoint.__name__ = op.name
+        return endpoint
+
+    def path_endpoint(self, ops: list[Operation]) -> Callable[[Request], Awaitable[Response]]:
+        """One endpoint for every method of a path (HEAD answers as GET does); the route
+        answers any other method 405, its Allow naming them all (hotpath.app)."""
+        by_method = {op.method: self.endpoint(op) for op in ops}
+        if "GET" in by_method:
+            by_method.setdefault("HEAD", by_method["GET"])
+
+        async def endpoint(request: Request) -> Response:
+            return await by_method[request.method](request)
+
+        endpoint.__name__ = ops[0].name
         return endpoint
 
 
