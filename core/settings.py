@@ -107,6 +107,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: The flush lag past which /ready and quota_ledger_oldest_seconds say so.
     flush_lag_alert_seconds: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 60.0
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    #: The most debits one batch request may carry.
+    batch_max_items: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     redis_timeout_seconds: Seconds = 2.0
     redis_connect_timeout_seconds: Seconds = 2.0
     redis_connections: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1

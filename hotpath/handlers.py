@@ -167,6 +167,10 @@ class Api:
     async def quota_debit(self, request: Request, caller: Caller | None) -> Response:
         assert caller is not None
         body = decode(await self.body(request), QuotaDebitIn)
+        return json_response(await self.debit_action(body, caller))
+
+    async def debit_action(self, body: QuotaDebitIn, caller: Caller) -> QuotaDebitOut:
+        """One seed-000 debit; the error a refusal means is raised (and counted)."""
         meter = self.engine.action_meters.get(body.action)
         if meter is None:
             known = ", ".join(sorted(self.engine.action_meters))
@@ -175,12 +179,20 @@ class Api:
         reply = await self.engine.debit(body.user_id, meter, amount, body.ref,
                                         caller=caller.name, action=body.action)
         self._debit_outcome(meter, reply, "remaining")
-        return json_response(QuotaDebitOut(
+        return QuotaDebitOut(
             tx_id=reply.tx_id, meter=meter, remaining=from_micro(reply.remaining),
             from_allowance=from_micro(reply.from_allowance),
             from_credits=from_micro(reply.from_credits),
             plan_code=reply.plan_code,
-        ))
+        )
+
+    async def quota_debit_batch(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
+        from hotpath.batch import BatchIn, debit_items
+
+        batch = decode(await self.body(request), BatchIn)
+        return json_response(await debit_items(self, batch.items, caller,
+                                               self.settings.batch_max_items))
 
     async def quota_credit(self, request: Request, caller: Caller | None) -> Response:
         assert caller is not None

@@ -17,11 +17,17 @@ def json_response(payload: Any, status: int = 200) -> Response:
     return Response(ENCODER.encode(payload), status_code=status, media_type=JSON)
 
 
-def error_response(exc: QuotaError) -> Response:
+def error_body(exc: QuotaError) -> dict[str, Any]:
     """The one shape of every error body, plus what the error carries for the caller."""
     body: dict[str, Any] = {"error": ErrorBody(exc.code, exc.message, exc.field)}
     if isinstance(exc.extra, dict):
         body.update(exc.extra)
+    return body
+
+
+def error_response(exc: QuotaError) -> Response:
+    """An error as its status and body (``error_body``); 503s say when to retry."""
+    body = error_body(exc)
     headers = {"Retry-After": "1"} if isinstance(exc, DependencyUnavailable) else None
     return Response(ENCODER.encode(body), status_code=exc.status, media_type=JSON,
                     headers=headers)

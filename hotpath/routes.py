@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from msgspec import Meta
 
 from core.settings import Caller
+from hotpath.batch import BatchIn, BatchOut
 from hotpath.openapi import build_spec
 from hotpath.responses import json_response
 from hotpath.routing import Handler, Operation, Param
@@ -75,6 +76,10 @@ def _quota(api: Api) -> list[Operation]:
                   "Debit an action's meter once per ref (seed 000)", "debit",
                   api.quota_debit, QuotaDebitIn, QuotaDebitOut,
                   (401, 403, 409, 413, 415, 422, 503), error_bodies=quota_refused),
+        Operation("POST", f"{q}/debit/batch", "quota_debit_batch",
+                  "Many debits in one request, each answered on its own (its status and "
+                  "body as a single debit would be)", "debit", api.quota_debit_batch,
+                  BatchIn, BatchOut, (401, 403, 413, 415, 422, 503)),
         Operation("POST", f"{q}/credit", "quota_credit",
                   "Apply a paid plan and add credits, once per order_id (seed 000)",
                   "credit", api.quota_credit, QuotaCreditIn, QuotaCreditOut,

@@ -49,6 +49,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "max_backlog_entries": ("5000", 5000),
     "flush_lag_alert_seconds": ("15", 15.0),
     "max_body_bytes": ("2048", 2048),
+    "batch_max_items": ("250", 250),
     "redis_timeout_seconds": ("0.5", 0.5),
     "redis_connect_timeout_seconds": ("1.5", 1.5),
     "redis_connections": ("4", 4),
