@@ -51,13 +51,6 @@ _ALLOW = {"Allow": {"description": "The methods of this path", "required": True,
                     "schema": {"type": "string"}}}
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before a retry",
                                 "schema": {"type": "integer", "minimum": 0}}}
-#: Rules between the fields of a body that its model cannot state (validate_plan in
-#: persistence/plans.py): a plan with a 'cycle' meter needs a duration.
-_BODY_RULES: dict[str, dict[str, Any]] = {"PlanBody": {"anyOf": [
-    {"properties": {"meters": {"additionalProperties": {
-        "properties": {"period": {"not": {"const": "cycle"}}}}}}},
-    {"properties": {"duration_days": {"type": "integer"}}, "required": ["duration_days"]},
-]}}
 #: How many days after the spec is built its earliest expiry date lies: a date's midnight
 #: in the furthest offset (+23:59) is still in the future then.
 _EXPIRY_MARGIN_DAYS = 2
@@ -214,6 +207,33 @@ def _actions(node: dict[str, Any], settings: Settings) -> None:
 
 
 # -- the document --------------------------------------------------------------------------
+def _body_rules(settings: Settings) -> dict[str, dict[str, Any]]:
+    """What the handlers check of a body beyond its model: a plan with a 'cycle' meter
+    needs a duration (validate_plan in persistence/plans.py); a batch holds 1 to
+    BATCH_MAX_ITEMS items (hotpath/batch.py), each judged on its own."""
+    return {
+        "PlanBody": {"anyOf": [
+            {"properties": {"meters": {"additionalProperties": {
+                "properties": {"period": {"not": {"const": "cycle"}}}}}}},
+            {"properties": {"duration_days": {"type": "integer"}},
+             "required": ["duration_days"]},
+        ]},
+        "BatchIn": {"properties": {"items": {
+            "minItems": 1, "maxItems": settings.batch_max_items,
+            "description": "Seed-000 debit bodies, each answered on its own (an invalid "
+                           "item gets its own 4xx entry)"}}},
+    }
+
+
+def _merge(target: dict[str, Any], extra: dict[str, Any]) -> None:
+    """``extra`` added into ``target``, object by object."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
 def _schema_of(kind: Any) -> dict[str, Any]:
     """A parameter's or a plain answer's schema (types without components)."""
     if isinstance(kind, dict):
@@ -293,9 +313,9 @@ def build_spec(settings: Settings, operations: list[Operation],
                 _future_time(node, now_ms)
             elif node.get("x-actions"):
                 _actions(node, settings)
-    for name, rule in _BODY_RULES.items():
+    for name, rule in _body_rules(settings).items():
         if name in components:
-            components[name].update(rule)
+            _merge(components[name], rule)
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         paths.setdefault(op.path, {})[op.method.lower()] = _path_entry(op, ref_of)
