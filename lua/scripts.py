@@ -154,3 +154,11 @@ class Scripts:
              ref, user_id, len(credits), *(v for triple in credits for v in triple),
              plan_start_ms))
         return PaymentReply(Status(reply[0]), reply[1], reply[2] if len(reply) > 2 else "")
+
+    # -- ledger_lag.lua --------------------------------------------------------------------
+    async def ledger_lag(self, streams: Sequence[str]) -> list[tuple[int, int]]:
+        """Per stream, in order: (unflushed entries, epoch ms of the oldest or 0)."""
+        reply = await self._run(SCRIPTS["ledger_lag"], streams, ())
+        return [(int(reply[i]), int(str(reply[i + 1]).split("-", 1)[0]))
+                for i in range(0, len(reply), 2)]
+

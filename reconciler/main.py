@@ -35,6 +35,9 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, O
 MAX_BACKOFF_SECONDS = 5.0
 OUTBOX_MIN_AGE = timedelta(seconds=2)  # let the request apply its own change first
 OUTBOX_BATCH = 100
+#: How often shard catalog copies are compared with PostgreSQL's catalog (a repair path for
+#: a plan change whose copy Redis cut short; 256 reads each time).
+CATALOG_RESYNC_SECONDS = 30.0
 
 
 @dataclass
@@ -79,6 +82,10 @@ class Reconciler:
         self.report_time = report_time(s.report_at)
         self._next_claim = 0.0
         self._next_chores = 0.0
+        self._next_resync = 0.0
+        self._lag_gauges = [(metrics.FLUSH_LAG_ENTRIES.labels(str(shard)),
+                             metrics.FLUSH_LAG_SECONDS.labels(str(shard)))
+                            for shard in range(s.n_shards)]
         self._groups_ready = False
         self._schema_ready = False
         self._retry: list[Entry] = []
@@ -141,24 +148,31 @@ class Reconciler:
         return len(entries)
 
     async def chores(self) -> None:
-        """Publish lag; apply write-through changes left pending; finish catalog copies a
-        Redis error cut short."""
-        for lag in await self.consumer.lag():
-            shard = str(lag.shard)
-            metrics.FLUSH_LAG_ENTRIES.labels(shard).set(lag.entries)
-            age = (time.time_ns() // 1_000_000 - lag.oldest_ms) / 1000 if lag.oldest_ms else 0
-            metrics.FLUSH_LAG_SECONDS.labels(shard).set(max(0.0, age))
+        """Publish lag; apply write-through changes left pending; now and then, finish
+        catalog copies a Redis error cut short; the nightly report when it is due."""
+        now_ms = time.time_ns() // 1_000_000
+        for lag, (entries, seconds) in zip(await self.consumer.lag(), self._lag_gauges,
+                                           strict=True):
+            entries.set(lag.entries)
+            seconds.set(max(0.0, (now_ms - lag.oldest_ms) / 1000) if lag.oldest_ms else 0)
         await self.apply_pending_outbox()
+        if time.monotonic() >= self._next_resync:
+            self._next_resync = time.monotonic() + CATALOG_RESYNC_SECONDS
+            await self.resync_catalog()
+        if self.report_time is not None:
+            await self.scheduled_report()
+
+    async def resync_catalog(self) -> int:
+        """Refresh shard catalog copies behind PostgreSQL's; how many were."""
         try:
             resynced = await self.engine.loader.resync_catalog()
         except DependencyUnavailable as exc:  # e.g. while the hot path refuses an older
             log.info("plan catalog check skipped: %s", exc.message)  # Redis: flush first
-            resynced = 0
+            return 0
         if resynced:
             log.warning("plan catalog: %d shard copies were behind PostgreSQL, refreshed",
                         resynced)
-        if self.report_time is not None:
-            await self.scheduled_report()
+        return resynced
 
     async def scheduled_report(self) -> bool:
         """After REPORT_AT (local time), yesterday's report once, by one reconciler only."""
