@@ -8,7 +8,6 @@ Redis), ``Plans`` (assignments and catalog changes).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 
 from core import metrics
@@ -173,17 +172,14 @@ class Engine:
     async def backlog(self) -> Backlog:
         """The unflushed ledger: entries, its limit, the oldest entry's age, full shards;
         published as gauges (the reconciler's own may be gone with it)."""
-        keys, n = self.keys, self.settings.n_shards
+        n = self.settings.n_shards
         limit = per_shard(self.backlog_total(), n)
-        lengths = await asyncio.gather(*(self.redis.execute("XLEN", keys.ledger(s))
-                                         for s in range(n)))
-        firsts = await asyncio.gather(*(
-            self.redis.execute("XRANGE", keys.ledger(s), "-", "+", "COUNT", 1)
-            for s, length in enumerate(lengths) if length))
+        lags = await self.rt.scripts.ledger_lag(self.keys.all_ledgers())
         now_ms = self.clock.now_ms()
-        oldest = max((now_ms - int(f[0][0].split("-")[0]) for f in firsts if f), default=0)
-        backlog = Backlog(sum(lengths), limit * n, max(0.0, oldest / 1000),
-                          sum(1 for length in lengths if length >= limit))
+        oldest = max((now_ms - first for _, first in lags if first), default=0)
+        backlog = Backlog(sum(entries for entries, _ in lags), limit * n,
+                          max(0.0, oldest / 1000),
+                          sum(1 for entries, _ in lags if entries >= limit))
         metrics.LEDGER_BACKLOG.set(backlog.entries)
         metrics.LEDGER_BACKLOG_LIMIT.set(backlog.limit)
         metrics.LEDGER_OLDEST_SECONDS.set(backlog.oldest_seconds)
