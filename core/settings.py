@@ -120,6 +120,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Write-behind reconciler.
     flush_batch_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2000
     flush_block_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 200
+    #: After a small batch (under a quarter of FLUSH_BATCH_MAX), how long the reconciler
+    #: lets the streams fill before it reads again, ms (0: at once).
+    flush_linger_ms: Annotated[int, msgspec.Meta(ge=0, le=5_000)] = 100
     flush_claim_idle_ms: Annotated[int, msgspec.Meta(ge=1, le=DAY_SECONDS * 1000)] = 30_000
     #: "H:MM" or "HH:MM" in TIMEZONE to run the nightly report inside the reconciler.
     report_at: str = ""

@@ -223,8 +223,12 @@ class Reconciler:
         backoff = 0.1
         while not stop.is_set():
             try:
-                await self.step()
+                handled = await self.step()
                 backoff = 0.1
+                if 0 < handled < self.settings.flush_batch_max // 4:
+                    # A small batch: let the streams fill a little, so that each read,
+                    # transaction and ack carries more entries (fewer per debit).
+                    await asyncio.sleep(self.settings.flush_linger_ms / 1000)
             except DependencyUnavailable as exc:
                 log.warning("%s unavailable, retrying in %.1fs: %s", exc.dependency, backoff,
                             exc.message)

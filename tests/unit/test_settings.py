@@ -59,6 +59,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "load_retries": ("5", 5),
     "flush_batch_max": ("500", 500),
     "flush_block_ms": ("50", 50),
+    "flush_linger_ms": ("20", 20),
     "flush_claim_idle_ms": ("10000", 10000),
     "report_at": ("3:30", "3:30"),
     "report_dir": ("/var/reports", "/var/reports"),
