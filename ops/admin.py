@@ -218,3 +218,35 @@ def poison_replay(poison_id: int) -> None:
         click.echo(f"not replayed: {done.detail}", err=True)
         sys.exit(1)
     click.echo(f"{done.outcome}: poisoned entry {poison_id}")
+
+
+# -- one user ------------------------------------------------------------------------------
+@click.group("user")
+def user() -> None:
+    """One user's state, for an operator answering "why was this debit refused"."""
+
+
+@user.command("show")
+@click.argument("user_id")
+def user_show(user_id: str) -> None:
+    """The user in Redis next to PostgreSQL: plan, credits, period usage, unflushed events,
+    idempotency keys (JSON)."""
+    import orjson
+    import redis.asyncio as aioredis
+
+    from ops.inspect import user_state
+    from quota.engine import make_engine
+
+    settings = with_servers("user show")
+    assert settings.redis_url is not None
+
+    async def run() -> dict[str, Any]:
+        engine = make_engine(settings)
+        client = aioredis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+        try:
+            return await user_state(engine, client, user_id)
+        finally:
+            await client.aclose()
+            await engine.close()
+
+    click.echo(orjson.dumps(asyncio.run(run()), option=orjson.OPT_INDENT_2).decode())

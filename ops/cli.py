@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import click
 
 from core.settings import Settings
-from ops.admin import dead_letters, poison
+from ops.admin import dead_letters, poison, user
 from ops.config import settings_or_exit as _settings
 from ops.lifecycle import Supervised, follow_parent
 
@@ -253,6 +253,7 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
 # -- operator commands (ops/admin.py) -----------------------------------------------------
 main.add_command(dead_letters)
 main.add_command(poison)
+main.add_command(user)
 
 
 if __name__ == "__main__":  # python -m ops.cli: after every command is defined
