@@ -33,3 +33,9 @@ def user_id_problem(user_id: object) -> str | None:
     if re.match(USER_ID_PATTERN, user_id) is None:
         return "must not contain ':' or control characters, nor be blank"
     return None
+
+
+#: What an action (seed 000's name of what a debit is for) and a meter may be called.
+ACTION_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+METER_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
+

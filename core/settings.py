@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 import orjson
 
+from core.ids import ACTION_PATTERN, METER_PATTERN
+
 DEV_SERVICE_TOKEN = "super-secret-dev"  # noqa: S105 - the seed's documented dev default
 
 Scope = Literal["read", "debit", "credit", "plans", "admin"]
@@ -275,6 +277,11 @@ def validate(settings: Settings) -> None:
     if not settings.key_prefix or any(c in settings.key_prefix for c in "{} \t\r\n"):
         raise SettingsError("KEY_PREFIX must be non-empty, without braces or spaces")
     report_time(settings.report_at)
+    for action, meter in settings.action_meters:  # an action no request could name
+        if not ACTION_PATTERN.fullmatch(action) or not METER_PATTERN.fullmatch(meter):
+            raise SettingsError(f"ACTION_METERS: {action!r} -> {meter!r}: actions must match "
+                                f"^{ACTION_PATTERN.pattern}$ and meters "
+                                f"^{METER_PATTERN.pattern}$")
     if settings.db_pool_min > settings.db_pool_max:
         raise SettingsError(f"DB_POOL_MIN ({settings.db_pool_min}) must not exceed "
                             f"DB_POOL_MAX ({settings.db_pool_max})")

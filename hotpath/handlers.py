@@ -32,29 +32,31 @@ from core.errors import (
 from core.ids import user_id_problem
 from core.settings import Caller, Settings
 from hotpath.responses import json_response
-from hotpath.routing import read_body, read_json_body
-from hotpath.schemas import (
-    DEFAULT_PAGE,
-    MAX_PAGE,
-    BalanceCheckIn,
+from hotpath.results import (
     BalanceCheckOut,
-    BalanceDebitIn,
     BalanceDebitOut,
     BalanceOut,
     HealthOut,
     MeterOut,
-    PlanApplyIn,
     PlanApplyOut,
     PlanStateOut,
     QuotaCheckOut,
-    QuotaCreditIn,
     QuotaCreditOut,
-    QuotaDebitIn,
     QuotaDebitOut,
     ReadyOut,
     TransactionOut,
     TransactionsOut,
     WebhookOut,
+)
+from hotpath.routing import read_body, read_json_body
+from hotpath.schemas import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    BalanceCheckIn,
+    BalanceDebitIn,
+    PlanApplyIn,
+    QuotaCreditIn,
+    QuotaDebitIn,
     decode,
     micro,
     money,
@@ -352,10 +354,4 @@ class Api:
     async def metrics(self, request: Request, caller: Caller | None) -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
-
-    async def openapi(self, request: Request, caller: Caller | None) -> Response:
-        from hotpath.openapi import build_spec
-        from hotpath.routes import operations
-
-        return json_response(build_spec(self.settings, operations(self)))
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from hotpath.schemas import ENCODER, ErrorBody
+from hotpath.results import ErrorBody
+from hotpath.schemas import ENCODER
 
 
 class EnvelopeHttpToolsProtocol(HttpToolsProtocol):

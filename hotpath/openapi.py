@@ -23,7 +23,8 @@ from core.ids import END, MAX_ACTION
 from core.settings import Settings
 from hotpath.handlers import MAX_EXPIRES_AT
 from hotpath.responses import JSON
-from hotpath.schemas import ACTION_NAME, ErrorOut
+from hotpath.results import ErrorOut
+from hotpath.schemas import ACTION_NAME
 
 if TYPE_CHECKING:
     from hotpath.routing import Operation

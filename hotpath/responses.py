@@ -7,7 +7,8 @@ from typing import Any
 from starlette.responses import Response
 
 from core.errors import DependencyUnavailable, QuotaError
-from hotpath.schemas import ENCODER, ErrorBody, ErrorOut
+from hotpath.results import ErrorBody, ErrorOut
+from hotpath.schemas import ENCODER
 
 JSON = "application/json"
 

@@ -11,38 +11,40 @@ from core.settings import Caller
 from hotpath.batch import BatchIn, BatchOut
 from hotpath.openapi import build_spec
 from hotpath.responses import json_response
+from hotpath.results import (
+    BalanceCheckOut,
+    BalanceDebitErrorOut,
+    BalanceDebitOut,
+    BalanceOut,
+    CreditConflictOut,
+    HealthOut,
+    PlanApplyOut,
+    PlanOut,
+    PlansOut,
+    QuotaCheckOut,
+    QuotaCreditOut,
+    QuotaDebitErrorOut,
+    QuotaDebitOut,
+    ReadyOut,
+    TransactionsOut,
+    VersionConflictOut,
+    WebhookErrorOut,
+    WebhookOut,
+)
 from hotpath.routing import Handler, Operation, Param
 from hotpath.schemas import (
     DEFAULT_PAGE,
     MAX_PAGE,
     BalanceCheckIn,
-    BalanceCheckOut,
-    BalanceDebitErrorOut,
     BalanceDebitIn,
-    BalanceDebitOut,
-    BalanceOut,
-    CreditConflictOut,
     Cursor,
-    HealthOut,
     PaymentNotificationIn,
     PlanApplyIn,
-    PlanApplyOut,
     PlanCode,
-    PlanOut,
-    PlansOut,
-    QuotaCheckOut,
     QuotaCreditIn,
-    QuotaCreditOut,
-    QuotaDebitErrorOut,
     QuotaDebitIn,
-    QuotaDebitOut,
-    ReadyOut,
-    TransactionsOut,
     UserId,
     UserIdInPath,
-    VersionConflictOut,
-    WebhookErrorOut,
-    WebhookOut,
 )
 from persistence.plans import PlanBody
 

@@ -27,12 +27,11 @@ from core.amounts import (
     to_micro,
 )
 from core.errors import InvalidInput, VersionConflict
-from core.ids import END
+from core.ids import END, METER_PATTERN
 from persistence.db import Database
 from persistence.queries import QUERIES
 
 PLAN_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-METER_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 PERIOD_CODES = {"day": "d", "month": "m", "none": "n", "cycle": "c"}
 MAX_METERS = 32
 MAX_PRICE = Decimal("100000000")

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from core.clock import FixedClock
 from core.settings import Settings
-from hotpath.schemas import ReadyOut
+from hotpath.results import ReadyOut
 from lua.connection import RedisUnavailable
 from ops.devservers import EmbeddedRedis, free_port
 from persistence.db import PostgresUnavailable

@@ -7,7 +7,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from core.clock import FixedClock
-from hotpath.schemas import (
+from hotpath.results import (
     BalanceCheckOut,
     HealthOut,
     PlanOut,

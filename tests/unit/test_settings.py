@@ -215,3 +215,12 @@ def test_report_command_defaults_to_yesterday_in_timezone() -> None:
     at_dawn = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)  # 22:00 on the 25th in New York
     new_york = load_settings({"TIMEZONE": "America/New_York"})
     assert default_report_day(new_york, at_dawn) == date(2026, 11, 24)
+
+
+def test_action_meters_name_actions_and_meters_a_request_can_use() -> None:
+    """An action no debit could name (capitals, a dash) or a meter no plan could hold is
+    refused at start-up, naming ACTION_METERS."""
+    for raw in ('{"Chat-Tokens": "chat"}', '{"chat_tokens": "Chat"}', '{"": "chat"}'):
+        with pytest.raises(SettingsError, match="ACTION_METERS"):
+            load_settings({"ACTION_METERS": raw})
+
