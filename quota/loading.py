@@ -20,7 +20,6 @@ from core.clock import from_ms, to_ms
 from core.errors import DependencyUnavailable, InvariantBroken
 from lua.periods import Windows
 from persistence.plans import catalog_fields, list_plans
-from persistence.queries import QUERIES
 from quota.runtime import Runtime
 
 #: How far this process's clock may run ahead of Redis's without an idempotency key being
@@ -124,34 +123,45 @@ class Loader:
     async def _load_user(self, user_id: str, windows: Windows) -> None:
         rt = self.rt
         user_key = rt.keys.user(user_id)
-        if await rt.redis.execute("HEXISTS", user_key, "loaded"):
-            return  # another process loaded it meanwhile
-        await self.restore_refs(user_id)
         for _ in range(rt.settings.load_retries):
-            generation = await rt.redis.execute("HGET", user_key, "wg") or "0"
-            written = await self._write_state(user_id, user_key, generation, windows)
+            loaded, generation = await rt.redis.execute("HMGET", user_key, "loaded", "wg")
+            if loaded:
+                return  # another process loaded it meanwhile
+            state = await self._read_state(user_id, windows)
+            if state["refs"]:  # before the state: the user is not loaded until its keys are
+                await self.restore_refs(user_id, first_page=state["refs"])
+            written = await self._write_state(user_id, user_key, generation or "0", windows,
+                                              state)
             if written == 1:
                 metrics.USER_LOADS.inc()
             if written != -1:
                 return
         raise DependencyUnavailable("redis", f"user {user_id!r} kept changing while loading")
 
+    async def _read_state(self, user_id: str, windows: Windows) -> dict[str, Any]:
+        """The user's state in PostgreSQL, in one statement (one snapshot): plan, credits,
+        payment changes the credits already hold, usage of the open periods, and the first
+        page of the debits whose idempotency keys may still live."""
+        row = await self.rt.db.fetchrow(
+            "user_load_state", user_id,
+            [windows.period_id("d"), windows.period_id("m"), "n"],
+            from_ms(self._refs_window_start()), RESTORE_PAGE)
+        assert row is not None  # subqueries only: always one row
+        return dict(row)
+
+    def _refs_window_start(self) -> int:
+        """Where the ledger is read for idempotency keys to restore, epoch ms."""
+        return (self.rt.clock.now_ms() - self.rt.settings.idempotency_ttl_seconds * 1000
+                - RESTORE_CLOCK_MARGIN_MS)
+
     async def _write_state(self, user_id: str, user_key: str, generation: str,
-                           windows: Windows) -> int:
-        """Read the user's state in one PostgreSQL snapshot and run load_user.lua: 1
-        loaded, 0 loaded meanwhile, -1 a write-through changed the user since
-        ``generation`` was read (read again)."""
+                           windows: Windows, state: dict[str, Any]) -> int:
+        """Run load_user.lua with the state read: 1 loaded, 0 loaded meanwhile, -1 a
+        write-through changed the user since ``generation`` was read (read again)."""
         rt = self.rt
-        periods = [windows.period_id("d"), windows.period_id("m"), "n"]
-        # One snapshot: the credit balances and the payment changes they already hold.
-        async with rt.db.snapshot() as conn:
-            plan = await conn.fetchrow(QUERIES["get_user_plan"], user_id)
-            if plan is not None:  # the current assignment's cycle
-                periods.append(f"y:{to_ms(plan['started_at'])}")
-            credits = await conn.fetch(QUERIES["user_credits"], user_id)
-            included = await conn.fetch(QUERIES["user_pending_payments"], user_id)
-            usage = await conn.fetch(QUERIES["user_usage"], user_id, periods)
-        expires_ms = to_ms(plan["expires_at"]) if plan and plan["expires_at"] else 0
+        plan, credits, included = state["plan"], state["credits"], state["included"]
+        usage = state["usage"]
+        expires_ms = plan["expires_ms"] or 0 if plan else 0
         counters, lifetime = self._usage(user_id, usage, windows, expires_ms)
         # Nothing to hold (a read of a never-seen id): a short stay, so that reads of random
         # ids cost no lasting memory; a debit, credit or plan sets the full TTL.
@@ -161,58 +171,66 @@ class Loader:
             user_key, generation=generation,
             plan_code=plan["plan_code"] if plan else rt.settings.default_plan,
             expires_ms=expires_ms, plan_version=plan["version"] if plan else 0,
-            plan_start_ms=to_ms(plan["started_at"]) if plan else 0, state_ttl_ms=ttl_ms,
+            plan_start_ms=plan["start_ms"] if plan else 0, state_ttl_ms=ttl_ms,
             now=rt.clock.script_now(),
-            credits=[(r["meter"], max(0, r["balance_micro"])) for r in credits],
-            lifetime=lifetime, included_outbox=[r["id"] for r in included], counters=counters,
+            credits=[(meter, max(0, balance)) for meter, balance in credits],
+            lifetime=lifetime, included_outbox=included, counters=counters,
         )
 
     def _usage(self, user_id: str, usage: Sequence[Any], windows: Windows, expires_ms: int
                ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
-        """Flushed usage rows as period counters (key, used, expire-at ms: a cycle's ends
-        with the plan) and lifetime usages (meter, used)."""
+        """Flushed usage ([meter, period id, used] each) as period counters (key, used,
+        expire-at ms: a cycle's ends with the plan) and lifetime usages (meter, used)."""
         grace_ms = self.rt.settings.counter_grace_seconds * 1000
         counters: list[tuple[str, int, int]] = []
         lifetime: list[tuple[str, int]] = []
-        for row in usage:
-            kind, _, period = row["period_id"].partition(":")
+        for meter, period_id, used in usage:
+            kind, _, period = period_id.partition(":")
             if kind == "n":
-                lifetime.append((row["meter"], row["used_micro"]))
+                lifetime.append((meter, used))
                 continue
             end_ms = expires_ms if kind == "y" else windows.period_end_ms(kind)
-            counters.append((self.rt.keys.counter(user_id, row["meter"], kind, period),
-                             row["used_micro"], end_ms + grace_ms))
+            counters.append((self.rt.keys.counter(user_id, meter, kind, period), used,
+                             end_ms + grace_ms))
         return counters, lifetime
 
-    async def restore_refs(self, user_id: str) -> int:
+    async def restore_refs(self, user_id: str,
+                           first_page: list[list[Any]] | None = None) -> int:
         """Put back the idempotency keys of the user's flushed debits still within their TTL
         (Redis may have lost them with the user's state), so that a retry of one answers
         DUPLICATE with its tx id and remaining instead of debiting again. Keys that exist
-        are kept. The ledger is read a page at a time, each page restored by one short
-        script call. Returns the number of keys written.
+        are kept. The ledger is read a page at a time (the first may come with the load's
+        read), each page restored by one short script call. Returns the keys written.
 
         The script judges each key's life on the clock that stamped the debits (Redis
         TIME); the ledger is read from ``RESTORE_CLOCK_MARGIN_MS`` earlier than this
         process's clock says the window starts, so that a clock running ahead loses no key."""
         rt = self.rt
         ttl_ms = rt.settings.idempotency_ttl_seconds * 1000
-        start = rt.clock.now_ms() - ttl_ms - RESTORE_CLOCK_MARGIN_MS
-        after: tuple[datetime, uuid.UUID] = (from_ms(start), uuid.UUID(int=0))
+        after: tuple[datetime, uuid.UUID] = (from_ms(self._refs_window_start()),
+                                             uuid.UUID(int=0))
+        page = first_page
         written = 0
         while True:
-            rows = await rt.db.fetch("user_recent_debits", user_id, *after, RESTORE_PAGE)
+            if page is None:
+                page = [[r["ref"], str(r["tx_id"]), r["meter"], r["amount_micro"], r["reason"],
+                         r["remaining_micro"], to_ms(r["occurred_at"]), r["occurred_at"]]
+                        for r in await rt.db.fetch("user_recent_debits", user_id, *after,
+                                                   RESTORE_PAGE)]
             refs = [
                 # A debit flushed before migration 0004 has no remaining recorded: 0.
-                (rt.keys.idempotency(user_id, row["ref"]),
-                 f"{fingerprint(row['meter'], -row['amount_micro'], row['reason'] or '')}"
-                 f"\n{row['tx_id']}\n{row['remaining_micro'] or 0}",
-                 to_ms(row["occurred_at"]) + ttl_ms)
-                for row in rows
+                (rt.keys.idempotency(user_id, ref),
+                 f"{fingerprint(meter, -amount, reason or '')}\n{tx_id}\n{remaining or 0}",
+                 occurred_ms + ttl_ms)
+                for ref, tx_id, meter, amount, reason, remaining, occurred_ms, _ in page
             ]
             written += await rt.scripts.restore_refs(now=rt.clock.script_now(), refs=refs)
-            if len(rows) < RESTORE_PAGE:
+            if len(page) < RESTORE_PAGE:
                 break
-            after = (rows[-1]["occurred_at"], rows[-1]["tx_id"])
+            last_at = page[-1][7]
+            after = (last_at if isinstance(last_at, datetime)
+                     else datetime.fromisoformat(last_at), uuid.UUID(str(page[-1][1])))
+            page = None
         if written:
             metrics.REFS_RESTORED.inc(written)
         return written

@@ -88,6 +88,46 @@ SELECT meter, balance_micro FROM credit_balances WHERE user_id = $1;
 SELECT meter, period_id, used_micro FROM usage_counters
 WHERE user_id = $1 AND period_id = ANY($2::text[]);
 
+-- name: user_load_state --
+-- Everything loading a user into Redis reads, in one statement (so one snapshot: the
+-- credit balances and the payment changes they already hold agree) and one round trip:
+-- the plan (code, version, start and expiry in epoch ms), credit balances, payment
+-- changes not applied in Redis whose effect the balances hold (credits, and refunds whose
+-- ledger events were flushed),
+-- flushed usage of the periods $2 and of the plan's cycle, and the first page of debits
+-- whose idempotency keys may still live (as user_recent_debits). $1 user_id, $2 period
+-- ids[], $3 the start of the ref window, $4 the page size.
+WITH plan AS (
+    SELECT plan_code, version,
+           floor(extract(epoch FROM started_at) * 1000)::bigint AS start_ms,
+           floor(extract(epoch FROM expires_at) * 1000)::bigint AS expires_ms
+    FROM user_plans WHERE user_id = $1
+)
+SELECT
+    (SELECT to_jsonb(plan) FROM plan) AS plan,
+    (SELECT coalesce(jsonb_agg(jsonb_build_array(meter, balance_micro)), '[]')
+     FROM credit_balances WHERE user_id = $1) AS credits,
+    (SELECT coalesce(jsonb_agg(o.id ORDER BY o.id), '[]') FROM redis_outbox o
+     WHERE o.user_id = $1 AND o.applied_at IS NULL
+       AND (o.op = 'credit'
+            OR (o.op = 'refund' AND EXISTS (
+                SELECT 1 FROM ledger l
+                WHERE l.user_id = $1 AND l.kind = 'refund'
+                  AND l.ref = o.payload ->> 'refund_id')))) AS included,
+    (SELECT coalesce(jsonb_agg(jsonb_build_array(meter, period_id, used_micro)), '[]')
+     FROM usage_counters
+     WHERE user_id = $1 AND (period_id = ANY($2::text[])
+                             OR period_id = 'y:' || (SELECT start_ms FROM plan))) AS usage,
+    (SELECT coalesce(jsonb_agg(jsonb_build_array(
+                ref, tx_id, meter, amount_micro, reason, remaining_micro,
+                floor(extract(epoch FROM occurred_at) * 1000)::bigint, occurred_at)
+             ORDER BY occurred_at, tx_id), '[]')
+     FROM (SELECT ref, tx_id, meter, amount_micro, reason, remaining_micro, occurred_at
+           FROM ledger
+           WHERE user_id = $1 AND kind = 'debit' AND ref IS NOT NULL
+             AND (occurred_at, tx_id) > ($3::timestamptz, '00000000-0000-0000-0000-000000000000'::uuid)
+           ORDER BY occurred_at, tx_id LIMIT $4) AS page) AS refs;
+
 -- name: user_recent_debits --
 -- One page, oldest first, of a user's debits whose idempotency keys may still live: what
 -- load_user restores when Redis lost them. $1 user_id; $2, $3 the (occurred_at, tx_id)
@@ -249,18 +289,6 @@ SELECT exists(SELECT 1 FROM reconciliation_reports WHERE report_date = $1);
 -- name: pending_outbox_count --
 -- How many write-through changes wait for Redis (a metric).
 SELECT count(*) FROM redis_outbox WHERE applied_at IS NULL;
-
--- name: user_pending_payments --
--- A user's payment changes not applied in Redis yet whose effect the PostgreSQL credit
--- balances already hold: credits (written with their receipt) and refunds whose ledger
--- events were flushed. Read in the same snapshot as user_credits; $1 user_id.
-SELECT o.id FROM redis_outbox o
-WHERE o.user_id = $1 AND o.applied_at IS NULL
-  AND (o.op = 'credit'
-       OR (o.op = 'refund' AND EXISTS (
-           SELECT 1 FROM ledger l
-           WHERE l.user_id = $1 AND l.kind = 'refund' AND l.ref = o.payload ->> 'refund_id')))
-ORDER BY o.id;
 
 -- name: get_receipt --
 -- One receipt by order id; $1 order_id.

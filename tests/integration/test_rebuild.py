@@ -168,9 +168,9 @@ async def test_a_retry_after_redis_lost_the_user_answers_409_and_debits_nothing(
     restores: list[str] = []
     restore = engine.loader.restore_refs
 
-    async def counted(user_id: str) -> int:
+    async def counted(user_id: str, **page: Any) -> int:
         restores.append(user_id)
-        return await restore(user_id)
+        return await restore(user_id, **page)
 
     monkeypatch.setattr(engine.loader, "restore_refs", counted)
     loads = metrics.USER_LOADS._value.get()

@@ -1,0 +1,130 @@
+"""Cold loads: how fast users come back after Redis lost its data (issue #20).
+
+N users with a plan (pro_month), credits and 20 flushed debits each (so 20 idempotency
+keys to restore) are loaded from PostgreSQL by their first request after a private Redis
+was emptied: ``Engine.check`` from 64 concurrent callers, each on a user of its own, in
+one process (no HTTP). Reports users/s and this process's CPU per load.
+
+    python -m bench.cold_loads [--users 3000] [--debits 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from bench.memory import private_redis
+from core.settings import load_settings
+from quota.engine import Engine, make_engine
+from reconciler.main import Reconciler
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+async def prepare(engine: Engine, dsn: str, users: list[str], debits: int) -> None:
+    """Plans and credits written in bulk; debits through the engine, then flushed."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.executemany(
+            "INSERT INTO user_plans (user_id, plan_code, expires_at) VALUES "
+            "($1, 'pro_month', now() + interval '30 days')", [(u,) for u in users])
+        await conn.executemany(
+            "INSERT INTO credit_balances (user_id, meter, balance_micro) VALUES "
+            "($1, 'chat', 5000000)", [(u,) for u in users])
+    finally:
+        await conn.close()
+
+    async def spend(user: str) -> None:
+        for i in range(debits):
+            await engine.debit(user, "chat", 1_000_000, f"r{i}-{user}")
+
+    for i in range(0, len(users), 200):
+        await asyncio.gather(*(spend(u) for u in users[i:i + 200]))
+    redis = aioredis.Redis.from_url(engine.settings.redis_url or "", decode_responses=True)
+    try:
+        await Reconciler(engine, redis, name="cold").drain()
+    finally:
+        await redis.aclose()
+
+
+async def measure(engine: Engine, users: list[str], concurrency: int) -> tuple[float, float]:
+    queue = list(users)
+
+    async def caller() -> None:
+        while queue:
+            await engine.check(queue.pop())
+
+    cpu0, started = time.process_time(), time.perf_counter()
+    if os.environ.get("BENCH_PROFILE"):  # where the loader's CPU goes
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        profile.enable()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        profile.disable()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    else:
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return time.perf_counter() - started, time.process_time() - cpu0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--debits", type=int, default=20)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    name = f"qg_bench_cold_{secrets.token_hex(3)}"
+    subprocess.run(["psql", ADMIN_DSN, "-qc", f'CREATE DATABASE "{name}"'], check=True)
+    dsn = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    try:
+        with private_redis() as url:
+            env = {"REDIS_URL": url, "DB_DSN": dsn, "DB_POOL_MAX": "64"}
+            subprocess.run([sys.executable, "-m", "ops.cli", "migrate"], check=True,
+                           env={**os.environ, **env},
+                           stdout=subprocess.DEVNULL)
+            users = [f"cold-{i}" for i in range(args.users)]
+
+            async def run() -> tuple[float, float]:
+                engine = make_engine(load_settings(env))
+                try:
+                    await prepare(engine, dsn, users, args.debits)
+                    client = aioredis.Redis.from_url(url)
+                    await client.flushdb()  # Redis lost its data
+                    await client.aclose()
+                    await engine.loader.sync_catalog()
+                    return await measure(engine, users, args.concurrency)
+                finally:
+                    await engine.close()
+
+            seconds, cpu = asyncio.run(run())
+    finally:
+        subprocess.run(["psql", ADMIN_DSN, "-qc", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'],
+                       check=False)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    result = {"date": datetime.now(tz=UTC).isoformat(timespec="seconds"), "commit": commit,
+              "users": args.users, "debits_each": args.debits,
+              "concurrency": args.concurrency, "users_per_second": round(args.users / seconds),
+              "process_cpu_us_per_load": round(cpu / args.users * 1e6),
+              "seconds_for_100k_users": round(100_000 * seconds / args.users, 1)}
+    out = ROOT / "bench" / "results" / f"{result['date'][:10]}-cold-loads-{commit}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
