@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-unit smoke lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: needs CPython 3.11 or 3.12 (python3.12, python3.11 \
 	or python3 on PATH), or PYTHON=/path/to/python"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
