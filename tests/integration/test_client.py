@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import secrets
 import socket
 import struct
@@ -270,6 +271,8 @@ def proxy(service: Service) -> Iterator[FaultyProxy]:
 
 # -- quota: check, debit, typed results -------------------------------------------------------
 def test_check_and_debit_return_exact_typed_results(client: Client) -> None:
+    """check and debit answer typed results whose amounts are the exact decimals the
+    service wrote (1.000001, 0.1 sent from a float by its repr), never floats."""
     user = new_user()
     check = client.check(user)
     assert check.plan_code == "free"
@@ -287,6 +290,8 @@ def test_check_and_debit_return_exact_typed_results(client: Client) -> None:
 
 
 def test_a_debit_without_ref_gets_a_uuid4_ref(client: Client) -> None:
+    """A debit without a ref is sent with a uuid4 the client made (result.ref), the one
+    the ledger records."""
     user = new_user()
     result = client.debit(user, "chat_tokens", 1)
     assert len(result.ref) == 36 and result.ref[14] == "4"
@@ -308,6 +313,9 @@ def test_a_duplicate_ref_returns_the_original_debit(client: Client) -> None:
 
 
 def test_typed_errors(service: Service, client: Client) -> None:
+    """Each refusal is its class: InsufficientQuota with what remains, InvalidInput with
+    the field (and ref_reused), Unauthorized, Forbidden for a key without the scope;
+    none of them takes anything."""
     user = new_user()
     client.debit(user, "chat_tokens", 45)
     with pytest.raises(InsufficientQuota) as refused:
@@ -341,6 +349,9 @@ def test_typed_errors(service: Service, client: Client) -> None:
 
 # -- the balance API, credits, the ledger -------------------------------------------------------
 def test_credit_then_balance_api(client: Client) -> None:
+    """credit (a repeated order: the original, duplicate=True; another content:
+    order_reused), then the seed-002 balance, check and debit (a repeated ref: the
+    original balance and tx_id)."""
     user = new_user()
     order = f"order-{secrets.token_hex(6)}"
     credit = client.credit(order, user, "pro_month", units_chat="12.5", amount="990.00",
@@ -370,6 +381,7 @@ def test_credit_then_balance_api(client: Client) -> None:
 
 
 def test_transactions_pages_through_the_ledger(client: Client) -> None:
+    """transactions pages newest first with next_before; iter_transactions walks them all."""
     user = new_user()
     results = [client.debit(user, "chat_tokens", "0.5") for _ in range(5)]
     rows = flushed(client, user, 5)
@@ -401,6 +413,8 @@ def test_a_retry_after_a_dropped_connection_debits_once(client: Client,
 
 async def test_an_async_retry_after_a_dropped_connection_debits_once(
         client: Client, proxy: FaultyProxy) -> None:
+    """The same through AsyncClient (a pooled connection reset after the debit), and a
+    batch whose answer is lost: its retry returns every item once."""
     user = new_user()
     async with AsyncClient(proxy.url, KEY, retry=FAST) as through:
         await through.debit(user, "chat_tokens", 1, ref=new_ref())  # a pooled connection
@@ -421,6 +435,7 @@ async def test_an_async_retry_after_a_dropped_connection_debits_once(
 
 def test_503s_are_retried_with_the_same_ref_then_raised(client: Client,
                                                         proxy: FaultyProxy) -> None:
+    """503s (from the proxy) are retried; past the attempts, Unavailable with retry_after."""
     user = new_user()
     with Client(proxy.url, KEY, retry=FAST) as through:
         proxy.refusals = 2
@@ -435,6 +450,8 @@ def test_503s_are_retried_with_the_same_ref_then_raised(client: Client,
 
 
 def test_nothing_listening_is_a_connection_failure_within_the_time_bound() -> None:
+    """Refused connections are retried within total_s, then ConnectionFailed (an
+    Unavailable)."""
     port = free_port()  # closed again: connections are refused
     policy = RetryPolicy(attempts=5, total_s=0.3, backoff_s=0.1, max_backoff_s=0.2)
     with Client(f"http://127.0.0.1:{port}", KEY, retry=policy) as nowhere:
@@ -447,6 +464,8 @@ def test_nothing_listening_is_a_connection_failure_within_the_time_bound() -> No
 
 # -- batch ------------------------------------------------------------------------------------
 def test_debit_batch_answers_each_item_in_order(client: Client) -> None:
+    """A batch answers each item as a single debit would, in order: results, errors
+    returned (not raised), a duplicate ref as the original."""
     user, rich = new_user(), new_user()
     ref = new_ref()
     first = client.debit(user, "chat_tokens", 5, ref=ref)
@@ -470,6 +489,8 @@ def test_debit_batch_answers_each_item_in_order(client: Client) -> None:
 
 # -- async ------------------------------------------------------------------------------------
 async def test_async_client_methods(aclient: AsyncClient) -> None:
+    """AsyncClient: 40 concurrent debits over its pool each taken once, errors, a
+    duplicate, credit, the balance API, the ledger, batches in chunks."""
     user = new_user()
     assert (await aclient.check(user)).remain_chat == 50
     results = await asyncio.gather(*(aclient.debit(user, "chat_tokens", 1) for _ in range(40)))
@@ -515,6 +536,9 @@ def holds(service: Service) -> None:
 
 @pytest.mark.usefixtures("holds")
 def test_reserve_settle_release_extend(client: Client) -> None:
+    """reserve (a repeated ref: the same hold), extend, settle below the estimate (the
+    rest given back; a repeat: the first result), release, a settle after a release, and
+    a settle beyond what is left: InsufficientQuota with available, or partial."""
     user = new_user()
     ref = new_ref()
     hold = client.reserve(user, "chat_tokens", 10, ttl_s=30, ref=ref)
@@ -542,6 +566,8 @@ def test_reserve_settle_release_extend(client: Client) -> None:
 @pytest.mark.usefixtures("holds")
 def test_the_hold_context_manager_settles_the_actual_or_releases(client: Client
                                                                   ) -> None:
+    """with client.hold(...): the actual is settled on exit, an exception releases the
+    hold and goes on, a reserve refused never enters the block."""
     user = new_user()
     with client.hold(user, "chat_tokens", 20, ttl_s=30) as h:
         assert client.check(user).remain_chat == 30
@@ -559,6 +585,7 @@ def test_the_hold_context_manager_settles_the_actual_or_releases(client: Client
 
 @pytest.mark.usefixtures("holds")
 async def test_the_async_hold_context_manager(aclient: AsyncClient) -> None:
+    """async with client.hold(...): extend inside, the actual settled; an error releases."""
     user = new_user()
     async with aclient.hold(user, "chat_tokens", 10) as h:
         await h.extend(120)
@@ -614,6 +641,9 @@ HOLD = {"hold_id": "h-1", "meter": "chat", "expires_at": "2026-12-05T00:00:00Z",
 
 
 def test_hold_sequence_on_a_scripted_transport(scripted: Callable[..., None]) -> None:
+    """The requests the hold context manager makes, in order, with what bodies: reserve
+    with its ref and ttl, then settle (actual, or the estimate), release for an actual of
+    0 or an exception, and a failed release noted on the exception it does not hide."""
     with Client("http://x", KEY, transport=Scripted, retry=NO_RETRY) as c:
         scripted((200, HOLD), (200, {"hold_id": "h-1", "tx_id": "t", "settled": 0.5,
                                      "released": 1.5, "remaining": 11.5}))
@@ -644,6 +674,7 @@ def test_hold_sequence_on_a_scripted_transport(scripted: Callable[..., None]) ->
 
 async def test_async_hold_sequence_on_a_scripted_transport(
         scripted: Callable[..., None]) -> None:
+    """The async hold: extend updates the reservation's expiry; a cancellation releases."""
     async with AsyncClient("http://x", KEY, transport=AsyncScripted, retry=NO_RETRY) as c:
         scripted((200, HOLD), (200, {"hold_id": "h-1", "expires_at": "later"}),
                  (200, {"hold_id": "h-1", "settled": 1}),
@@ -660,6 +691,8 @@ async def test_async_hold_sequence_on_a_scripted_transport(
 
 
 def test_retries_resend_the_same_body_and_are_bounded(scripted: Callable[..., None]) -> None:
+    """A reset and a 503 are retried with the very same body (the same made-up ref);
+    attempts are bounded; a 500 is not retried."""
     policy = RetryPolicy(attempts=3, total_s=5, backoff_s=0.001, max_backoff_s=0.002)
     ok = {"tx_id": "t-1", "remaining": "1.5"}
     with Client("http://x", KEY, transport=Scripted, retry=policy) as c:
@@ -679,7 +712,10 @@ def test_retries_resend_the_same_body_and_are_bounded(scripted: Callable[..., No
 
 
 def test_the_retry_policy_jitters_within_its_bounds() -> None:
-    policy = RetryPolicy(attempts=5, total_s=3, backoff_s=0.1, max_backoff_s=0.4)
+    """Waits grow, jitter between half and all of their ceiling, stop at the attempt and
+    time bounds, and honour Retry-After; the generator is seeded."""
+    policy = RetryPolicy(attempts=5, total_s=3, backoff_s=0.1, max_backoff_s=0.4,
+                         rng=random.Random(21))
     waits = [policy.delay(n, 0, None) for n in (1, 2, 3, 4) for _ in range(200)]
     assert all(w is not None for w in waits)
     firsts, fourths = waits[:200], waits[600:]

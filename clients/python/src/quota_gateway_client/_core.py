@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -55,16 +55,18 @@ class RetryPolicy:
     backoff_s: float = 0.05
     max_backoff_s: float = 1.0
     max_retry_after_s: float = 2.0
+    #: The jitter's source (seed one to replay a test).
+    rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
 
     def delay(self, attempt: int, elapsed: float, retry_after: str | None) -> float | None:
         """The wait before try ``attempt + 1``, or None: give up."""
         if attempt >= self.attempts:
             return None
         ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-        wait = random.uniform(ceiling / 2, ceiling)
+        wait = self.rng.uniform(ceiling / 2, ceiling)
         hint = _seconds(retry_after)
         if hint is not None and hint <= self.max_retry_after_s:
-            wait = max(wait, hint + random.uniform(0, ceiling / 2))
+            wait = max(wait, hint + self.rng.uniform(0, ceiling / 2))
         if elapsed + wait > self.total_s:
             return None
         return wait
