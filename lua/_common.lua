@@ -73,10 +73,11 @@ end
 -- Where a 'cycle' meter counts for a user: its assignment's own counter (key
 -- <user>:c:<meter>:y:<start ms>, the cycle's id, in the user's hash slot), ending at the
 -- plan's expiry; or, for an assignment that began before the meter became a cycle (or
--- whose start Redis does not hold), the calendar month, as before the switch.
+-- whose start Redis does not hold, or that has no expiry to end a cycle), the calendar
+-- month, as before the switch.
 -- Returns the period kind to count in ('y' or 'm') and, for 'y', the key and cycle id.
-local function cycle_counter(user_key, meter, start, since)
-  if start > 0 and start >= since then
+local function cycle_counter(user_key, meter, start, since, expires)
+  if start > 0 and start >= since and expires > 0 then
     return 'y', user_key .. ':c:' .. meter .. ':y:' .. istr(start), start
   end
   return 'm'

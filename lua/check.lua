@@ -48,7 +48,7 @@ for i = 1, n do
   local cycle_key
   if period == 'c' then
     local kind
-    kind, cycle_key = cycle_counter(KEYS[1], meter, int_or_zero(user[4]), since)
+    kind, cycle_key = cycle_counter(KEYS[1], meter, int_or_zero(user[4]), since, exp)
     if kind == 'm' then period = 'm' end
   end
   if cycle_key then

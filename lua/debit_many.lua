@@ -159,7 +159,8 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
   local used
   local cycle_end  -- a cycle counter ends with the plan (its expiry)
   if period == 'c' then
-    local kind, key, start = cycle_counter(k_user, meter, int_or_zero(user[7]), rule[3])
+    local kind, key, start = cycle_counter(k_user, meter, int_or_zero(user[7]), rule[3],
+                                           int_or_zero(user[3]))
     if kind == 'y' then
       counter, period_id, cycle_end = key, 'y:' .. istr(start), int_or_zero(user[3])
     else

@@ -176,3 +176,19 @@ async def test_no_shipped_plan_grants_an_allowance_twice_within_its_paid_duratio
                 if meter in metered:
                     assert check["meters"][meter]["remaining"] == 0, (plan.plan_code, meter,
                                                                       clock.now_ms())
+
+
+async def test_a_cycle_without_an_expiry_counts_by_month(
+    client: httpx.AsyncClient, clock: FixedClock, engine: Engine, raw_redis: aioredis.Redis
+) -> None:
+    """An assignment with no expiry has no end for a cycle counter's life (its TTL would
+    be negative: the counter gone at once, a free reset): the meter counts by month."""
+    clock.set(at("2027-08-10T00:00:00"))
+    user = new_user()
+    await buy(client, user)
+    await remain(client, user)  # loaded
+    await raw_redis.hset(engine.keys.user(user), "exp", "0")  # not reachable by the API
+    assert (await debit(client, user, 7)).status_code == 200
+    base = engine.keys.user(user)
+    assert await raw_redis.get(f"{base}:c:chat:m:2027-08") == "7000000"
+    assert [k async for k in raw_redis.scan_iter(match=f"{base}:c:chat:y:*")] == []
