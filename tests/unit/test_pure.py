@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -309,3 +310,22 @@ def test_a_batch_packs_to_the_same_bytes_as_hiredis(items: int) -> None:
             head = ("EVAL", script.source) if evaled else ("EVALSHA", script.sha)
             assert batch.pack() == hiredis.pack_command((
                 *head, 6 * items, *batch.item_keys, *header, *batch.item_args))
+
+
+def test_a_stale_pid_file_naming_another_program_is_left_alone(tmp_path: Path) -> None:
+    """A pid file that outlived a reboot may name an unrelated process by now: the stale
+    server check signals only a process running the server's program."""
+    import subprocess
+    import sys
+
+    from ops.devservers import _stop_stale
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        pid_file = tmp_path / "redis.pid"
+        pid_file.write_text(f"{other.pid}\n")
+        _stop_stale(pid_file, "Redis", "redis-server", 15)
+        assert other.poll() is None  # still running: not ours to stop
+    finally:
+        other.kill()
+        other.wait()
