@@ -71,14 +71,14 @@ local function parse_rule(text)
 end
 
 -- Where a 'cycle' meter counts for a user: its assignment's own counter (key
--- <user>:c:<meter>:y:<start ms>, the cycle's id, in the user's hash slot), ending at the
--- plan's expiry; or, for an assignment that began before the meter became a cycle (or
--- whose start Redis does not hold, or that has no expiry to end a cycle), the calendar
--- month, as before the switch.
+-- <user>:c:<meter>:y:<plan version>: every purchase, renewal or plan apply is a new version,
+-- so a new cycle; in the user's hash slot), ending at the plan's expiry; or, for an
+-- assignment that began before the meter became a cycle (or whose start Redis does not
+-- hold, or that has no expiry to end a cycle), the calendar month, as before the switch.
 -- Returns the period kind to count in ('y' or 'm') and, for 'y', the key and cycle id.
-local function cycle_counter(user_key, meter, start, since, expires)
-  if start > 0 and start >= since and expires > 0 then
-    return 'y', user_key .. ':c:' .. meter .. ':y:' .. istr(start), start
+local function cycle_counter(user_key, meter, start, since, expires, version)
+  if start > 0 and start >= since and expires > 0 and version > 0 then
+    return 'y', user_key .. ':c:' .. meter .. ':y:' .. istr(version), version
   end
   return 'm'
 end

@@ -27,7 +27,7 @@ end
 local n = #ARGV - 7
 if #KEYS ~= 2 + 2 * n then error('qg: check needs two counter keys per meter') end
 
-local user = redis.call('HMGET', KEYS[1], 'loaded', 'plan', 'exp', 'ps')
+local user = redis.call('HMGET', KEYS[1], 'loaded', 'plan', 'exp', 'ps', 'pv')
 if not user[1] then return {NOT_LOADED, 'user'} end
 local code, status, assigned, exp = plan_in_force(user[2], user[3], now, ARGV[6])
 local plan_meters = redis.call('HGET', KEYS[2], code)
@@ -48,7 +48,8 @@ for i = 1, n do
   local cycle_key
   if period == 'c' then
     local kind
-    kind, cycle_key = cycle_counter(KEYS[1], meter, int_or_zero(user[4]), since, exp)
+    kind, cycle_key = cycle_counter(KEYS[1], meter, int_or_zero(user[4]), since, exp,
+                                    int_or_zero(user[5]))
     if kind == 'm' then period = 'm' end
   end
   if cycle_key then

@@ -11,7 +11,7 @@
 -- KEYS[6i-3]  shard plan catalog hash   <prefix>:{shard}:plans
 -- KEYS[6i-2]  day counter of the meter  <prefix>:{shard}:u:<user>:c:<meter>:d:<YYYY-MM-DD>
 -- KEYS[6i-1]  month counter             <prefix>:{shard}:u:<user>:c:<meter>:m:<YYYY-MM>
---             (a 'cycle' meter counts in <user key>:c:<meter>:y:<assignment start ms>,
+--             (a 'cycle' meter counts in <user key>:c:<meter>:y:<plan version>,
 --             built here from KEYS[6i-5]: the same hash slot; _common.lua, cycle_counter)
 -- KEYS[6i]    shard ledger stream       <prefix>:{shard}:ledger
 --             (debits of different shards may share a call on a single Redis; Redis
@@ -124,7 +124,8 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
     f = {'cr:' .. meter, 'n:' .. meter}
     fields[meter] = f
   end
-  local user = redis.call('HMGET', k_user, 'loaded', 'plan', 'exp', f[1], f[2], 'xt', 'ps')
+  local user = redis.call('HMGET', k_user, 'loaded', 'plan', 'exp', f[1], f[2], 'xt', 'ps',
+                           'pv')
   if not user[1] then return {NOT_LOADED, 'user'} end
 
   local backlog = xlen[k_ledger]
@@ -159,10 +160,10 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
   local used
   local cycle_end  -- a cycle counter ends with the plan (its expiry)
   if period == 'c' then
-    local kind, key, start = cycle_counter(k_user, meter, int_or_zero(user[7]), rule[3],
-                                           int_or_zero(user[3]))
+    local kind, key, cycle = cycle_counter(k_user, meter, int_or_zero(user[7]), rule[3],
+                                           int_or_zero(user[3]), int_or_zero(user[8]))
     if kind == 'y' then
-      counter, period_id, cycle_end = key, 'y:' .. istr(start), int_or_zero(user[3])
+      counter, period_id, cycle_end = key, 'y:' .. istr(cycle), int_or_zero(user[3])
     else
       period = 'm'
     end

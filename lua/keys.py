@@ -45,8 +45,8 @@ class Keys:
 
     def counter(self, user_id: str, meter: str, kind: str, period: str) -> str:
         """A period counter: kind 'd' with a YYYY-MM-DD id, 'm' with a YYYY-MM id, or 'y' (a
-        plan's cycle) with its assignment's start in epoch ms (debit_many.lua builds the
-        same key for a cycle meter)."""
+        plan's cycle) with its assignment's version (debit_many.lua builds the same key for
+        a cycle meter)."""
         return f"{self.user_base(user_id)}:c:{meter}:{kind}:{period}"
 
     def counters(self, user_id: str, meter: str, windows: Windows) -> tuple[str, str]:
@@ -103,7 +103,7 @@ class Keys:
 
     @staticmethod
     def parse_counter(key: str) -> tuple[str, str, str] | None:
-        """(user, meter, period id like 'd:2026-11-23', or 'y:<start ms>' for a cycle) of a
+        """(user, meter, period id like 'd:2026-11-23', or 'y:<plan version>' for a cycle) of a
         period counter key, or None."""
         parts = key.split("}:u:", 1)[1].split(":")
         if len(parts) != 5 or parts[1] != "c" or parts[3] not in ("d", "m", "y"):

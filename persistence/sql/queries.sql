@@ -94,7 +94,7 @@ WHERE user_id = $1 AND period_id = ANY($2::text[]);
 -- the plan (code, version, start and expiry in epoch ms), credit balances, payment
 -- changes not applied in Redis whose effect the balances hold (credits, and refunds whose
 -- ledger events were flushed),
--- flushed usage of the periods $2 and of the plan's cycle, and the first page of debits
+-- flushed usage of the periods $2 and of the plan's cycle (y:<plan version>), and the first page of debits
 -- whose idempotency keys may still live (as user_recent_debits). $1 user_id, $2 period
 -- ids[], $3 the start of the ref window, $4 the page size.
 WITH plan AS (
@@ -117,7 +117,7 @@ SELECT
     (SELECT coalesce(jsonb_agg(jsonb_build_array(meter, period_id, used_micro)), '[]')
      FROM usage_counters
      WHERE user_id = $1 AND (period_id = ANY($2::text[])
-                             OR period_id = 'y:' || (SELECT start_ms FROM plan))) AS usage,
+                             OR period_id = 'y:' || (SELECT version FROM plan))) AS usage,
     (SELECT coalesce(jsonb_agg(jsonb_build_array(
                 ref, tx_id, meter, amount_micro, reason, remaining_micro,
                 floor(extract(epoch FROM occurred_at) * 1000)::bigint, occurred_at)

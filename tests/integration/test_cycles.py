@@ -91,9 +91,8 @@ async def test_cycle_usage_survives_redis_losing_its_data(
     client: httpx.AsyncClient, clock: FixedClock, engine: Engine, raw_redis: aioredis.Redis
 ) -> None:
     """3,000 of the cycle's chat spent and flushed; Redis loses every key of the user: the
-    reload from PostgreSQL finds the cycle's usage (the ledger says period y:<start>)."""
+    reload from PostgreSQL finds the cycle's usage (the ledger says period y:<version>)."""
     clock.set(at("2027-03-25T12:00:00"))
-    start = clock.now_ms()
     user = new_user()
     await buy(client, user)
     assert (await debit(client, user, 3_000)).status_code == 200
@@ -101,8 +100,9 @@ async def test_cycle_usage_survives_redis_losing_its_data(
     async with engine.db.connection() as conn:
         periods = await conn.fetch(
             "SELECT period_id, used_micro FROM usage_counters WHERE user_id = $1", user)
+        version = await conn.fetchval("SELECT version FROM user_plans WHERE user_id = $1", user)
     assert [(r["period_id"], r["used_micro"]) for r in periods] == [
-        (f"y:{start}", 3_000_000_000)]
+        (f"y:{version}", 3_000_000_000)]
     keys = [k async for k in raw_redis.scan_iter(match=f"{engine.keys.user(user)}*")]
     assert await raw_redis.delete(*keys) >= 2  # the state and the cycle counter
     clock.set(at("2027-04-02T00:00:00"))  # a new calendar month: nothing resets
@@ -192,3 +192,17 @@ async def test_a_cycle_without_an_expiry_counts_by_month(
     base = engine.keys.user(user)
     assert await raw_redis.get(f"{base}:c:chat:m:2027-08") == "7000000"
     assert [k async for k in raw_redis.scan_iter(match=f"{base}:c:chat:y:*")] == []
+
+
+async def test_two_assignments_in_one_millisecond_are_two_cycles(
+    client: httpx.AsyncClient, clock: FixedClock
+) -> None:
+    """Each assignment is its own cycle, even two of them in the same millisecond (a cycle
+    is the assignment's version, not its start time)."""
+    clock.set(at("2027-09-01T00:00:00"))
+    user = new_user()
+    await buy(client, user)
+    assert (await debit(client, user, 10_000)).status_code == 200
+    await apply_plan(client, user, "free")
+    await apply_plan(client, user, "pro_month")  # the same pinned millisecond
+    assert await remain(client, user) == 10_000

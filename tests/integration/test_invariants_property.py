@@ -181,7 +181,8 @@ class UserState:
 
     plan: str | None = None  # assigned plan; None: never assigned (the default)
     exp: int = 0  # ms, 0: never
-    start: int = 0  # when the assignment began, ms: its cycle's id
+    start: int = 0  # when the assignment began, ms
+    version: int = 0  # the assignment's user_plans.version: its cycle's id
     assignment: int = 0  # which model assignment is in force (a refund ends only its own)
     credits: Counter[str] = field(default_factory=Counter)
     usage: Counter[tuple[str, str]] = field(default_factory=Counter)  # (meter, period id)
@@ -296,9 +297,9 @@ class Model:
         code = self.in_force(user, now)[0]
         period, limit_units = PLANS[code][2].get(meter, ("n", 0))
         limit = limit_units * MICRO
-        # A cycle counts from the assignment's start (every assignment began after the
-        # plans were written, so none counts by month as before a switch to cycle).
-        pid = f"y:{state.start}" if period == "c" else period_id(period, now)
+        # A cycle is the assignment's own (every assignment began after the plans were
+        # written, so none counts by month as before a switch to cycle).
+        pid = f"y:{state.version}" if period == "c" else period_id(period, now)
         used = state.usage[(meter, pid)]
         credits = state.credits[meter]
         return View(period, limit, used, credits, max(0, limit - used), pid, code)
@@ -513,13 +514,16 @@ class InvariantsMachine(RuleBasedStateMachine):
         return reconciler
 
     def _assignment_time(self) -> int:
-        """The clock moved on by 1 ms for a plan assignment: a cycle is known by its start
-        in ms (its counter key and ledger period), so two assignments of a user begun in
-        one millisecond would share one, in PostgreSQL always and in Redis only until it
-        loses the counter (then a rebuild answers otherwise than before). A real clock
-        rarely gives one user two in a millisecond; here every step would."""
-        self.clock.advance(1)
+        """The time of a plan assignment: now (two assignments of a user in one millisecond
+        are two cycles: a cycle is the assignment's version)."""
         return self.clock.now_ms()
+
+    async def _version(self, user: str) -> int:
+        """The user's current plan assignment's version in PostgreSQL (its cycle's id)."""
+        async with self.engine.db.connection() as conn:
+            version: int = await conn.fetchval(
+                "SELECT version FROM user_plans WHERE user_id = $1", user)
+        return version
 
     def _new_id(self, kind: str) -> str:
         return f"{kind}-{self.token}-{next(self.ids)}"
@@ -671,6 +675,7 @@ class InvariantsMachine(RuleBasedStateMachine):
         assert response.status_code == 200, response.text
         order = self._credited(order_id, user, plan, units, micro(PLANS[plan][1]) // 10_000,
                                response.json()["tx_id"], now)
+        self.model.users[user].version = await self._version(user)
         assert response.json()["credits"] == {
             m: float(Decimal(v) / MICRO) for m, v in order.credits.items()}, response.text
         return order
@@ -723,6 +728,7 @@ class InvariantsMachine(RuleBasedStateMachine):
         assert response.json()["status"] == "processed", response.text
         order = self._credited(payment, self.users[user], plan, (chat, tpl),
                                micro(paid) // 10_000, "", now)
+        self.model.users[self.users[user]].version = self.run(self._version(self.users[user]))
         order.payment_id, order.notice = payment, body
         return order
 
@@ -826,6 +832,7 @@ class InvariantsMachine(RuleBasedStateMachine):
             "user_id": self.users[user], "plan_code": plan}))
         assert response.status_code == 200, response.text
         self.model.assign(self.users[user], plan, now, None)
+        self.model.users[self.users[user]].version = self.run(self._version(self.users[user]))
 
     @precondition(lambda self: self.clock.now_ms() - T0 < MAX_DRIFT_MS)
     @rule(step=st.sampled_from(["minute", "5h", "day", "before_midnight", "midnight",

@@ -2,8 +2,9 @@
 --
 -- A meter whose period is `cycle` grants its allowance once per plan assignment: from the
 -- assignment's start for the plan's duration, afresh on a renewal or a plan change. The
--- counter is keyed by the assignment's start (user_plans.started_at, now set by the
--- service's clock) and the ledger records the period as `y:<start epoch ms>`.
+-- counter is keyed by the assignment's version (user_plans.version: every assignment is a
+-- new one) and the ledger records the period as `y:<version>`; the assignment's start
+-- (user_plans.started_at, now set by the service's clock) decides the rule below.
 --
 -- cycle_since: when the meter became `cycle` in its plan. An assignment that began before
 -- it keeps counting that meter by calendar month until it ends (its next purchase or plan
