@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import redis
 
 from ops.devservers import free_port
 
@@ -144,6 +145,18 @@ def main() -> None:
         service.wait(60)
         subprocess.run(["psql", ADMIN_DSN, "-qc", f'DROP DATABASE IF EXISTS "{name}"'],
                        check=False)
+        # the shared Redis keeps nothing of the run (its refs would live 7 days, and every
+        # test that scans by prefix would walk them)
+        keys = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        batch = []
+        for key in keys.scan_iter(match=f"{prefix}:*", count=5000):
+            batch.append(key)
+            if len(batch) == 1000:
+                keys.unlink(*batch)
+                batch = []
+        if batch:
+            keys.unlink(*batch)
+        keys.close()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     result = {"date": datetime.now(tz=UTC).isoformat(timespec="seconds"), "commit": commit,
