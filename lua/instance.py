@@ -78,17 +78,18 @@ class InstanceGuard:
         """``PipelinedRedis.on_connect``: return to serve, raise RedisUnavailable to refuse."""
         if self.closed:  # a late call of a closing process starts nothing
             raise RedisUnavailable("the service is shutting down")
-        policy = await self._info(execute, "memory", "maxmemory_policy",
-                                  "a Redis that may evict keys cannot be refused")
+        memory = await self._info(execute, "memory", {
+            "maxmemory_policy": "a Redis that may evict keys cannot be refused",
+            "maxmemory": "the backlog limit cannot be sized to Redis's memory"})
+        policy = memory["maxmemory_policy"]
         if policy is not None and policy != "noeviction":
             raise RedisUnavailable(
                 f"Redis may evict keys (maxmemory-policy {policy}): an evicted period counter "
                 "would read as a new period; set maxmemory-policy noeviction")
-        maxmemory = await self._info(execute, "memory", "maxmemory",
-                                     "the backlog limit cannot be sized to Redis's memory")
+        maxmemory = memory["maxmemory"]
         self.maxmemory = int(maxmemory) if maxmemory and maxmemory.isdigit() else 0
-        run_id = await self._info(execute, "server", "run_id",
-                                  "a Redis that comes back older than it was cannot be detected")
+        run_id = (await self._info(execute, "server", {
+            "run_id": "a Redis that comes back older than it was cannot be detected"}))["run_id"]
         if run_id is None:
             return
         stored = await execute("GET", self.instance_key)
@@ -103,21 +104,24 @@ class InstanceGuard:
             "Redis came back with older data (its run_id changed): users are rebuilt from "
             "PostgreSQL once the reconcilers have flushed the ledger streams")
 
-    async def _info(self, execute: Callable[..., Awaitable[Any]], section: str, name: str,
-                    unchecked: str) -> str | None:
-        """The field ``name`` of an INFO section; None (said once per field) when Redis
-        does not tell it, e.g. to an ACL user without +info: the connection serves unchecked."""
-        reason = f"no {name} in INFO {section}"
+    async def _info(self, execute: Callable[..., Awaitable[Any]], section: str,
+                    fields: dict[str, str]) -> dict[str, str | None]:
+        """Fields of one INFO section, read with one command; a field Redis does not tell
+        (e.g. to an ACL user without +info) is None, said once per field with what goes
+        unchecked (``fields``' values): the connection serves unchecked."""
         try:
-            match = re.search(rf"^{name}:(\S+)", await execute("INFO", section), re.M)
+            text, reason = await execute("INFO", section), ""
         except RedisReplyError as exc:
-            match, reason = None, str(exc)
-        if match is None:
-            if name not in self._warned:
+            text, reason = "", str(exc)
+        found: dict[str, str | None] = {}
+        for name, unchecked in fields.items():
+            match = re.search(rf"^{name}:(\S+)", text, re.M)
+            found[name] = match[1] if match else None
+            if match is None and name not in self._warned:
                 self._warned.add(name)
-                log.warning("Redis does not tell its %s (%s): %s", name, reason, unchecked)
-            return None
-        return match[1]
+                log.warning("Redis does not tell its %s (%s): %s", name,
+                            reason or f"no {name} in INFO {section}", unchecked)
+        return found
 
     async def _rebuild(self, run_id: str) -> None:
         if self.redis_url is None:
