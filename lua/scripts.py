@@ -30,6 +30,13 @@ def script_error(script: Script, exc: RedisReplyError) -> Exception:
     return DependencyUnavailable("redis", f"Redis refused {script.name}: {message}")
 
 
+def parse_ledger_lag(reply: Sequence[Any]) -> list[tuple[int, int]]:
+    """ledger_lag.lua's reply, whichever client ran it: per stream, (unflushed entries,
+    epoch ms of the oldest or 0)."""
+    return [(int(reply[i]), int(str(reply[i + 1]).split("-", 1)[0]))
+            for i in range(0, len(reply), 2)]
+
+
 @dataclass(frozen=True, slots=True)
 class DebitLimits:
     """The deployment's constants every debit_many call carries (ARGV[7..11])."""
@@ -158,7 +165,5 @@ class Scripts:
     # -- ledger_lag.lua --------------------------------------------------------------------
     async def ledger_lag(self, streams: Sequence[str]) -> list[tuple[int, int]]:
         """Per stream, in order: (unflushed entries, epoch ms of the oldest or 0)."""
-        reply = await self._run(SCRIPTS["ledger_lag"], streams, ())
-        return [(int(reply[i]), int(str(reply[i + 1]).split("-", 1)[0]))
-                for i in range(0, len(reply), 2)]
+        return parse_ledger_lag(await self._run(SCRIPTS["ledger_lag"], streams, ()))
 

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from lua.keys import Keys
+from lua.scripts import parse_ledger_lag
 from lua.source import SCRIPTS
 
 GROUP = "reconciler"
@@ -138,10 +139,8 @@ class StreamConsumer:
         """Unflushed entries and the age of the oldest, per shard: one ledger_lag.lua call
         for every stream (a pipeline of two commands a shard cost the reconciler more CPU
         than its flushes)."""
-        replies = await self._lag_script(keys=self.streams)
-        return [Lag(shard, int(replies[2 * shard]),
-                    int(str(replies[2 * shard + 1]).split("-", 1)[0]))
-                for shard in range(len(self.streams))]
+        lags = parse_ledger_lag(await self._lag_script(keys=self.streams))
+        return [Lag(shard, entries, oldest_ms) for shard, (entries, oldest_ms) in enumerate(lags)]
 
 
 def lag_seconds(lags: Sequence[Lag], now_ms: int | None = None) -> float:
