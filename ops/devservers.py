@@ -51,7 +51,7 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether a process of that id runs (a zombie does not)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
@@ -78,16 +78,16 @@ def _stop_stale(pid_file: Path, what: str, program: str, sig: int) -> None:
         pid = int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return
-    if pid == os.getpid() or not _alive(pid) or not _runs(pid, program):
+    if pid == os.getpid() or not process_alive(pid) or not _runs(pid, program):
         return
     print(f"found a {what} left running by an earlier run (pid {pid}, data in "
           f"{pid_file.parent}): stopping it", flush=True)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
     deadline = time.monotonic() + 30
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if process_alive(pid):
         raise RuntimeError(f"the {what} left running by an earlier run (pid {pid}) did not "
                            f"stop; stop it and start again")
 

@@ -21,19 +21,11 @@ import pytest
 
 from core.settings import Settings
 from ops.devservers import EmbeddedPostgres, free_port
+from ops.devservers import process_alive as alive
 from tests.integration.test_smoke import _wait_ready
 from tests.support import KEY, new_ref, new_user
 
 pytestmark = pytest.mark.smoke
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_gone(pids: dict[str, int], seconds: float) -> list[str]:
