@@ -95,6 +95,15 @@ LEDGER_REF_REUSES = Counter(
     "quota_ledger_ref_reuses_total",
     "Debits of a ref reused past the idempotency TTL, written as the ref's next round",
 )
+HOLDS = Counter(
+    "quota_holds_total",
+    "Reservations (holds) by meter and outcome: created, settled, released, expired",
+    ["meter", "outcome"],
+)
+OPEN_HOLDS = Gauge(
+    "quota_open_holds", "Open holds the reconciler last counted in PostgreSQL",
+    multiprocess_mode="max",
+)
 
 
 def render() -> tuple[bytes, str]:
