@@ -1,21 +1,33 @@
 """Prometheus metrics. No per-user labels: a user's numbers are served by the API.
 
 With several workers, PROMETHEUS_MULTIPROC_DIR (set by ``quota-gateway serve``) makes every
-worker write its samples to files that /metrics aggregates.
+worker write its samples to files that /metrics aggregates. A reconciler run on its own
+(``quota-gateway reconcile``) serves its metrics on a listener of its own (METRICS_PORT).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from typing import Final
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
+    start_http_server,
 )
+
+#: How a gauge is read across processes (serve's workers, its reconciler child): the value
+#: last set by any of them. A gauge under "max" would keep a dead process's last value for
+#: good (a reconciler restarted after a crash left its flush lag behind: an alert that never
+#: clears); every gauge here is a reading that the next one replaces.
+_LAST_SEEN: Final = "mostrecent"
 
 _BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -42,7 +54,7 @@ WEBHOOK_REJECTIONS = Counter(
 )
 PENDING_APPLIES = Gauge(
     "quota_pending_applies", "Write-through changes committed in PostgreSQL, not yet in Redis",
-    multiprocess_mode="max",
+    multiprocess_mode=_LAST_SEEN,
 )
 DEPENDENCY_ERRORS = Counter(
     "quota_dependency_errors_total", "Redis and PostgreSQL failures seen by the hot path",
@@ -67,23 +79,24 @@ FLUSH_SECONDS = Histogram(
 )
 LEDGER_BACKLOG = Gauge(
     "quota_ledger_backlog_entries", "Unflushed ledger entries in all shard streams, as the "
-    "service last saw them (/ready)", multiprocess_mode="max",
+    "service last saw them (/ready)", multiprocess_mode=_LAST_SEEN,
 )
 LEDGER_BACKLOG_LIMIT = Gauge(
     "quota_ledger_backlog_limit_entries", "Unflushed entries at which debits answer 503 "
-    "(every shard at its share)", multiprocess_mode="max",
+    "(every shard at its share)", multiprocess_mode=_LAST_SEEN,
 )
 LEDGER_OLDEST_SECONDS = Gauge(
     "quota_ledger_oldest_seconds", "Age of the oldest unflushed ledger entry, as the service "
-    "last saw it (/ready): the flush lag even when no reconciler runs", multiprocess_mode="max",
+    "last saw it (/ready): the flush lag even when no reconciler runs",
+    multiprocess_mode=_LAST_SEEN,
 )
 FLUSH_LAG_SECONDS = Gauge(
     "quota_flush_lag_seconds", "Age of the oldest unflushed ledger event per shard",
-    ["shard"], multiprocess_mode="max",
+    ["shard"], multiprocess_mode=_LAST_SEEN,
 )
 FLUSH_LAG_ENTRIES = Gauge(
     "quota_flush_lag_entries", "Unflushed ledger entries per shard", ["shard"],
-    multiprocess_mode="max",
+    multiprocess_mode=_LAST_SEEN,
 )
 POISON_EVENTS = Counter("quota_poison_events_total", "Ledger entries moved to the poison table")
 LEDGER_REF_CONFLICTS = Counter(
@@ -102,17 +115,28 @@ HOLDS = Counter(
 )
 OPEN_HOLDS = Gauge(
     "quota_open_holds", "Open holds the reconciler last counted in PostgreSQL",
-    multiprocess_mode="max",
+    multiprocess_mode=_LAST_SEEN,
 )
+
+
+def _registry() -> CollectorRegistry:
+    """This process's metrics, or every process's when they count in files."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
 
 
 def render() -> tuple[bytes, str]:
     """The exposition text for /metrics (aggregated across workers when multiprocess)."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        from prometheus_client import multiprocess
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+
+def serve_metrics(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """A Prometheus listener (any path answers the exposition text) on a daemon thread,
+    for a process without an HTTP server of its own (the reconciler); port 0 picks one."""
+    return start_http_server(port, addr=host, registry=_registry())

@@ -83,6 +83,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8001
     workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    #: The Prometheus listener of a reconciler run on its own (``reconcile``), on HOST;
+    #: 0: none (the reconciler of ``serve --with-reconciler`` reports in its /metrics).
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     #: None means: start an embedded real server (development and tests only).
     redis_url: str | None = None
     db_dsn: str | None = None

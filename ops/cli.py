@@ -130,7 +130,9 @@ def main(log_level: str) -> None:
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    # A stop that was asked for and done (uvicorn has drained its requests): status 0, as
+    # with several workers, where uvicorn's supervisor returns after stopping them.
+    raise SystemExit(0)
 
 
 @main.command()
@@ -159,11 +161,21 @@ async def _reconcile(settings: Settings) -> None:
 
 
 @main.command()
-def reconcile() -> None:
-    """Run the write-behind reconciler: shard streams -> PostgreSQL ledger."""
-    settings = _settings()
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on HOST:PORT, 0 for none [env METRICS_PORT]")
+def reconcile(metrics_port: int | None) -> None:
+    """Run the write-behind reconciler: shard streams -> PostgreSQL ledger.
+
+    SIGTERM or SIGINT: the batch in hand is written and acknowledged, then it exits 0."""
+    settings = _settings(metrics_port=metrics_port)
     if not settings.redis_url or not settings.db_dsn:
         raise click.ClickException("reconcile needs REDIS_URL and DB_DSN")
+    if settings.metrics_port:
+        from core.metrics import serve_metrics
+
+        serve_metrics(settings.host, settings.metrics_port)
+        click.echo(f"reconciler metrics on http://{settings.host}:{settings.metrics_port}"
+                   "/metrics")
     asyncio.run(_reconcile(settings))
 
 
@@ -230,7 +242,9 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc
     reconciler = None
     if with_reconciler:  # restarted whenever it exits; gone with this process
-        reconciler = Supervised([sys.executable, "-m", "ops.cli", "reconcile"], "reconciler")
+        # Its metrics are in this service's /metrics (PROMETHEUS_MULTIPROC_DIR): no listener.
+        reconciler = Supervised([sys.executable, "-m", "ops.cli", "reconcile",
+                                 "--metrics-port", "0"], "reconciler")
         reconciler.start()
         assert reconciler.process is not None
         click.echo(f"reconciler started (pid {reconciler.process.pid})")

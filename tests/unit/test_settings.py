@@ -29,6 +29,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "host": ("0.0.0.0", "0.0.0.0"),  # noqa: S104 - a value, not a bind
     "port": ("9001", 9001),
     "workers": ("4", 4),
+    "metrics_port": ("9101", 9101),
     "redis_url": ("redis://r:6379/1", "redis://r:6379/1"),
     "db_dsn": ("postgresql+asyncpg://u:p@h/d", "postgresql://u:p@h/d"),
     "data_dir": ("/var/qg", "/var/qg"),
@@ -104,6 +105,7 @@ def test_readme_lists_every_variable() -> None:
     ({"PORT": "65536"}, "PORT '65536'"),
     ({"PORT": "eighty"}, "PORT 'eighty'"),
     ({"WORKERS": "0"}, "WORKERS"),
+    ({"METRICS_PORT": "65536"}, "METRICS_PORT"),
     ({"N_SHARDS": "16385"}, "N_SHARDS"),
     ({"IDEMPOTENCY_TTL_SECONDS": "0"}, "IDEMPOTENCY_TTL_SECONDS"),
     ({"REDIS_TIMEOUT_SECONDS": "0"}, "REDIS_TIMEOUT_SECONDS"),
