@@ -77,8 +77,8 @@ class _Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
         # Batch items queued since the last flush (held while a batch call is unanswered),
-        # by (script, header); packed at the flush.
-        self.batches: dict[tuple[str, tuple[str | int, ...]], tuple[Batch, float]] = {}
+        # by (script, header, hash slot: 0 off a cluster); packed at the flush.
+        self.batches: dict[tuple[str, tuple[str | int, ...], int], tuple[Batch, float]] = {}
         self.batches_pending = 0  # batch calls written (or about to be) and not answered
         self.flush_scheduled = False
         self.closed = False
@@ -139,10 +139,12 @@ class _Pipe(asyncio.Protocol):
         return future
 
     def send_item(self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
-                  args: Sequence[str | int], deadline: float) -> asyncio.Future[Any]:
-        """Queue one item of a batch script call; it goes out at this tick's flush."""
+                  args: Sequence[str | int], deadline: float, slot: int = 0
+                  ) -> asyncio.Future[Any]:
+        """Queue one item of a batch script call; it goes out at this tick's flush. Items
+        of different hash ``slot``s never share a call (Redis Cluster refuses CROSSSLOT)."""
         future: asyncio.Future[Any] = self.loop.create_future()
-        group = (script.sha, header)
+        group = (script.sha, header, slot)
         entry = self.batches.get(group)
         if entry is None or len(entry[0].futures) >= BATCH_MAX:
             if entry is not None:  # full: it takes its place in the stream now
@@ -197,6 +199,8 @@ class _Pipe(asyncio.Protocol):
 
 class PipelinedRedis:
     """The hot path's Redis client: a few pipelined connections, round-robin."""
+
+    cluster = False  # lua/cluster.py's ClusterRedis routes by slot over many of these
 
     def __init__(
         self,
@@ -291,13 +295,24 @@ class PipelinedRedis:
         packed = hiredis.pack_command(args)  # type: ignore[arg-type]
         return await pipe.send(packed, time.monotonic() + self.timeout)
 
+    async def execute_asking(self, *args: str | int | bytes) -> Any:
+        """ASKING then the command, on one connection (Redis Cluster's ASK redirection:
+        the slot is being imported by this node)."""
+        pipe = await self._pipe()
+        deadline = time.monotonic() + self.timeout
+        asking = pipe.send(hiredis.pack_command(("ASKING",)), deadline)
+        reply = pipe.send(hiredis.pack_command(args), deadline)  # type: ignore[arg-type]
+        await asking
+        return await reply
+
     async def run_batched(
         self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
-        args: Sequence[str | int],
+        args: Sequence[str | int], slot: int = 0,
     ) -> Any:
         """One item of a batch script call (see ``Batch``): its own reply, or its error.
 
-        Items queued in the same tick with the same script and ``header`` share one call.
+        Items queued in the same tick with the same script, ``header`` and ``slot`` share
+        one call.
         """
         pipe = self._pipes[self._next]
         if pipe is None or pipe.closed:
@@ -305,7 +320,7 @@ class PipelinedRedis:
         else:
             self._next = (self._next + 1) % len(self._pipes)
         return await pipe.send_item(script, header, keys, args,
-                                    time.monotonic() + self.timeout)
+                                    time.monotonic() + self.timeout, slot)
 
     async def run_script(
         self, script: Script, keys: Sequence[str], args: Sequence[str | int]
@@ -317,6 +332,10 @@ class PipelinedRedis:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         return await self.execute("EVAL", script.source, len(keys), *keys, *args)
+
+    def slot_groups(self, keys: Sequence[str]) -> list[list[str]]:
+        """``keys`` as the groups one script call may take: all of them on one Redis."""
+        return [list(keys)]
 
     async def close(self) -> None:
         """Close every connection and stop the watchdog."""

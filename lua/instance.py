@@ -42,6 +42,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 
+from lua.cluster import ClusterRedis, admin_client, slot_of
 from lua.connection import RedisUnavailable
 from lua.keys import Keys
 from lua.resp import RedisReplyError
@@ -65,6 +66,11 @@ class InstanceGuard:
         #: Redis's maxmemory in bytes as last seen on connect (0: none, or not told).
         self.maxmemory = 0
         self.closed = False
+        #: Set by the engine on a Redis Cluster: whose slot table says which shards a
+        #: node serves; then each node is checked (and rebuilt) on its own.
+        self.cluster: ClusterRedis | None = None
+        self.node_rebuilds: dict[str, asyncio.Task[None]] = {}
+        self._slots: list[int] | None = None
 
     @property
     def instance_key(self) -> str:
@@ -76,20 +82,7 @@ class InstanceGuard:
 
     async def check(self, execute: Callable[..., Awaitable[Any]]) -> None:
         """``PipelinedRedis.on_connect``: return to serve, raise RedisUnavailable to refuse."""
-        if self.closed:  # a late call of a closing process starts nothing
-            raise RedisUnavailable("the service is shutting down")
-        memory = await self._info(execute, "memory", {
-            "maxmemory_policy": "a Redis that may evict keys cannot be refused",
-            "maxmemory": "the backlog limit cannot be sized to Redis's memory"})
-        policy = memory["maxmemory_policy"]
-        if policy is not None and policy != "noeviction":
-            raise RedisUnavailable(
-                f"Redis may evict keys (maxmemory-policy {policy}): an evicted period counter "
-                "would read as a new period; set maxmemory-policy noeviction")
-        maxmemory = memory["maxmemory"]
-        self.maxmemory = int(maxmemory) if maxmemory and maxmemory.isdigit() else 0
-        run_id = (await self._info(execute, "server", {
-            "run_id": "a Redis that comes back older than it was cannot be detected"}))["run_id"]
+        run_id = await self._vet(execute)
         if run_id is None:
             return
         stored = await execute("GET", self.instance_key)
@@ -103,6 +96,102 @@ class InstanceGuard:
         raise RedisUnavailable(
             "Redis came back with older data (its run_id changed): users are rebuilt from "
             "PostgreSQL once the reconcilers have flushed the ledger streams")
+
+    async def _vet(self, execute: Callable[..., Awaitable[Any]]) -> str | None:
+        """The eviction policy and maxmemory checks; the node's run_id (None: not told)."""
+        if self.closed:  # a late call of a closing process starts nothing
+            raise RedisUnavailable("the service is shutting down")
+        memory = await self._info(execute, "memory", {
+            "maxmemory_policy": "a Redis that may evict keys cannot be refused",
+            "maxmemory": "the backlog limit cannot be sized to Redis's memory"})
+        policy = memory["maxmemory_policy"]
+        if policy is not None and policy != "noeviction":
+            raise RedisUnavailable(
+                f"Redis may evict keys (maxmemory-policy {policy}): an evicted period counter "
+                "would read as a new period; set maxmemory-policy noeviction")
+        maxmemory = memory["maxmemory"]
+        self.maxmemory = int(maxmemory) if maxmemory and maxmemory.isdigit() else 0
+        return (await self._info(execute, "server", {
+            "run_id": "a Redis that comes back older than it was cannot be detected"}))["run_id"]
+
+    # -- Redis Cluster: the same rule per node, for the shards the node serves ------------
+    async def check_node(self, execute: Callable[..., Awaitable[Any]], address: str) -> None:
+        """``ClusterRedis.on_node_connect``: each shard the node serves keeps the run_id
+        of the node whose data is in step with PostgreSQL (``<prefix>:{NNN}:instance``,
+        in the shard's own slot, so it moves with the shard). A shard holding another
+        run_id (a promoted replica, a node restarted from its file, a slot migrated from
+        another node) is rebuilt; the node's other shards, and other nodes, are not."""
+        run_id = await self._vet(execute)
+        if run_id is None or self.cluster is None:
+            return
+        if self._slots is None:
+            self._slots = [slot_of(self.keys.tag(s)) for s in range(self.keys.n_shards)]
+        shards = self.cluster.shards_served(address, self._slots)
+        keys = [self.keys.shard_instance(s) for s in shards]
+        stored = await asyncio.gather(*(execute("GET", k) for k in keys))
+        await asyncio.gather(*(execute("SET", k, run_id, "NX")
+                               for k, v in zip(keys, stored, strict=True) if v is None))
+        stale = [s for s, v in zip(shards, stored, strict=True) if v not in (None, run_id)]
+        if not stale:
+            return
+        task = self.node_rebuilds.get(address)
+        if task is None or task.done():
+            self.node_rebuilds[address] = asyncio.create_task(
+                self._rebuild_node(address, run_id, stale), name=f"redis-rebuild-{address}")
+        raise RedisUnavailable(
+            f"Redis node {address} came back with older data (its run_id changed: a "
+            f"promoted replica or a restart): the users of its {len(stale)} shards are "
+            "rebuilt from PostgreSQL once the reconcilers have flushed their streams")
+
+    async def _rebuild_node(self, address: str, run_id: str, shards: list[int]) -> None:
+        assert self.cluster is not None and self.redis_url is not None
+        client = admin_client(self.redis_url, decode_responses=True)
+        node = aioredis.Redis.from_url(self.cluster.node_url(address), decode_responses=True)
+        lock = client.lock(self.keys.shard_recovery_lock(shards[0]), timeout=LOCK_SECONDS,
+                           blocking=False, thread_local=False)
+        try:
+            if not await lock.acquire():
+                return  # another process rebuilds
+            instance_keys = [self.keys.shard_instance(s) for s in shards]
+            held = await client.mget_nonatomic(instance_keys)  # type: ignore[attr-defined]
+            shards = [s for s, v in zip(shards, held, strict=True) if v != run_id]
+            if not shards:
+                return  # another process finished it
+            log.warning("Redis node %s (%s) holds data older than it answered: rebuilding "
+                        "the users of %d shards from PostgreSQL", address, run_id, len(shards))
+            await self._wait_for_flush(client, lock, [self.keys.ledger(s) for s in shards])
+            deleted = await self._drop_shards(node, lock, set[int | None](shards))
+            for s in shards:
+                await client.set(self.keys.shard_instance(s), run_id)
+            log.warning("Redis node %s rebuilt: %d user and catalog hashes of %d shards "
+                        "dropped; they load from PostgreSQL on first use", address, deleted,
+                        len(shards))
+        except Exception:
+            log.exception("rebuilding Redis node %s failed; the next connection tries again",
+                          address)
+        finally:
+            with contextlib.suppress(Exception):  # Redis gone again: the lock expires
+                if await lock.owned():
+                    await lock.release()
+            await client.aclose()
+            await node.aclose()
+
+    async def _drop_shards(self, node: aioredis.Redis, lock: Lock, shards: set[int | None]
+                           ) -> int:
+        """Delete the hashes (user states, catalog copies) of ``shards`` on one node."""
+        deleted, cursor = 0, 0
+        while True:
+            cursor, keys = await node.scan(cursor, match=self.keys.pattern(), count=1000,
+                                           _type="HASH")
+            await lock.reacquire()
+            mine = [k for k in keys if self.keys.shard_of_key(str(k)) in shards]
+            if mine:
+                pipe = node.pipeline(transaction=False)
+                for key in mine:  # one slot a command
+                    pipe.unlink(key)
+                deleted += sum(await pipe.execute())
+            if cursor == 0:
+                return deleted
 
     async def _info(self, execute: Callable[..., Awaitable[Any]], section: str,
                     fields: dict[str, str]) -> dict[str, str | None]:
@@ -151,12 +240,14 @@ class InstanceGuard:
                     await lock.release()
             await client.aclose()
 
-    async def _wait_for_flush(self, client: aioredis.Redis, lock: Lock) -> None:
-        """Until every ledger stream is empty (the reconcilers delete what they flushed)."""
+    async def _wait_for_flush(self, client: aioredis.Redis, lock: Lock,
+                              streams: list[str] | None = None) -> None:
+        """Until every ledger stream (of ``streams``) is empty (the reconcilers delete what
+        they flushed)."""
         polls = 0
         while True:
             pipe = client.pipeline(transaction=False)
-            for stream in self.keys.all_ledgers():
+            for stream in streams if streams is not None else self.keys.all_ledgers():
                 pipe.xlen(stream)
             waiting = sum(await pipe.execute())
             if waiting == 0:
@@ -187,6 +278,8 @@ class InstanceGuard:
     async def close(self) -> None:
         """Stop a rebuild this process runs, and start none from now on."""
         self.closed = True
-        if self.rebuild is not None and not self.rebuild.done():
-            self.rebuild.cancel()
-            await asyncio.gather(self.rebuild, return_exceptions=True)
+        tasks = [t for t in (self.rebuild, *self.node_rebuilds.values())
+                 if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -88,6 +88,24 @@ class Keys:
         """The lock of the process that rebuilds after Redis came back older."""
         return f"{self.prefix}:{{meta}}:recovery"
 
+    def shard_instance(self, shard: int) -> str:
+        """Under Redis Cluster: the run_id of the node whose copy of this shard is in
+        step with PostgreSQL (in the shard's slot, so it moves with the shard)."""
+        return f"{self.tag(shard)}:instance"
+
+    def shard_recovery_lock(self, shard: int) -> str:
+        """Under Redis Cluster: the lock of the process rebuilding a node's shards (named
+        after the first of them)."""
+        return f"{self.tag(shard)}:recovery"
+
+    @staticmethod
+    def shard_of_key(key: str) -> int | None:
+        """The virtual shard in a key's hash tag (None for ``{meta}`` and foreign keys)."""
+        start = key.find("{")
+        end = key.find("}", start + 1)
+        tag = key[start + 1:end] if start >= 0 and end > start else ""
+        return int(tag) if tag.isdigit() else None
+
     def counter_pattern(self) -> str:
         """A SCAN pattern matching every period counter of every user."""
         return f"{self.prefix}:{{*}}:u:*:c:*"

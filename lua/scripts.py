@@ -8,12 +8,13 @@ call (out of memory, a replica, a busy script): ``DependencyUnavailable``, a 503
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from core.errors import DependencyUnavailable, InvariantBroken
-from lua.connection import PipelinedRedis
+from lua.cluster import HotRedis
 from lua.periods import Windows
 from lua.replies import CheckReply, Status
 from lua.resp import RedisReplyError
@@ -61,7 +62,7 @@ class PaymentReply:
 class Scripts:
     """The scripts, run on one Redis client by EVALSHA (NOSCRIPT: the source once)."""
 
-    def __init__(self, redis: PipelinedRedis) -> None:
+    def __init__(self, redis: HotRedis) -> None:
         self.redis = redis
 
     async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
@@ -164,6 +165,13 @@ class Scripts:
 
     # -- ledger_lag.lua --------------------------------------------------------------------
     async def ledger_lag(self, streams: Sequence[str]) -> list[tuple[int, int]]:
-        """Per stream, in order: (unflushed entries, epoch ms of the oldest or 0)."""
-        return parse_ledger_lag(await self._run(SCRIPTS["ledger_lag"], streams, ()))
+        """Per stream, in order: (unflushed entries, epoch ms of the oldest or 0). One call
+        for all on one Redis; on a cluster one call per hash slot (concurrent)."""
+        groups = self.redis.slot_groups(streams)
+        replies = await asyncio.gather(*(self._run(SCRIPTS["ledger_lag"], group, ())
+                                         for group in groups))
+        by_stream = dict(zip((s for g in groups for s in g),
+                             (lag for reply in replies for lag in parse_ledger_lag(reply)),
+                             strict=True))
+        return [by_stream[s] for s in streams]
 

@@ -232,8 +232,8 @@ def user_show(user_id: str) -> None:
     """The user in Redis next to PostgreSQL: plan, credits, period usage, unflushed events,
     idempotency keys (JSON)."""
     import orjson
-    import redis.asyncio as aioredis
 
+    from lua.cluster import admin_client
     from ops.inspect import user_state
     from quota.engine import make_engine
 
@@ -242,7 +242,7 @@ def user_show(user_id: str) -> None:
 
     async def run() -> dict[str, Any]:
         engine = make_engine(settings)
-        client = aioredis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+        client = admin_client(settings.redis_url or "", decode_responses=True)
         try:
             return await user_state(engine, client, user_id)
         finally:

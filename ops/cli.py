@@ -143,14 +143,13 @@ def migrate() -> None:
 
 
 async def _reconcile(settings: Settings) -> None:
-    import redis.asyncio as aioredis
-
+    from lua.cluster import admin_client
     from quota.engine import make_engine
     from reconciler.main import serve_forever
 
     assert settings.redis_url is not None
     engine = make_engine(settings)
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
+    client = admin_client(settings.redis_url, decode_responses=True,
                                      socket_timeout=max(5.0, settings.flush_block_ms / 500),
                                      socket_connect_timeout=settings.redis_connect_timeout_seconds)
     try:
@@ -180,14 +179,13 @@ def reconcile(metrics_port: int | None) -> None:
 
 
 async def _report(settings: Settings, day: date, out: Path) -> int:
-    import redis.asyncio as aioredis
-
+    from lua.cluster import admin_client
     from quota.engine import make_engine
     from reconciler.report import run
 
     assert settings.redis_url is not None
     engine = make_engine(settings)
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = admin_client(settings.redis_url, decode_responses=True)
     try:
         report = await run(engine, client, day, out)
     finally:

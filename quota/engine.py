@@ -15,7 +15,7 @@ from core.clock import Clock, SystemClock, new_tx_id
 from core.errors import DependencyUnavailable, invariant
 from core.events import debit_event_head
 from core.settings import Settings
-from lua.connection import PipelinedRedis
+from lua.cluster import ClusterRedis, HotRedis, hot_path_client
 from lua.instance import InstanceGuard
 from lua.keys import Keys
 from lua.periods import Calendar, Windows
@@ -41,7 +41,7 @@ class Engine:
     def __init__(
         self,
         settings: Settings,
-        redis: PipelinedRedis,
+        redis: HotRedis,
         db: Database,
         clock: Clock,
         new_id: Callable[[int | None], str] = new_tx_id,
@@ -61,7 +61,11 @@ class Engine:
         self.plans = Plans(self.rt, self.loader, self.outbox)
         # Each new Redis connection first proves that Redis is not older than it was.
         self.guard = InstanceGuard(settings.redis_url, self.keys)
-        redis.on_connect = self.guard.check
+        if isinstance(redis, ClusterRedis):  # per node: only a node's own shards
+            redis.on_node_connect = self.guard.check_node
+            self.guard.cluster = redis
+        else:
+            redis.on_connect = self.guard.check
         self._limits = self._debit_limits()
         self._header: tuple[Windows, int, tuple[str | int, ...]] | None = None
 
@@ -190,7 +194,7 @@ def make_engine(settings: Settings, clock: Clock | None = None) -> Engine:
     """An engine connected (lazily) to the configured Redis and PostgreSQL."""
     if not settings.redis_url or not settings.db_dsn:
         raise RuntimeError("REDIS_URL and DB_DSN must be set (`quota-gateway serve` sets them)")
-    redis = PipelinedRedis(
+    redis = hot_path_client(
         settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
         connect_timeout_seconds=settings.redis_connect_timeout_seconds,
         connections=settings.redis_connections,

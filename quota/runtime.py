@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from core.clock import Clock
 from core.settings import Settings
-from lua.connection import PipelinedRedis
+from lua.cluster import HotRedis
 from lua.keys import Keys
 from lua.periods import Calendar, Windows
 from lua.scripts import Scripts
@@ -19,7 +19,7 @@ class Runtime:
     """One process's dependencies, handed to each part of the engine."""
 
     settings: Settings
-    redis: PipelinedRedis
+    redis: HotRedis
     db: Database
     clock: Clock
     new_id: Callable[[int | None], str]

@@ -7,13 +7,15 @@ over with XAUTOCLAIM once idle long enough. The streams are never trimmed by len
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
 
 from lua.keys import Keys
 from lua.scripts import parse_ledger_lag
@@ -50,6 +52,10 @@ class StreamConsumer:
         self.name = name
         self.streams = keys.all_ledgers()
         self._lag_script = redis.register_script(SCRIPTS["ledger_lag"].source)
+        #: Under Redis Cluster each stream is its own slot: no command spans two streams
+        #: (XREADGROUP, the lag script, MULTI/EXEC), so each goes per stream, pipelined
+        #: per node by redis-py's RedisCluster.
+        self.cluster = isinstance(redis, RedisCluster)
         self.per_stream_count = per_stream_count
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
@@ -80,6 +86,8 @@ class StreamConsumer:
 
     async def read(self) -> list[Entry]:
         """New entries across every shard, waiting up to BLOCK ms when there are none."""
+        if self.cluster:
+            return await self._read_each()
         try:
             reply = await self.redis.xreadgroup(
                 GROUP, self.name, dict.fromkeys(self.streams, ">"),
@@ -91,6 +99,28 @@ class StreamConsumer:
             await self.ensure_groups()  # Redis lost its data: the groups start again
             return []
         return self._entries(reply or [])
+
+    async def _read_each(self) -> list[Entry]:
+        """Under Redis Cluster: one XREADGROUP a stream (no BLOCK: a blocked call would
+        hold its node's connection), all in one pipeline; BLOCK ms of sleep when none had
+        anything."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xreadgroup(GROUP, self.name, {stream: ">"}, count=self.per_stream_count)
+        out: list[Entry] = []
+        missing = False
+        for result in await pipe.execute(raise_on_error=False):
+            if isinstance(result, Exception):
+                if "NOGROUP" not in str(result):
+                    raise result
+                missing = True
+            elif result:
+                out += self._entries(result)
+        if missing:  # a node lost its data (or a shard moved there empty): groups again
+            await self.ensure_groups()
+        if not out:
+            await asyncio.sleep(self.block_ms / 1000)
+        return out
 
     async def claim(self) -> list[Entry]:
         """Take over entries other consumers left pending longer than the claim idle time."""
@@ -129,6 +159,12 @@ class StreamConsumer:
         by_stream: dict[str, list[str]] = {}
         for entry in entries:
             by_stream.setdefault(self.keys.ledger(entry.shard), []).append(entry.stream_id)
+        if self.cluster:  # a transaction may not span slots: one per stream
+            await asyncio.gather(*(self._ack_delete({s: ids}) for s, ids in by_stream.items()))
+        else:
+            await self._ack_delete(by_stream)
+
+    async def _ack_delete(self, by_stream: dict[str, list[str]]) -> None:
         pipe = self.redis.pipeline(transaction=True)
         for stream, ids in by_stream.items():
             pipe.xack(stream, GROUP, *ids)
@@ -139,8 +175,29 @@ class StreamConsumer:
         """Unflushed entries and the age of the oldest, per shard: one ledger_lag.lua call
         for every stream (a pipeline of two commands a shard cost the reconciler more CPU
         than its flushes)."""
-        lags = parse_ledger_lag(await self._lag_script(keys=self.streams))
+        if self.cluster:
+            lags = await self._lag_each()
+        else:
+            lags = parse_ledger_lag(await self._lag_script(keys=self.streams))
         return [Lag(shard, entries, oldest_ms) for shard, (entries, oldest_ms) in enumerate(lags)]
+
+    async def _lag_each(self) -> list[tuple[int, int]]:
+        """Under Redis Cluster: the lag script once a stream, in one pipeline (the script
+        loaded on every primary first when a node does not have it)."""
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in self.streams:
+                pipe.evalsha(self._lag_script.sha, 1, stream)
+            replies = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            await self.redis.script_load(self._lag_script.script)  # every primary
+        lags: list[tuple[int, int]] = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+            lags += parse_ledger_lag(reply)
+        return lags
 
 
 def lag_seconds(lags: Sequence[Lag], now_ms: int | None = None) -> float:

@@ -24,16 +24,40 @@ import redis.asyncio as aioredis
 from core.clock import FixedClock
 from core.settings import Settings
 from hotpath.app import build_app
+from lua.cluster import admin_client
+from ops.cluster import LocalCluster
 from ops.devservers import EmbeddedPostgres, EmbeddedRedis
 from quota.engine import Engine
 from tests.support import KEY, T0, make_engine, prepare_database
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/integration needs real servers: mark it so."""
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--redis-cluster`` (or TEST_REDIS_CLUSTER=1): Redis is a private local Redis
+    Cluster (3 primaries, 1 replica each) started for the session."""
+    parser.addoption("--redis-cluster", action="store_true", default=False,
+                     help="run against a private local Redis Cluster (ops/cluster.py)")
+
+
+def cluster_mode(config: pytest.Config) -> bool:
+    """Whether this session runs against a Redis Cluster."""
+    return bool(config.getoption("--redis-cluster")) or \
+        os.environ.get("TEST_REDIS_CLUSTER", "") not in ("", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "single_redis: proves something of one Redis only "
+                            "(skipped with --redis-cluster)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/integration needs real servers: mark it so. In cluster mode,
+    tests marked single_redis are skipped."""
+    skip = pytest.mark.skip(reason="one Redis only (this session runs on a Redis Cluster)")
     for item in items:
         if "/integration/" in str(item.path):
             item.add_marker(pytest.mark.integration)
+        if cluster_mode(config) and item.get_closest_marker("single_redis"):
+            item.add_marker(skip)
 
 
 @dataclass(frozen=True)
@@ -51,9 +75,24 @@ def _with_database(dsn: str, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Servers]:
-    """The given servers, or embedded ones started for this session."""
+def servers(pytestconfig: pytest.Config) -> Iterator[Servers]:
+    """The given servers, or embedded ones started for this session; in cluster mode a
+    private Redis Cluster instead of REDIS_URL."""
     redis_url, dsn = os.environ.get("REDIS_URL"), os.environ.get("DB_DSN")
+    if cluster_mode(pytestconfig):
+        with tempfile.TemporaryDirectory(prefix="qg-test-cluster-") as tmp:
+            cluster = LocalCluster(Path(tmp) / "cluster", node_timeout_ms=1000,
+                                   appendonly=False)
+            postgres = None if dsn else EmbeddedPostgres(Path(tmp) / "pg", durable=False)
+            try:
+                url = cluster.start()
+                yield Servers(url, dsn or postgres.start(),  # type: ignore[union-attr]
+                              embedded=postgres is not None)
+            finally:
+                cluster.stop()
+                if postgres is not None:
+                    postgres.stop()
+        return
     if redis_url and dsn:
         yield Servers(redis_url, dsn, embedded=False)
         return
@@ -120,12 +159,12 @@ def prefix() -> str:
 @pytest.fixture
 async def raw_redis(servers: Servers, prefix: str) -> AsyncIterator[aioredis.Redis]:
     """A redis-py client for inspecting state; deletes the test's keys afterwards."""
-    client = aioredis.Redis.from_url(servers.redis_url, decode_responses=True)
+    client = admin_client(servers.redis_url, decode_responses=True)
     try:
         yield client
     finally:
         keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        for i in range(0, len(keys), 500):
+        for i in range(0, len(keys), 500):  # RedisCluster splits an UNLINK by slot
             await client.unlink(*keys[i : i + 500])
         await client.aclose()
 

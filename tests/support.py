@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from core.clock import FixedClock
 from core.settings import Settings
 from hotpath.app import build_app
-from lua.connection import PipelinedRedis
+from lua.cluster import hot_path_client
 from persistence.db import Database
 from persistence.migrate import migrate
 from persistence.plans import read_catalog_file, seed_missing
@@ -92,8 +92,8 @@ async def prepare_database(dsn: str) -> None:
 def make_engine(settings: Settings, clock: FixedClock) -> Engine:
     """An engine on the test's servers (closed by the caller)."""
     assert settings.redis_url and settings.db_dsn
-    redis = PipelinedRedis(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
-                           connect_timeout_seconds=2.0)
+    redis = hot_path_client(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
+                            connect_timeout_seconds=2.0)
     db = Database(settings.db_dsn, min_size=0, max_size=5, timeout=settings.db_timeout_seconds)
     return Engine(settings, redis, db, clock)
 

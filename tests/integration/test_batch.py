@@ -99,7 +99,9 @@ async def test_not_loaded_item_in_the_middle_is_retried_alone(
     engine: Engine, batch_sizes: list[int]
 ) -> None:
     """A user Redis does not hold, between two loaded ones: loaded, retried, all OK."""
-    loaded, fresh = new_user(), new_user()
+    loaded = new_user()  # the same shard for both, so one call under Redis Cluster too
+    fresh = next(u for u in iter(new_user, None)
+                 if engine.keys.shard(u) == engine.keys.shard(loaded))
     await _warm(engine, loaded)
     batch_sizes.clear()
     replies = await asyncio.gather(engine.debit(loaded, "chat", U, new_ref()),
@@ -112,6 +114,7 @@ async def test_not_loaded_item_in_the_middle_is_retried_alone(
     assert [r.remaining for r in replies] == [48 * U, 45 * U, 47 * U]
 
 
+@pytest.mark.single_redis  # a cluster call carries one slot: tests/integration/test_cluster.py
 async def test_mixed_users_and_shards_in_one_batch(
     engine: Engine, batch_sizes: list[int]
 ) -> None:
@@ -129,6 +132,7 @@ async def test_mixed_users_and_shards_in_one_batch(
         assert (await engine.check(user, ["chat"])).meters[0].used == 6 * U
 
 
+@pytest.mark.single_redis  # a cluster call carries one slot
 async def test_one_catalog_lookup_serves_every_shard_of_a_call(
     engine: Engine, batch_sizes: list[int], raw_redis: aioredis.Redis
 ) -> None:
@@ -156,7 +160,9 @@ async def test_script_error_of_one_item_fails_that_item_only(
     engine: Engine, batch_sizes: list[int], raw_redis: aioredis.Redis
 ) -> None:
     """A wrong key type under one item: that caller gets the error, the others are OK."""
-    good, bad = new_user(), new_user()
+    good = new_user()  # the same shard for both, so one call under Redis Cluster too
+    bad = next(u for u in iter(new_user, None)
+               if engine.keys.shard(u) == engine.keys.shard(good))
     await _warm(engine, good, bad)
     ref = new_ref()
     await raw_redis.rpush(engine.keys.idempotency(bad, ref), "x")  # WRONGTYPE for GET
