@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-unit smoke lint bench clean
+.PHONY: run cluster test test-unit smoke lint bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: needs CPython 3.11 or 3.12 (python3.12, python3.11 \
@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/quota-gateway serve --migrate --with-reconciler --port $${PORT:-8001}
+
+# A local Redis Cluster (3 primaries, 1 replica each), PostgreSQL, service, reconciler and
+# Prometheus (when installed); Ctrl-C stops it all (ops/cluster.py).
+cluster: $(STAMP)
+	$(BIN)/python -m ops.cluster
 
 test: $(STAMP)
 	$(BIN)/pytest

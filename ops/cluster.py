@@ -232,3 +232,99 @@ class LocalCluster:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+# -- make cluster: the whole topology from local binaries ---------------------------------
+def _child(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
+
+
+def _prometheus_config(folder: Path, service_port: int, reconciler_port: int) -> Path | None:
+    """A config scraping the local service and reconciler, with the repository's alert
+    rules (deploy/prometheus/alerts.yml) when present."""
+    rules = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 5s, evaluation_interval: 5s}\n"
+        + (f"rule_files: ['{rules}']\n" if rules.exists() else "")
+        + "scrape_configs:\n"
+        f"  - job_name: quota-gateway\n    static_configs: [{{targets: "
+        f"['127.0.0.1:{service_port}']}}]\n"
+        f"  - job_name: quota-reconciler\n    static_configs: [{{targets: "
+        f"['127.0.0.1:{reconciler_port}']}}]\n")
+    return config
+
+
+def main() -> None:
+    """``make cluster``: a 3-primary Redis Cluster with a replica each, PostgreSQL (DB_DSN,
+    or the embedded one), the service and a reconciler on it, and Prometheus when its
+    binary is installed; prints the URLs and stops everything on Ctrl-C."""
+    import os
+    import sys
+
+    from ops.devservers import EmbeddedPostgres, free_port
+
+    data = Path(os.environ.get("DATA_DIR") or ".data").resolve() / "cluster"
+    port = int(os.environ.get("PORT") or 8001)
+    bin_dir = Path(sys.executable).parent
+    cluster = LocalCluster(data / "redis")
+    postgres: EmbeddedPostgres | None = None
+    children: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        url = cluster.start()
+        print(f"Redis Cluster: {url} (3 primaries, 1 replica each; data in {data / 'redis'})")
+        dsn = os.environ.get("DB_DSN")
+        if not dsn:
+            postgres = EmbeddedPostgres(data.parent / "postgres")
+            dsn = postgres.start()
+            print(f"embedded PostgreSQL: {dsn}")
+        env = {**os.environ, "REDIS_URL": url, "DB_DSN": dsn}
+        subprocess.run([str(bin_dir / "quota-gateway"), "migrate"], env=env, check=True)
+        metrics_port = free_port()
+        logs = data / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        children.append(_child([str(bin_dir / "quota-gateway"), "serve", "--port", str(port)],
+                               env, logs / "serve.log"))
+        children.append(_child([str(bin_dir / "quota-gateway"), "reconcile", "--metrics-port",
+                                str(metrics_port)], env, logs / "reconcile.log"))
+        print(f"service: http://127.0.0.1:{port} (log {logs / 'serve.log'})")
+        print(f"reconciler metrics: http://127.0.0.1:{metrics_port}/metrics "
+              f"(log {logs / 'reconcile.log'})")
+        prometheus = shutil.which("prometheus")
+        if prometheus:
+            config = _prometheus_config(data / "prometheus", port, metrics_port)
+            prom_port = free_port()
+            children.append(_child(
+                [prometheus, f"--config.file={config}", f"--web.listen-address=127.0.0.1:"
+                 f"{prom_port}", f"--storage.tsdb.path={data / 'prometheus' / 'tsdb'}"],
+                env, logs / "prometheus.log"))
+            print(f"Prometheus: http://127.0.0.1:{prom_port}")
+        else:
+            print("Prometheus: not installed (apt-get install prometheus), skipped")
+        print("Ctrl-C stops everything.")
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        print("a process exited; stopping (see the logs)")
+    except KeyboardInterrupt:
+        print("\nstopping")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        cluster.stop()
+        if postgres is not None:
+            postgres.stop()
+
+
+if __name__ == "__main__":
+    main()
