@@ -7,6 +7,7 @@ same way (authentication, error envelope, timing).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -352,6 +353,11 @@ class Api:
                              200 if ok else 503)
 
     async def metrics(self, request: Request, caller: Caller | None) -> Response:
+        # The unflushed ledger as of this scrape, not of the last /ready: the alert rules
+        # read these gauges. Redis unreachable: the values last seen (its errors are
+        # counted where callers meet them).
+        with contextlib.suppress(DependencyUnavailable):
+            await self.engine.backlog()
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
