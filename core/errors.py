@@ -127,6 +127,23 @@ class NotFound(QuotaError):
     code = "not_found"
 
 
+class HoldClosed(QuotaError):
+    """The hold was settled, released or expired: code ``hold_<state>``."""
+
+    status = 409
+
+    def __init__(self, state: str, hold_id: str) -> None:
+        super().__init__(f"the hold is {state}", field="hold_id", extra={"hold_id": hold_id})
+        self.code = f"hold_{state}"
+
+
+class TooManyHolds(QuotaError):
+    """The user has the most open holds allowed (HOLD_MAX_OPEN)."""
+
+    status = 409
+    code = "too_many_holds"
+
+
 class DependencyUnavailable(QuotaError):
     """Redis or PostgreSQL cannot be reached or timed out: answer 503, never 500."""
 

@@ -10,7 +10,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-KINDS = frozenset({"debit", "credit", "refund", "hold", "commit", "release", "expiry"})
+KINDS = frozenset({"debit", "credit", "refund", "hold", "commit", "release", "expiry",
+                   "extend"})
+#: The kinds of a hold's events (layout ``v3``): the ledger's ``ref`` holds the hold id.
+HOLD_KINDS = frozenset({"hold", "commit", "release", "expiry", "extend"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX = 2**53
 
@@ -43,6 +46,11 @@ class LedgerEvent:
     #: debits: how many times its ref was debited before, each at least the idempotency TTL
     #: before the next (set by the writer, migration 0007)
     ref_round: int = 0
+    #: hold events: the hold's units, its expiry then, and the ref of the reserve
+    hold_units: int = 0
+    hold_expires: datetime | None = None
+    hold_ref: str | None = None
+    hold_expiry_tx: uuid.UUID | None = None
 
 
 #: The values of an event's single stream field ``e``, in order, after the version ``v1``.
@@ -53,6 +61,12 @@ LAYOUT = ("k", "tx", "u", "m", "a", "al", "cr", "p", "ref", "rs", "c", "ac", "pl
 #: makes that head, ``debit_event_head``), then what the script decided.
 LAYOUT_V2 = ("k", "tx", "u", "m", "a", "ref", "rs", "c", "ac", "al", "cr", "p", "pl", "ts",
              "rm")
+#: A hold's events since ``v3`` (lua/_common.lua, hold_event): what names the hold first,
+#: then what the script decided. ``h`` is the hold id, ``hu`` its units, ``hx`` its expiry
+#: (ms; empty for a settle or release), ``ref`` the reserve's ref, ``xt`` the tx id of
+#: its expiry (chosen at the reserve).
+LAYOUT_V3 = ("k", "tx", "u", "m", "h", "hu", "ref", "rs", "c", "ac", "a", "al", "cr", "p",
+             "pl", "ts", "rm", "hx", "xt")
 SEPARATOR = "\x1f"
 
 
@@ -75,6 +89,8 @@ def unpack(fields: dict[str, str]) -> dict[str, str]:
         return dict(zip(LAYOUT, values, strict=False))
     if version == "v2" and len(values) == len(LAYOUT_V2) and values[0] == "debit":
         return dict(zip(LAYOUT_V2, values, strict=True))
+    if version == "v3" and len(values) == len(LAYOUT_V3) and values[0] in HOLD_KINDS:
+        return dict(zip(LAYOUT_V3, values, strict=True))
     raise BadEvent(f"unknown event layout {version!r} with {len(values)} values")
 
 
@@ -110,6 +126,9 @@ def decode(shard: int, stream_id: str, entry_fields: dict[str, str]) -> LedgerEv
         raise BadEvent(f"debit split does not add up: {amount} != -({allowance} + {credits})")
     if kind == "refund" and (allowance != 0 or -amount != credits):
         raise BadEvent(f"a refund takes credits only: {amount} != -{credits}")
+    if kind in HOLD_KINDS:
+        return _hold_event(kind, tx_id, user, fields, amount, allowance, credits, shard,
+                           stream_id)
     return LedgerEvent(
         tx_id=tx_id, kind=kind, user_id=user, meter=fields.get("m", ""), amount=amount,
         from_allowance=allowance, from_credits=credits, period_id=fields.get("p", ""),
@@ -119,6 +138,45 @@ def decode(shard: int, stream_id: str, entry_fields: dict[str, str]) -> LedgerEv
         occurred_at=_EPOCH + timedelta(milliseconds=_int(fields, "ts")),
         shard=shard, stream_id=stream_id,
         remaining=_int(fields, "rm") if kind == "debit" and fields.get("rm") else None,
+    )
+
+
+def _uuid(fields: dict[str, str], name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(fields.get(name, ""))
+    except ValueError:
+        raise BadEvent(f"invalid {name!r}: {fields.get(name)!r}") from None
+
+
+def _hold_event(kind: str, tx_id: uuid.UUID, user: str, fields: dict[str, str], amount: int,
+                allowance: int, credits: int, shard: int, stream_id: str) -> LedgerEvent:
+    """A ``v3`` event: the ledger row names the hold in ``ref``; only a settle ('commit')
+    moves an amount, split like a debit's."""
+    hold_id = fields.get("h", "")
+    if not hold_id:
+        raise BadEvent("a hold event names no hold")
+    if kind == "commit":
+        if amount > 0 or -amount != allowance + credits:
+            raise BadEvent(f"settle split does not add up: {amount} != -({allowance} + "
+                           f"{credits})")
+    elif amount or allowance or credits:
+        raise BadEvent(f"a {kind} event moves no amount")
+    hold_units = _int(fields, "hu")
+    if hold_units <= 0:
+        raise BadEvent("a hold keeps a positive amount")
+    expires = fields.get("hx")
+    if kind in ("hold", "extend", "expiry") and not expires:
+        raise BadEvent(f"a {kind} event carries the hold's expiry")
+    return LedgerEvent(
+        tx_id=tx_id, kind=kind, user_id=user, meter=fields.get("m", ""), amount=amount,
+        from_allowance=allowance, from_credits=credits, period_id=fields.get("p", ""),
+        ref=hold_id, reason=fields.get("rs") or None, caller=fields.get("c", ""),
+        action=fields.get("ac") or None, plan_code=fields.get("pl") or None,
+        occurred_at=_EPOCH + timedelta(milliseconds=_int(fields, "ts")), shard=shard,
+        stream_id=stream_id, remaining=_int(fields, "rm") if fields.get("rm") else None,
+        hold_units=hold_units,
+        hold_expires=_EPOCH + timedelta(milliseconds=_int(fields, "hx")) if expires else None,
+        hold_ref=fields.get("ref") or None, hold_expiry_tx=_uuid(fields, "xt"),
     )
 
 

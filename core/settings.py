@@ -114,6 +114,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     #: The most debits one batch request may carry.
     batch_max_items: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    #: Holds (reservations): the longest a hold may live (reserve and extend), the TTL of a
+    #: reserve that gives none, the most open holds a user may have, and how often the
+    #: reconciler expires the holds of users no request touches.
+    hold_max_ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=7 * DAY_SECONDS)] = 3600
+    hold_default_ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=7 * DAY_SECONDS)] = 300
+    hold_max_open: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    hold_sweep_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
     redis_timeout_seconds: Seconds = 2.0
     redis_connect_timeout_seconds: Seconds = 2.0
     redis_connections: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
@@ -285,6 +292,15 @@ def validate(settings: Settings) -> None:
             raise SettingsError(f"ACTION_METERS: {action!r} -> {meter!r}: actions must match "
                                 f"^{ACTION_PATTERN.pattern}$ and meters "
                                 f"^{METER_PATTERN.pattern}$")
+    if settings.hold_default_ttl_seconds > settings.hold_max_ttl_seconds:
+        raise SettingsError(f"HOLD_DEFAULT_TTL_SECONDS ({settings.hold_default_ttl_seconds}) "
+                            f"must not exceed HOLD_MAX_TTL_SECONDS "
+                            f"({settings.hold_max_ttl_seconds})")
+    if settings.hold_max_ttl_seconds >= settings.user_state_ttl_seconds:
+        raise SettingsError(f"HOLD_MAX_TTL_SECONDS ({settings.hold_max_ttl_seconds}) must be "
+                            f"shorter than USER_STATE_TTL_SECONDS "
+                            f"({settings.user_state_ttl_seconds}): a user's state outlives "
+                            "its holds")
     if settings.db_pool_min > settings.db_pool_max:
         raise SettingsError(f"DB_POOL_MIN ({settings.db_pool_min}) must not exceed "
                             f"DB_POOL_MAX ({settings.db_pool_max})")

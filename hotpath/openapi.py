@@ -210,14 +210,19 @@ def _actions(node: dict[str, Any], settings: Settings) -> None:
 # -- the document --------------------------------------------------------------------------
 def _body_rules(settings: Settings) -> dict[str, dict[str, Any]]:
     """What the handlers check of a body beyond its model: a plan with a 'cycle' meter
-    needs a duration (validate_plan in persistence/plans.py); a batch holds 1 to
-    BATCH_MAX_ITEMS items (hotpath/batch.py), each judged on its own."""
+    needs a duration (validate_plan in persistence/plans.py); a reserve names an action or
+    a meter, not both; a batch holds 1 to BATCH_MAX_ITEMS items (hotpath/batch.py), each
+    judged on its own."""
     return {
         "PlanBody": {"anyOf": [
             {"properties": {"meters": {"additionalProperties": {
                 "properties": {"period": {"not": {"const": "cycle"}}}}}}},
             {"properties": {"duration_days": {"type": "integer"}},
              "required": ["duration_days"]},
+        ]},
+        "ReserveIn": {"oneOf": [
+            {"required": ["action"], "properties": {"action": {"type": "string"}}},
+            {"required": ["meter"], "properties": {"meter": {"type": "string"}}},
         ]},
         "BatchIn": {"properties": {"items": {
             "minItems": 1, "maxItems": settings.batch_max_items,
@@ -308,6 +313,8 @@ def build_spec(settings: Settings, operations: list[Operation],
                       components)
     for name, schema in components.items():
         for node in list(_objects(schema)):
+            if node.pop("x-hold-ttl", False):
+                node["maximum"] = settings.hold_max_ttl_seconds
             if node.get("format") == "decimal":
                 (_read_amount if name in read else _written_amount)(node)
             elif node.get("x-future"):

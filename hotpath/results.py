@@ -39,6 +39,7 @@ class MeterOut(msgspec.Struct):
     remaining: Decimal
     period: str
     resets_at: str | None
+    held: Decimal = Decimal(0)  # units kept by open holds; remaining is what is left after
 
 
 class QuotaCheckOut(msgspec.Struct):
@@ -62,6 +63,58 @@ class QuotaDebitOut(msgspec.Struct):
     from_allowance: Decimal
     from_credits: Decimal
     plan_code: str
+
+
+class ReserveOut(msgspec.Struct):
+    """A hold: its id (for settle, release, extend), what it keeps until when, and what is
+    free after it. A repeated ref answers 409 with the original hold's id and remaining."""
+
+    hold_id: str
+    user_id: str
+    meter: str
+    units: Decimal
+    expires_at: str | None
+    remaining: Decimal
+    plan_code: str
+
+
+class SettleOut(msgspec.Struct):
+    """A settled hold: what was debited (settled, split between allowance and credits),
+    what was given back (released) and what is free now. A repeat answers the same."""
+
+    hold_id: str
+    tx_id: str
+    settled: Decimal
+    from_allowance: Decimal
+    from_credits: Decimal
+    released: Decimal
+    remaining: Decimal
+
+
+class ReleaseOut(msgspec.Struct):
+    """A released hold: its units given back; what is free now."""
+
+    hold_id: str
+    released: Decimal
+    remaining: Decimal
+
+
+class ExtendOut(msgspec.Struct):
+    """A hold's new expiry."""
+
+    hold_id: str
+    expires_at: str | None
+
+
+class HoldErrorOut(msgspec.Struct):
+    """A refused reserve or settle: 403 insufficient quota (``remaining``; a settle also
+    ``available``, what it could take), 409 duplicate ref (the original ``hold_id``), 409
+    ``hold_settled``/``hold_released``/``hold_expired``/``too_many_holds``."""
+
+    error: ErrorBody
+    hold_id: str | None = None
+    remaining: Decimal | None = None
+    available: Decimal | None = None
 
 
 class BalanceCheckOut(msgspec.Struct):
@@ -111,6 +164,7 @@ class PlanMeterOut(msgspec.Struct):
 
     limit: Decimal
     period: str
+    overdraft: Decimal = Decimal(0)
 
 
 class PlanOut(msgspec.Struct):

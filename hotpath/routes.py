@@ -17,7 +17,9 @@ from hotpath.results import (
     BalanceDebitOut,
     BalanceOut,
     CreditConflictOut,
+    ExtendOut,
     HealthOut,
+    HoldErrorOut,
     PlanApplyOut,
     PlanOut,
     PlansOut,
@@ -26,6 +28,9 @@ from hotpath.results import (
     QuotaDebitErrorOut,
     QuotaDebitOut,
     ReadyOut,
+    ReleaseOut,
+    ReserveOut,
+    SettleOut,
     TransactionsOut,
     VersionConflictOut,
     WebhookErrorOut,
@@ -38,11 +43,15 @@ from hotpath.schemas import (
     BalanceCheckIn,
     BalanceDebitIn,
     Cursor,
+    ExtendIn,
     PaymentNotificationIn,
     PlanApplyIn,
     PlanCode,
     QuotaCreditIn,
     QuotaDebitIn,
+    ReleaseIn,
+    ReserveIn,
+    SettleIn,
     UserId,
     UserIdInPath,
 )
@@ -69,6 +78,7 @@ def _quota(api: Api) -> list[Operation]:
     """Seed 000's quota API and the payment webhook."""
     q, b = Q, B
     quota_refused = ((403, QuotaDebitErrorOut), (409, QuotaDebitErrorOut))
+    hold_refused = ((403, HoldErrorOut), (409, HoldErrorOut))
     return [
         Operation("GET", f"{q}/check/{{user_id}}", "quota_check",
                   "Remaining quota of every meter (seed 000)", "read", api.quota_check,
@@ -82,6 +92,24 @@ def _quota(api: Api) -> list[Operation]:
                   "Many debits in one request, each answered on its own (its status and "
                   "body as a single debit would be)", "debit", api.quota_debit_batch,
                   BatchIn, BatchOut, (401, 403, 413, 415, 422, 503)),
+        Operation("POST", f"{q}/reserve", "quota_reserve",
+                  "Hold an estimate of an action's (or a meter's) units until it is settled, "
+                  "released or expires; once per ref", "debit", api.quota_reserve,
+                  ReserveIn, ReserveOut, (401, 403, 409, 413, 415, 422, 503),
+                  error_bodies=hold_refused),
+        Operation("POST", f"{q}/settle", "quota_settle",
+                  "Debit a hold's actual cost (beyond the estimate: from what is free, then "
+                  "the plan's overdraft) and give back the rest; a repeat answers the same",
+                  "debit", api.quota_settle, SettleIn, SettleOut,
+                  (401, 403, 404, 409, 413, 415, 422, 503), error_bodies=hold_refused),
+        Operation("POST", f"{q}/release", "quota_release",
+                  "Give back all of a hold; a repeat answers the same", "debit",
+                  api.quota_release, ReleaseIn, ReleaseOut,
+                  (401, 403, 404, 409, 413, 415, 422, 503), error_bodies=hold_refused),
+        Operation("POST", f"{q}/extend", "quota_extend",
+                  "Keep a hold until ttl_s from now (never shorter; at most "
+                  "HOLD_MAX_TTL_SECONDS)", "debit", api.quota_extend, ExtendIn, ExtendOut,
+                  (401, 403, 404, 409, 413, 415, 422, 503), error_bodies=hold_refused),
         Operation("POST", f"{q}/credit", "quota_credit",
                   "Apply a paid plan and add credits, once per order_id (seed 000)",
                   "credit", api.quota_credit, QuotaCreditIn, QuotaCreditOut,

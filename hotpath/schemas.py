@@ -118,6 +118,48 @@ class BalanceDebitIn(Strict):
     reason: Reason = ""
 
 
+#: A hold's time to live in seconds, a JSON number (a duration, not an amount: read to the
+#: millisecond); HOLD_MAX_TTL_SECONDS bounds it (the spec shows it: hotpath/openapi.py).
+TtlSeconds = Annotated[float, Meta(gt=0, extra_json_schema={"x-hold-ttl": True})]
+HoldId = Annotated[str, Meta(min_length=34, max_length=210,
+                             pattern=rf"^[0-9a-f]{{32}}\.[A-Za-z0-9_-]+{END}",
+                             description="A hold id as reserve answered it")]
+MeterName = Annotated[str, Meta(min_length=1, max_length=32, pattern=rf"^[a-z][a-z0-9_]*{END}")]
+
+
+class ReserveIn(Strict):
+    """Hold an estimate of an action's (or a meter's) units until settled or released."""
+
+    user_id: UserId
+    units: Units
+    ref: Ref
+    action: Action | None = None
+    meter: MeterName | None = None
+    ttl_s: TtlSeconds | None = None
+    reason: Reason = ""
+
+
+class SettleIn(Strict):
+    """Debit a hold's actual cost (may exceed the estimate) and give back the rest."""
+
+    hold_id: HoldId
+    units: UnitsOrZero
+    partial: bool = False
+
+
+class ReleaseIn(Strict):
+    """Give back all of a hold."""
+
+    hold_id: HoldId
+
+
+class ExtendIn(Strict):
+    """Keep a hold ``ttl_s`` seconds from now."""
+
+    hold_id: HoldId
+    ttl_s: TtlSeconds
+
+
 class PlanApplyIn(Strict):
     """Assign a plan; without expires_at the plan's duration decides."""
 

@@ -3,7 +3,7 @@
 --
 -- Reply status codes (mirrored by lua.Status in Python):
 local OK, DUPLICATE, REF_REUSED, INSUFFICIENT, NOT_LOADED, STALE_WINDOW, BACKLOG,
-  NEED_METERS = 1, 2, 3, 4, 5, 6, 7, 9
+  NEED_METERS, HOLD_GONE, TOO_MANY_HOLDS = 1, 2, 3, 4, 5, 6, 7, 9, 10, 11
 
 -- Integers travel as decimal strings; Lua numbers are doubles, exact below 2^53.
 local EXACT = 9007199254740992
@@ -86,4 +86,120 @@ end
 -- A meter's rule in a plan, read from a shard's catalog copy (see parse_rule).
 local function meter_rule(plans_key, code, meter)
   return parse_rule(redis.call('HGET', plans_key, code .. '|' .. meter))
+end
+
+-- The answer to a ref that is already taken (its key holds 'fingerprint\ntx\nremaining'):
+-- what the first debit or reserve answered, or reuse when the request differs.
+local function prior_reply(prior, head)
+  local pfp, ptx, remaining = string.match(prior, '^(.-)\n(.-)\n(.*)$')
+  if pfp ~= string.match(head, '^(.-)\n') then return {REF_REUSED} end
+  return {DUPLICATE, ptx, tonumber(remaining)}
+end
+
+-- Holds (reservations). Of a user whose state hash is K, in K's hash slot:
+--   K fields 'h:<meter>'  units held by the user's open holds of the meter
+--   K field 'hx'          the earliest expiry (ms) of the user's open holds (absent: none)
+--   K:h                   hash: hold id -> record of an open hold (hold_record)
+--   K:hd:<hold id>        what a closed hold came to, kept for the idempotency TTL:
+--                         's' settled (and its result), 'r' released, 'e' expired
+--   <shard tag>:holds     sorted set of the shard's open holds by expiry, members
+--                         '<user id>\031<hold id>' (the reconciler's sweep, expire_holds.lua)
+-- A hold record: meter, units, expires ms, expiry tx id, ref, caller, action, reason,
+-- joined by '\031'.
+local function hold_record(text)
+  local r = {}
+  for v in string.gmatch(text .. '\031', '(.-)\031') do r[#r + 1] = v end
+  return r
+end
+
+local function hold_record_text(r)
+  return table.concat(r, '\031', 1, 8)
+end
+
+local function user_of(k_user)
+  return string.match(k_user, '}:u:(.*)$')
+end
+
+local function shard_holds_key(k_user)
+  return string.match(k_user, '^(.-}):u:') .. ':holds'
+end
+
+-- A hold's ledger event, layout 'v3' (core/events.py, LAYOUT_V3): k, tx, u, m, h, hu, ref,
+-- rs, c, ac, then what the script decided: a, al, cr, p, pl, ts, rm, hx; last the tx id
+-- the hold's expiry carries (xt).
+local function hold_event(kind, tx, user_id, hold_id, r, caller, a, al, cr, p, pl, ts, rm, hx)
+  return 'v3\031' .. kind .. '\031' .. tx .. '\031' .. user_id .. '\031' .. r[1] .. '\031'
+    .. hold_id .. '\031' .. r[2] .. '\031' .. r[5] .. '\031' .. r[8] .. '\031' .. caller
+    .. '\031' .. r[7] .. '\031' .. a .. '\031' .. al .. '\031' .. cr .. '\031' .. p .. '\031'
+    .. pl .. '\031' .. ts .. '\031' .. rm .. '\031' .. hx .. '\031' .. r[4]
+end
+
+-- Set the user's 'hx' to the earliest expiry of its open holds (none: no field).
+local function first_expiry(k_user)
+  local first = 0
+  local rest = redis.call('HGETALL', k_user .. ':h')
+  for i = 2, #rest, 2 do
+    local exp = tonumber(string.match(rest[i], '^[^\031]*\031[^\031]*\031(%d+)'))
+    if first == 0 or exp < first then first = exp end
+  end
+  if first > 0 then
+    redis.call('HSET', k_user, 'hx', istr(first))
+  else
+    redis.call('HDEL', k_user, 'hx')
+  end
+end
+
+-- Take an open hold out of the user's state (settled, released or expired): its units stop
+-- counting, the earliest expiry is found again among the holds left.
+local function close_hold(k_user, hold_id, r, marker, marker_ttl)
+  local k_holds = k_user .. ':h'
+  redis.call('HDEL', k_holds, hold_id)
+  if redis.call('EXISTS', k_user) == 1 then
+    local field = 'h:' .. r[1]
+    if redis.call('HINCRBY', k_user, field, -tonumber(r[2])) <= 0 then
+      redis.call('HDEL', k_user, field)
+    end
+    first_expiry(k_user)
+  end
+  redis.call('ZREM', shard_holds_key(k_user), user_of(k_user) .. '\031' .. hold_id)
+  redis.call('SET', k_user .. ':hd:' .. hold_id, marker, 'PX', marker_ttl)
+end
+
+-- Expire the user's holds whose time has come (hx: the 'hx' field as read, or false), each
+-- with its ledger event (the tx id chosen at the reserve, the time its expiry). Every
+-- script that reads a user's holds calls this first. Returns how many expired.
+local function drop_expired_holds(k_user, hx, now, k_ledger, marker_ttl)
+  local first = int_or_zero(hx)
+  if first == 0 or now < first then return 0 end
+  local all = redis.call('HGETALL', k_user .. ':h')
+  local user_id, dropped = user_of(k_user), 0
+  for i = 1, #all, 2 do
+    local r = hold_record(all[i + 1])
+    if tonumber(r[3]) <= now then
+      close_hold(k_user, all[i], r, 'e', marker_ttl)
+      redis.call('XADD', k_ledger, '*', 'e', hold_event(
+        'expiry', r[4], user_id, all[i], r, r[6], '0', '0', '0', '', '', r[3], '', r[3]))
+      dropped = dropped + 1
+    end
+  end
+  if dropped == 0 and redis.call('EXISTS', k_user) == 1 then first_expiry(k_user) end
+  return dropped
+end
+
+-- Where a meter of a loaded user counts now: the counter key (false for a lifetime meter,
+-- whose usage is the user hash's 'n:<meter>'), the period ('d', 'm', 'y' or 'n'), its id
+-- for the ledger and its end (ms; 0 for 'n'). ``user`` holds the user's plan start, version
+-- and expiry; the day and month ids and ends come from the caller's windows.
+local function meter_place(k_user, meter, period, since, start, version, expires, day, month)
+  if period == 'c' then
+    local kind, key, cycle = cycle_counter(k_user, meter, start, since, expires, version)
+    if kind == 'y' then return key, 'y', 'y:' .. istr(cycle), expires end
+    period = 'm'
+  end
+  if period == 'd' then
+    return k_user .. ':c:' .. meter .. ':d:' .. day[1], 'd', 'd:' .. day[1], day[2]
+  elseif period == 'm' then
+    return k_user .. ':c:' .. meter .. ':m:' .. month[1], 'm', 'm:' .. month[1], month[2]
+  end
+  return false, 'n', 'n', 0
 end

@@ -12,7 +12,9 @@
 --
 -- Replies:
 --   {OK, plan_code, plan_status, assigned_code, expires_ms, n,
---    then n times: meter, period, limit, used, credits, remaining, period_end_ms}
+--    then n times: meter, period, limit, used, credits, remaining, period_end_ms, held}
+--   (held: units kept by open holds, not counting the ones past their expiry, which the
+--   next script that writes expires; remaining is what is left after them)
 --   (period 'c', a cycle: counted from the assignment's start, ending at its expiry; a
 --   cycle meter of an assignment older than the cycle rule counts by month: 'm')
 --   {NOT_LOADED, 'user'|'catalog'}
@@ -27,8 +29,17 @@ end
 local n = #ARGV - 7
 if #KEYS ~= 2 + 2 * n then error('qg: check needs two counter keys per meter') end
 
-local user = redis.call('HMGET', KEYS[1], 'loaded', 'plan', 'exp', 'ps', 'pv')
+local user = redis.call('HMGET', KEYS[1], 'loaded', 'plan', 'exp', 'ps', 'pv', 'hx')
 if not user[1] then return {NOT_LOADED, 'user'} end
+-- Holds past their expiry no longer count (read-only here: a write expires them).
+local due = {}
+if user[6] and now >= tonumber(user[6]) then
+  local all = redis.call('HGETALL', KEYS[1] .. ':h')
+  for i = 2, #all, 2 do
+    local r = hold_record(all[i])
+    if tonumber(r[3]) <= now then due[r[1]] = (due[r[1]] or 0) + tonumber(r[2]) end
+  end
+end
 local code, status, assigned, exp = plan_in_force(user[2], user[3], now, ARGV[6])
 local plan_meters = redis.call('HGET', KEYS[2], code)
 if not plan_meters then return {NOT_LOADED, 'catalog'} end
@@ -61,10 +72,14 @@ for i = 1, n do
   else
     used, period_end = stored_int(redis.call('HGET', KEYS[1], 'n:' .. meter), 'usage'), 0
   end
-  local credits = stored_int(redis.call('HGET', KEYS[1], 'cr:' .. meter), 'credits')
+  local held_cr = redis.call('HMGET', KEYS[1], 'cr:' .. meter, 'h:' .. meter)
+  local credits = stored_int(held_cr[1], 'credits')
+  local held = int_or_zero(held_cr[2]) - (due[meter] or 0)
   local allowance = limit - used
   if allowance < 0 then allowance = 0 end
-  local row = {meter, period, limit, used, credits, allowance + credits, period_end}
+  local remaining = allowance + credits - held
+  if remaining < 0 then remaining = 0 end
+  local row = {meter, period, limit, used, credits, remaining, period_end, held}
   for _, v in ipairs(row) do reply[#reply + 1] = v end
 end
 return reply

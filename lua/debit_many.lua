@@ -1,6 +1,7 @@
 -- debit_many.lua: a batch of debits in one call (the hot path sends the debits a worker
 -- issues while its previous call is in flight as one call: lua/connection.py). A debit
--- takes `amount` of one meter from the user's period allowance first, then from credits;
+-- takes `amount` of one meter from the user's period allowance first, then from credits,
+-- never what the user's open holds of the meter keep (their due ones expire first);
 -- all or nothing, at most once per (user, ref), with its ledger event. The debits run one
 -- after the other (the same ref twice: the second is a DUPLICATE or a REF_REUSED); each
 -- is atomic, and so is the batch as a whole.
@@ -100,13 +101,6 @@ local function undo_incr(counter, used, amount_arg)
   end
 end
 
--- The answer to a ref that is already taken: what the first debit answered, or reuse.
-local function prior_reply(prior, head)
-  local pfp, ptx, remaining = string.match(prior, '^(.-)\n(.-)\n(.*)$')
-  if pfp ~= string.match(head, '^(.-)\n') then return {REF_REUSED} end
-  return {DUPLICATE, ptx, tonumber(remaining)}
-end
-
 -- One debit (see the header). Validation comes before the first write; the exceptions are
 -- the optimistic INCRBY and the idempotency key's SET NX, both undone on a refusal before
 -- the script moves on (invisible: a script runs atomically).
@@ -121,12 +115,18 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
 
   local f = fields[meter]
   if not f then
-    f = {'cr:' .. meter, 'n:' .. meter}
+    f = {'cr:' .. meter, 'n:' .. meter, 'h:' .. meter}
     fields[meter] = f
   end
   local user = redis.call('HMGET', k_user, 'loaded', 'plan', 'exp', f[1], f[2], 'xt', 'ps',
-                           'pv')
+                           'pv', 'hx', f[3])
   if not user[1] then return {NOT_LOADED, 'user'} end
+  -- Open holds take their units out of what a debit may take; the due ones expire first.
+  if user[9] and drop_expired_holds(k_user, user[9], now, k_ledger, idem_ttl_s) > 0 then
+    user[10] = redis.call('HGET', k_user, f[3])
+    xlen[k_ledger] = nil  -- the expiries were appended
+  end
+  local held = int_or_zero(user[10])
 
   local backlog = xlen[k_ledger]
   if not backlog then
@@ -187,19 +187,21 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
   local from_credits = amount - from_allowance
   local counted = counter and from_allowance > 0  -- the INCRBY stays (in part)
   if counter and not counted then undo_incr(counter, used, amount_arg) end
-  if from_credits > credits then
+  local free = allowance + credits - held
+  if amount > free then
     if counted then undo_incr(counter, used, amount_arg) end
     local prior = redis.call('GET', k_ref)  -- a retry of a debit that went through
     if prior then return prior_reply(prior, head) end
     local end_ms = 0
     if counter then end_ms = period_end(period, cycle_end) end
-    return {INSUFFICIENT, allowance + credits, limit, period, end_ms, code, status}
+    if free < 0 then free = 0 end  -- holds may cover more than is left after a refund
+    return {INSUFFICIENT, free, limit, period, end_ms, code, status}
   end
 
   -- It fits. The idempotency key is taken here, only if it is free (SET NX: one call for
   -- the check and the write on the common path); a ref already taken gives this debit's
   -- counter change back and answers what the first debit answered.
-  local remaining = allowance + credits - amount
+  local remaining = free - amount
   local remaining_s = istr(remaining)
   local taken = redis.pcall('SET', k_ref, head .. '\n' .. remaining_s, 'NX', 'PX', idem_ttl_s)
   if not taken or taken.err then

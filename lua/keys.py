@@ -64,6 +64,10 @@ class Keys:
         return (base, f"{base}:r:{ref}", plans, f"{counter}:d:{windows.day_id}",
                 f"{counter}:m:{windows.month_id}", ledger)
 
+    def holds(self, shard: int) -> str:
+        """A shard's open holds by expiry (the reconciler's sweep; lua/_common.lua)."""
+        return f"{self.tag(shard)}:holds"
+
     def plans(self, shard: int) -> str:
         """A shard's copy of the plan catalog."""
         return f"{self.tag(shard)}:plans"

@@ -13,6 +13,8 @@
 -- then        u = number of lifetime ('none' period) usages, then u pairs: meter, micro-units
 -- then        o = number of payment changes (redis_outbox ids) the credits read from
 --             PostgreSQL already include though not applied in Redis yet, then o ids
+-- then        h = number of open holds (PostgreSQL's holds table), then h triples: hold id,
+--             record (_common.lua, hold_record), expires ms; a hold Redis has is kept
 -- then        for each KEYS[1+i]: used micro-units, expire-at ms
 --
 -- Reply: {1} loaded; {0} already loaded (nothing written); {-1} a write-through changed the
@@ -51,6 +53,12 @@ for _ = 1, o do
   fields[#fields + 1] = 'loaded'
   i = i + 1
 end
+local h = int_arg(ARGV[i], 'hold count'); i = i + 1
+local holds = {}
+for _ = 1, h do
+  holds[#holds + 1] = {ARGV[i], ARGV[i + 1], int_arg(ARGV[i + 2], 'hold expiry')}
+  i = i + 3
+end
 if #ARGV ~= i - 1 + 2 * (#KEYS - 1) then error('qg: load_user needs two values per counter') end
 
 -- Validate before the first write: Lua in Redis has no rollback.
@@ -71,6 +79,25 @@ for k = 2, #KEYS do
   if redis.call('EXISTS', KEYS[k]) == 1 then
     redis.call('PEXPIRE', KEYS[k], expire_at - now)
   end
+end
+-- Holds: the ones Redis lacks, then what they keep per meter and the first expiry, from
+-- every open hold Redis now has (a due one expires when a script next touches the user).
+if h > 0 or redis.call('EXISTS', KEYS[1] .. ':h') == 1 then
+  local k_holds, k_zset, user_id = KEYS[1] .. ':h', shard_holds_key(KEYS[1]), user_of(KEYS[1])
+  for _, hold in ipairs(holds) do
+    if redis.call('HSETNX', k_holds, hold[1], hold[2]) == 1 then
+      redis.call('ZADD', k_zset, hold[3], user_id .. '\031' .. hold[1])
+    end
+  end
+  local held = {}
+  local all = redis.call('HGETALL', k_holds)
+  for j = 2, #all, 2 do
+    local r = hold_record(all[j])
+    held[r[1]] = (held[r[1]] or 0) + tonumber(r[2])
+  end
+  for meter, units in pairs(held) do redis.call('HSET', KEYS[1], 'h:' .. meter, istr(units)) end
+  first_expiry(KEYS[1])
+  redis.call('PEXPIRE', k_holds, ttl)
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 return {1}

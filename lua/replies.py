@@ -18,6 +18,8 @@ class Status(IntEnum):
     STALE_WINDOW = 6
     BACKLOG = 7
     NEED_METERS = 9
+    HOLD_GONE = 10
+    TOO_MANY_HOLDS = 11
 
 
 #: Status by its code (an index is faster than ``Status(code)`` on the hot path).
@@ -78,6 +80,7 @@ class MeterView:
     credits: int
     remaining: int
     period_end_ms: int
+    held: int = 0  # units kept by open holds (remaining is what is left after them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +103,8 @@ class CheckReply:
         if status is Status.OK:
             code, pstatus, assigned, exp, n = reply[1:6]
             rows = reply[6:]
-            assert len(rows) == 7 * n, "check.lua must return seven values per meter"
-            meters = tuple(MeterView(*rows[i : i + 7]) for i in range(0, len(rows), 7))
+            assert len(rows) == 8 * n, "check.lua must return eight values per meter"
+            meters = tuple(MeterView(*rows[i : i + 8]) for i in range(0, len(rows), 8))
             return cls(status, code, pstatus, assigned, exp, meters)
         if status in (Status.NOT_LOADED, Status.NEED_METERS):
             return cls(status, detail=reply[1])

@@ -59,6 +59,18 @@ class PaymentReply:
     plan_code: str
 
 
+@dataclass(frozen=True, slots=True)
+class HoldLimits:
+    """The deployment's constants the hold scripts carry."""
+
+    idempotency_ttl_ms: int
+    grace_ms: int
+    state_ttl_ms: int
+    backlog_limit: int
+    default_plan: str
+    max_open: int
+
+
 class Scripts:
     """The scripts, run on one Redis client by EVALSHA (NOSCRIPT: the source once)."""
 
@@ -110,9 +122,11 @@ class Scripts:
         plan_version: int, plan_start_ms: int, state_ttl_ms: int, now: int,
         credits: Sequence[tuple[str, int]], lifetime: Sequence[tuple[str, int]],
         included_outbox: Sequence[int], counters: Sequence[tuple[str, int, int]],
+        holds: Sequence[tuple[str, str, int]] = (),
     ) -> int:
         """Write a user's PostgreSQL state where Redis lacks it. ``credits`` and
-        ``lifetime`` are (meter, micro-units); ``counters`` (key, used, expire-at ms).
+        ``lifetime`` are (meter, micro-units); ``counters`` (key, used, expire-at ms);
+        ``holds`` the open holds (id, record, expires ms).
         Returns 1 loaded, 0 already loaded, -1 changed since ``generation`` (read again)."""
         reply = await self._run(
             SCRIPTS["load_user"], (user_key, *(key for key, _, _ in counters)),
@@ -120,6 +134,7 @@ class Scripts:
              len(credits), *(v for pair in credits for v in pair),
              len(lifetime), *(v for pair in lifetime for v in pair),
              len(included_outbox), *included_outbox,
+             len(holds), *(v for hold in holds for v in hold),
              *(v for _, used, expire_at in counters for v in (used, expire_at))))
         return int(reply[0])
 
@@ -175,3 +190,47 @@ class Scripts:
                              strict=True))
         return [by_stream[s] for s in streams]
 
+    # -- reserve.lua -----------------------------------------------------------------------
+    async def reserve(
+        self, user_key: str, ref_key: str, plans_key: str, ledger_key: str, *, now: int,
+        windows: Windows, limits: HoldLimits, meter: str, units: int, ref_record: str,
+        hold_id: str, tx_id: str, expiry_tx: str, ttl_ms: int, ref: str, caller: str,
+        action: str, reason: str,
+    ) -> list[Any]:
+        """Hold ``units`` of ``meter`` for ``ttl_ms`` once per ref (see reserve.lua)."""
+        return list(await self._run(
+            SCRIPTS["reserve"], (user_key, ref_key, plans_key, ledger_key),
+            (now, windows.day_id, windows.day_start_ms, windows.day_end_ms, windows.month_id,
+             windows.month_end_ms, limits.idempotency_ttl_ms, limits.state_ttl_ms,
+             limits.backlog_limit, limits.default_plan, meter, units, ref_record, hold_id,
+             tx_id, expiry_tx, ttl_ms, limits.max_open, ref, caller, action, reason)))
+
+    # -- settle.lua ------------------------------------------------------------------------
+    async def settle(
+        self, user_key: str, plans_key: str, ledger_key: str, *, now: int, windows: Windows,
+        limits: HoldLimits, hold_id: str, op: str, units: int, partial: bool, tx_id: str,
+        caller: str,
+    ) -> list[Any]:
+        """Settle (``op`` 'settle', debiting ``units``) or release a hold (settle.lua)."""
+        return list(await self._run(
+            SCRIPTS["settle"], (user_key, plans_key, ledger_key),
+            (now, windows.day_id, windows.day_start_ms, windows.day_end_ms, windows.month_id,
+             windows.month_end_ms, limits.idempotency_ttl_ms, limits.grace_ms,
+             limits.default_plan, hold_id, op, units, "1" if partial else "0", tx_id, caller)))
+
+    # -- extend.lua ------------------------------------------------------------------------
+    async def extend(self, user_key: str, ledger_key: str, *, now: int, limits: HoldLimits,
+                     hold_id: str, ttl_ms: int, tx_id: str, caller: str) -> list[Any]:
+        """Push a hold's expiry to ``ttl_ms`` from now (extend.lua)."""
+        return list(await self._run(
+            SCRIPTS["extend"], (user_key, ledger_key),
+            (now, hold_id, ttl_ms, tx_id, caller, limits.idempotency_ttl_ms,
+             limits.state_ttl_ms)))
+
+    # -- expire_holds.lua ------------------------------------------------------------------
+    async def expire_holds(self, holds_key: str, ledger_key: str, *, now: int, limit: int,
+                           idempotency_ttl_ms: int) -> tuple[int, int]:
+        """Expire a shard's due holds: (expired, looked at)."""
+        reply = await self._run(SCRIPTS["expire_holds"], (holds_key, ledger_key),
+                                (now, limit, idempotency_ttl_ms))
+        return int(reply[0]), int(reply[1])

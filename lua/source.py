@@ -30,5 +30,6 @@ class Script:
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
     for name in ("debit_many", "check", "load_user", "restore_refs", "load_catalog",
-                 "set_plan", "apply_payment", "ledger_lag")
+                 "set_plan", "apply_payment", "ledger_lag", "reserve", "settle", "extend",
+                 "expire_holds")
 }

@@ -55,6 +55,9 @@ class MeterBody(msgspec.Struct, forbid_unknown_fields=True):
 
     limit: Limit
     period: Literal["day", "month", "cycle", "none"]
+    #: How far past what is free a hold's settle may take the meter (usage past the
+    #: allowance, forgiven when the period resets); 0: never past what is free.
+    overdraft: Limit = ZERO
 
 
 class PlanBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -86,6 +89,7 @@ class MeterRule:
     period: str
     limit_micro: int
     since_ms: int = 0
+    overdraft_micro: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +109,8 @@ class Plan:
         return {
             "plan_code": self.plan_code,
             "meters": {
-                name: {"limit": from_micro(rule.limit_micro), "period": rule.period}
+                name: {"limit": from_micro(rule.limit_micro), "period": rule.period,
+                       "overdraft": from_micro(rule.overdraft_micro)}
                 for name, rule in sorted(self.meters.items())
             },
             "duration_days": self.duration_days,
@@ -132,7 +137,11 @@ def validate_plan(code: str, body: PlanBody) -> Plan:
             limit = to_micro(meter.limit, allow_zero=True)
         except AmountError as exc:
             raise InvalidInput(str(exc), field=f"meters.{name}.limit") from None
-        meters[name] = MeterRule(meter.period, limit)
+        try:
+            overdraft = to_micro(meter.overdraft, allow_zero=True)
+        except AmountError as exc:
+            raise InvalidInput(str(exc), field=f"meters.{name}.overdraft") from None
+        meters[name] = MeterRule(meter.period, limit, overdraft_micro=overdraft)
     if body.duration_days is not None and not 1 <= body.duration_days <= MAX_DURATION_DAYS:
         raise InvalidInput(f"must be between 1 and {MAX_DURATION_DAYS}, or null",
                            field="duration_days")
@@ -166,7 +175,8 @@ def _from_row(row: Any, meters: list[dict[str, str]]) -> Plan:
         plan_code=row["plan_code"],
         meters={
             m["meter"]: MeterRule(m["period"], int(m["limit_micro"]),
-                                  int(m.get("since_ms") or 0)) for m in meters
+                                  int(m.get("since_ms") or 0),
+                                  int(m.get("overdraft_micro") or 0)) for m in meters
         },
         duration_days=row["duration_days"],
         price=row["price"],
@@ -212,6 +222,7 @@ async def put_plan(db: Database, plan: Plan, caller: str, *,
             # a meter already `cycle` keeps its time; one that becomes it: now
             [since.get(n, now_ms) if plan.meters[n].period == "cycle" else None
              for n in names],
+            [plan.meters[n].overdraft_micro for n in names],
         )
     return Plan(plan.plan_code, plan.meters, plan.duration_days, plan.price, plan.currency,
                 version, caller)
@@ -239,4 +250,6 @@ def catalog_fields(plans: list[Plan]) -> list[str]:
             if rule.period == "cycle":  # 'c:<allowance>:<since ms>' (lua/_common.lua)
                 rule_text += f":{rule.since_ms}"
             fields += [f"{plan.plan_code}|{name}", rule_text]
+            if rule.overdraft_micro:  # what a settle may take past what is free (settle.lua)
+                fields += [f"{plan.plan_code}|{name}|o", str(rule.overdraft_micro)]
     return fields

@@ -25,6 +25,7 @@ from persistence.db import Database
 from persistence.migrate import schema_behind
 from persistence.queries import QUERIES
 from quota.backlog import Backlog, backlog_total, per_shard
+from quota.holds import Holds
 from quota.loading import Loader, fingerprint
 from quota.outbox import Outbox
 from quota.plans import Plans
@@ -59,6 +60,7 @@ class Engine:
         self.loader = Loader(self.rt)
         self.outbox = Outbox(self.rt, self.loader)
         self.plans = Plans(self.rt, self.loader, self.outbox)
+        self.holds = Holds(self.rt, self.loader, self.backlog_total)
         # Each new Redis connection first proves that Redis is not older than it was.
         self.guard = InstanceGuard(settings.redis_url, self.keys)
         if isinstance(redis, ClusterRedis):  # per node: only a node's own shards

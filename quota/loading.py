@@ -35,6 +35,19 @@ def fingerprint(meter: str, amount: int, reason: str) -> str:
     return f"{meter}:{amount}:{digest}"
 
 
+def hold_fingerprint(meter: str, units: int, reason: str) -> str:
+    """What makes two reserves with one ref "the same request" (never equal to a debit's)."""
+    return "hold:" + fingerprint(meter, units, reason)
+
+
+def hold_record(row: Sequence[Any]) -> str:
+    """An open hold of ``user_load_state`` as Redis keeps it (lua/_common.lua): meter,
+    units, expires ms, expiry tx, ref, caller, action, reason."""
+    (_, meter, units, ref, reason, caller, action, _, expiry_tx, _, _, expires_ms) = row[:12]
+    return "\x1f".join((meter, str(units), str(expires_ms), str(expiry_tx), ref, caller,
+                         action, reason))
+
+
 class Loader:
     """Brings users and the catalog from PostgreSQL into Redis."""
 
@@ -130,6 +143,8 @@ class Loader:
             state = await self._read_state(user_id, windows)
             if state["refs"]:  # before the state: the user is not loaded until its keys are
                 await self.restore_refs(user_id, first_page=state["refs"])
+            if state["holds"]:  # the refs of recent reserves, the results of closed holds
+                await self._restore_hold_keys(user_id, state["holds"])
             written = await self._write_state(user_id, user_key, generation or "0", windows,
                                               state)
             if written == 1:
@@ -165,7 +180,8 @@ class Loader:
         counters, lifetime = self._usage(user_id, usage, windows, expires_ms)
         # Nothing to hold (a read of a never-seen id): a short stay, so that reads of random
         # ids cost no lasting memory; a debit, credit or plan sets the full TTL.
-        empty = plan is None and not credits and not included and not usage
+        empty = (plan is None and not credits and not included and not usage
+                 and not state["holds"])
         ttl_ms = rt.settings.unknown_user_ttl_seconds * 1000 if empty else rt.state_ttl_ms
         return await rt.scripts.load_user(
             user_key, generation=generation,
@@ -175,7 +191,29 @@ class Loader:
             now=rt.clock.script_now(),
             credits=[(meter, max(0, balance)) for meter, balance in credits],
             lifetime=lifetime, included_outbox=included, counters=counters,
+            holds=[(h[0], hold_record(h), h[11]) for h in state["holds"] if h[9] == "open"],
         )
+
+    async def _restore_hold_keys(self, user_id: str, holds: Sequence[list[Any]]) -> int:
+        """Put back what Redis lost of the user's recent holds (``user_load_state``'s
+        rows): a reserve's ref (a retry answers the same hold), a closed hold's result (a
+        repeated settle or release answers it again)."""
+        rt = self.rt
+        ttl_ms = rt.settings.idempotency_ttl_seconds * 1000
+        keys: list[tuple[str, str, int]] = []
+        for (hold_id, meter, units, ref, reason, _, _, remaining, _, state, created_ms, _,
+             closed_ms, settled, fa, fc, closed_remaining, settle_tx) in holds:
+            keys.append((rt.keys.idempotency(user_id, ref),
+                         f"{hold_fingerprint(meter, units, reason)}\n{hold_id}\n{remaining}",
+                         created_ms + ttl_ms))
+            if state != "open":
+                settled = settled or 0
+                result = (settled, fa or 0, fc or 0, closed_remaining or 0,
+                          max(0, units - settled), settle_tx or "")
+                marker = "\x1f".join([state[0], *map(str, result)])
+                keys.append((f"{rt.keys.user(user_id)}:hd:{hold_id}", marker,
+                             closed_ms + ttl_ms))
+        return await rt.scripts.restore_refs(now=rt.clock.script_now(), refs=keys)
 
     def _usage(self, user_id: str, usage: Sequence[Any], windows: Windows, expires_ms: int
                ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:

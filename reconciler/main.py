@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 
@@ -59,6 +60,12 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+#: Holds still open in PostgreSQL this long past their expiry belong to users whose state
+#: left Redis first: the reconciler loads them (at most this many a round) to expire them.
+OVERDUE_HOLD_GRACE = timedelta(minutes=1)
+OVERDUE_HOLD_USERS = 100
+
+
 class Reconciler:
     """Owns one consumer, one writer and the periodic chores."""
 
@@ -83,6 +90,7 @@ class Reconciler:
         self._next_claim = 0.0
         self._next_chores = 0.0
         self._next_resync = 0.0
+        self._next_holds = 0.0
         self._lag_gauges = [(metrics.FLUSH_LAG_ENTRIES.labels(str(shard)),
                              metrics.FLUSH_LAG_SECONDS.labels(str(shard)))
                             for shard in range(s.n_shards)]
@@ -156,11 +164,34 @@ class Reconciler:
             entries.set(lag.entries)
             seconds.set(max(0.0, (now_ms - lag.oldest_ms) / 1000) if lag.oldest_ms else 0)
         await self.apply_pending_outbox()
+        if time.monotonic() >= self._next_holds:
+            self._next_holds = time.monotonic() + self.settings.hold_sweep_seconds
+            await self.expire_holds()
         if time.monotonic() >= self._next_resync:
             self._next_resync = time.monotonic() + CATALOG_RESYNC_SECONDS
             await self.resync_catalog()
         if self.report_time is not None:
             await self.scheduled_report()
+
+    async def expire_holds(self) -> int:
+        """Expire the due holds of users no request touches, each with its ledger event;
+        first load the users PostgreSQL says hold overdue holds (their state fell out of
+        Redis before the holds expired there). Returns how many expired; a failure is
+        logged and tried again on the next round."""
+        engine = self.engine
+        try:
+            overdue = await engine.db.fetch("overdue_hold_users", OVERDUE_HOLD_GRACE,
+                                            OVERDUE_HOLD_USERS)
+            windows = engine.rt.windows()
+            for row in overdue:
+                await engine.loader.load_user(row["user_id"], windows)
+            expired = await engine.holds.sweep()
+            metrics.OPEN_HOLDS.set(await engine.db.fetchval("open_holds_count"))
+        except (DependencyUnavailable, asyncpg.PostgresError) as exc:
+            log.warning("hold expiry failed, retrying: %r", exc)
+            return 0
+        return expired
+
 
     async def resync_catalog(self) -> int:
         """Refresh shard catalog copies behind PostgreSQL's; how many were."""

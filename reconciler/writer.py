@@ -10,7 +10,8 @@ from datetime import timedelta
 
 import asyncpg
 
-from core.events import BadEvent, LedgerEvent, columns, decode
+from core import metrics
+from core.events import HOLD_KINDS, BadEvent, LedgerEvent, columns, decode
 from persistence.db import Database, PostgresUnavailable
 from persistence.queries import QUERIES
 from reconciler.consumer import Entry
@@ -49,6 +50,42 @@ class Written:
     #: Debits of a ref reused past the idempotency TTL (Redis had forgotten it and debited
     #: it as new, as it should): written as the ref's next round (counted in ``inserted``).
     ref_reuses: int = 0
+
+
+_CLOSED = {"commit": "settled", "release": "released", "expiry": "expired"}
+
+
+async def apply_holds(conn: asyncpg.Connection, events: list[LedgerEvent]) -> None:
+    """Keep the holds table in step with a batch's hold events (in its transaction): new
+    holds, later expiries, closings. Each statement is idempotent, so a redelivered batch
+    changes nothing; a hold closes once, by its first closing event."""
+    opened = [e for e in events if e.kind == "hold"]
+    if opened:
+        await conn.execute(
+            QUERIES["holds_open"], [e.ref for e in opened], [e.user_id for e in opened],
+            [e.meter for e in opened], [e.hold_units for e in opened],
+            [e.hold_ref or "" for e in opened], [e.reason for e in opened],
+            [e.caller for e in opened], [e.action for e in opened],
+            [e.remaining or 0 for e in opened], [e.occurred_at for e in opened],
+            [e.hold_expires for e in opened], [e.hold_expiry_tx for e in opened])
+    extended = [e for e in events if e.kind == "extend"]
+    if extended:
+        await conn.execute(QUERIES["holds_extend"], [e.ref for e in extended],
+                           [e.hold_expires for e in extended])
+    closed = [e for e in events if e.kind in _CLOSED]
+    if closed:
+        settled = [e.kind == "commit" for e in closed]
+        rows = await conn.fetch(
+            QUERIES["holds_close"], [e.ref for e in closed], [_CLOSED[e.kind] for e in closed],
+            [e.occurred_at for e in closed],
+            [e.tx_id if s else None for e, s in zip(closed, settled, strict=True)],
+            [-e.amount if s else None for e, s in zip(closed, settled, strict=True)],
+            [e.from_allowance if s else None for e, s in zip(closed, settled, strict=True)],
+            [e.from_credits if s else None for e, s in zip(closed, settled, strict=True)],
+            [e.remaining for e in closed])
+        for row in rows:  # the service counts the holds it settles and releases
+            if row["state"] == "expired":
+                metrics.HOLDS.labels(row["meter"], "expired").inc()
 
 
 class LedgerWriter:
@@ -133,6 +170,9 @@ class LedgerWriter:
             inserted = 0
             if events:
                 inserted = int(await conn.fetchval(QUERIES["flush_events"], *columns(events)))
+                holds = [e for e in events if e.kind in HOLD_KINDS]
+                if holds:
+                    await apply_holds(conn, holds)
             await self._poison(conn, bad)
         return inserted
 

@@ -12,6 +12,7 @@ SELECT p.plan_code, p.duration_days, p.price::text AS price, p.currency, p.versi
        coalesce(
            jsonb_agg(jsonb_build_object('meter', m.meter, 'period', m.period,
                                         'limit_micro', m.limit_micro::text,
+                                        'overdraft_micro', m.overdraft_micro::text,
                                         'since_ms', (extract(epoch FROM m.cycle_since)
                                                      * 1000)::bigint::text)
                      ORDER BY m.meter) FILTER (WHERE m.meter IS NOT NULL),
@@ -44,10 +45,11 @@ DELETE FROM plan_meters WHERE plan_code = $1;
 
 -- name: insert_plan_meters --
 -- Write a plan's meters; $1 plan_code, $2 meters[], $3 periods[], $4 limits (micro)[],
--- $5 when each became `cycle` (epoch ms, NULL for other periods)[].
-INSERT INTO plan_meters (plan_code, meter, period, limit_micro, cycle_since)
-SELECT $1, m, p, l, to_timestamp(s / 1000.0)
-FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[]) AS t (m, p, l, s);
+-- $5 when each became `cycle` (epoch ms, NULL for other periods)[], $6 overdrafts (micro)[].
+INSERT INTO plan_meters (plan_code, meter, period, limit_micro, cycle_since, overdraft_micro)
+SELECT $1, m, p, l, to_timestamp(s / 1000.0), o
+FROM unnest($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[])
+     AS t (m, p, l, s, o);
 
 -- name: plan_cycle_since --
 -- When each `cycle` meter of a plan became one (epoch ms); $1 plan_code.
@@ -95,7 +97,9 @@ WHERE user_id = $1 AND period_id = ANY($2::text[]);
 -- changes not applied in Redis whose effect the balances hold (credits, and refunds whose
 -- ledger events were flushed),
 -- flushed usage of the periods $2 and of the plan's cycle (y:<plan version>), and the first page of debits
--- whose idempotency keys may still live (as user_recent_debits). $1 user_id, $2 period
+-- whose idempotency keys may still live (as user_recent_debits), and the user's holds: the
+-- open ones and those reserved or closed since $3 (their refs and results are restored).
+-- $1 user_id, $2 period
 -- ids[], $3 the start of the ref window, $4 the page size.
 WITH plan AS (
     SELECT plan_code, version,
@@ -126,7 +130,18 @@ SELECT
            FROM ledger
            WHERE user_id = $1 AND kind = 'debit' AND ref IS NOT NULL
              AND (occurred_at, tx_id) > ($3::timestamptz, '00000000-0000-0000-0000-000000000000'::uuid)
-           ORDER BY occurred_at, tx_id LIMIT $4) AS page) AS refs;
+           ORDER BY occurred_at, tx_id LIMIT $4) AS page) AS refs,
+    (SELECT coalesce(jsonb_agg(jsonb_build_array(
+                hold_id, meter, units_micro, ref, coalesce(reason, ''), caller,
+                coalesce(action, ''), remaining_micro, expiry_tx, state,
+                floor(extract(epoch FROM created_at) * 1000)::bigint,
+                floor(extract(epoch FROM expires_at) * 1000)::bigint,
+                floor(extract(epoch FROM closed_at) * 1000)::bigint,
+                settled_micro, from_allowance_micro, from_credits_micro,
+                settle_remaining_micro, settle_tx) ORDER BY created_at, hold_id), '[]')
+     FROM holds
+     WHERE user_id = $1 AND (state = 'open' OR created_at > $3::timestamptz
+                             OR closed_at > $3::timestamptz)) AS holds;
 
 -- name: user_recent_debits --
 -- One page, oldest first, of a user's debits whose idempotency keys may still live: what
@@ -190,7 +205,7 @@ WITH inserted AS (
 ), usage AS (
     INSERT INTO usage_counters AS u (user_id, meter, period_id, used_micro)
     SELECT user_id, meter, period_id, sum(from_allowance_micro)
-    FROM inserted WHERE kind = 'debit' AND from_allowance_micro > 0
+    FROM inserted WHERE kind IN ('debit', 'commit') AND from_allowance_micro > 0
     GROUP BY user_id, meter, period_id
     ORDER BY user_id, meter, period_id
     ON CONFLICT (user_id, meter, period_id)
@@ -198,7 +213,7 @@ WITH inserted AS (
 ), spent AS (
     INSERT INTO credit_balances AS c (user_id, meter, balance_micro)
     SELECT user_id, meter, -sum(from_credits_micro)
-    FROM inserted WHERE kind IN ('debit', 'refund') AND from_credits_micro > 0
+    FROM inserted WHERE kind IN ('debit', 'refund', 'commit') AND from_credits_micro > 0
     GROUP BY user_id, meter
     ORDER BY user_id, meter
     ON CONFLICT (user_id, meter)
@@ -448,3 +463,53 @@ WHERE coalesce(l.credited, '{}'::jsonb) <> r.credits
 -- Succeeded receipts created in [$1, $2).
 SELECT count(*) FROM payment_receipts
 WHERE status = 'succeeded' AND created_at >= $1 AND created_at < $2;
+
+
+-- name: holds_open --
+-- Holds reserved (hold events flushed) that the holds table does not have yet; idempotent.
+-- $1 hold_id[], $2 user_id[], $3 meter[], $4 units_micro[], $5 ref[], $6 reason[],
+-- $7 caller[], $8 action[], $9 remaining_micro[], $10 created_at[], $11 expires_at[],
+-- $12 expiry_tx[] (the tx id its expiry event carries: the same whoever writes it).
+INSERT INTO holds (hold_id, user_id, meter, units_micro, ref, reason, caller, action,
+                   remaining_micro, created_at, expires_at, expiry_tx)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::bigint[], $10::timestamptz[],
+                     $11::timestamptz[], $12::uuid[])
+ORDER BY 1
+ON CONFLICT (hold_id) DO NOTHING;
+
+-- name: holds_extend --
+-- Later expiries of open holds (extend events); never earlier. $1 hold_id[], $2 expires_at[].
+UPDATE holds h SET expires_at = greatest(h.expires_at, e.expires_at)
+FROM (SELECT hold_id, max(expires_at) AS expires_at
+      FROM unnest($1::text[], $2::timestamptz[]) AS t (hold_id, expires_at)
+      GROUP BY hold_id) AS e
+WHERE h.hold_id = e.hold_id AND h.state = 'open';
+
+-- name: holds_close --
+-- Open holds that were settled, released or expired; a hold closes once (the first event
+-- read wins, later ones change nothing). $1 hold_id[], $2 state[], $3 closed_at[],
+-- $4 settle_tx[], $5 settled_micro[], $6 from_allowance_micro[], $7 from_credits_micro[],
+-- $8 settle_remaining_micro[].
+UPDATE holds h SET state = c.state, closed_at = c.closed_at, settle_tx = c.settle_tx,
+       settled_micro = c.settled, from_allowance_micro = c.fa, from_credits_micro = c.fc,
+       settle_remaining_micro = c.remaining
+FROM (SELECT DISTINCT ON (hold_id) *
+      FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::uuid[], $5::bigint[],
+                  $6::bigint[], $7::bigint[], $8::bigint[])
+           AS t (hold_id, state, closed_at, settle_tx, settled, fa, fc, remaining)
+      ORDER BY hold_id, closed_at) AS c
+WHERE h.hold_id = c.hold_id AND h.state = 'open'
+RETURNING h.meter, h.state;
+
+-- name: open_holds_count --
+-- Open holds in PostgreSQL (a gauge).
+SELECT count(*) FROM holds WHERE state = 'open';
+
+-- name: overdue_hold_users --
+-- Users with holds open in PostgreSQL well past their expiry ($1 interval): their state
+-- fell out of Redis before the holds expired there (the reconciler loads them, and their
+-- holds expire with a ledger event). $2 limit.
+SELECT DISTINCT user_id FROM holds
+WHERE state = 'open' AND expires_at < now() - $1::interval
+LIMIT $2;

@@ -521,20 +521,6 @@ async def test_async_client_methods(aclient: AsyncClient) -> None:
 
 
 # -- holds against the service ------------------------------------------------------------------
-@pytest.fixture
-def holds(service: Service) -> None:
-    """Skips while the service has no hold routes (they are being built: a release of
-    nothing is then a 404 for the path, not a 422 for the body)."""
-    import urllib3
-
-    answer = urllib3.request("POST", f"{service.url}/internal/billing/quota/release",
-                             body=b"{}", headers={"X-Internal-Key": KEY,
-                                                 "Content-Type": "application/json"})
-    if answer.status == 404:
-        pytest.skip("the service has no /quota/reserve, /settle, /release, /extend yet")
-
-
-@pytest.mark.usefixtures("holds")
 def test_reserve_settle_release_extend(client: Client) -> None:
     """reserve (a repeated ref: the same hold), extend, settle below the estimate (the
     rest given back; a repeat: the first result), release, a settle after a release, and
@@ -563,7 +549,6 @@ def test_reserve_settle_release_extend(client: Client) -> None:
     assert client.check(user).remain_chat == 0
 
 
-@pytest.mark.usefixtures("holds")
 def test_the_hold_context_manager_settles_the_actual_or_releases(client: Client
                                                                   ) -> None:
     """with client.hold(...): the actual is settled on exit, an exception releases the
@@ -583,7 +568,6 @@ def test_the_hold_context_manager_settles_the_actual_or_releases(client: Client
         pytest.fail("entered without a reservation")
 
 
-@pytest.mark.usefixtures("holds")
 async def test_the_async_hold_context_manager(aclient: AsyncClient) -> None:
     """async with client.hold(...): extend inside, the actual settled; an error releases."""
     user = new_user()
