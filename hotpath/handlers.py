@@ -24,11 +24,13 @@ from core.errors import (
     DependencyUnavailable,
     DuplicateOrder,
     DuplicateRef,
+    HoldClosed,
     InsufficientQuota,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
     RefReused,
+    TooManyHolds,
 )
 from core.ids import user_id_problem
 from core.settings import Caller, Settings
@@ -37,6 +39,7 @@ from hotpath.results import (
     BalanceCheckOut,
     BalanceDebitOut,
     BalanceOut,
+    ExtendOut,
     HealthOut,
     MeterOut,
     PlanApplyOut,
@@ -45,6 +48,9 @@ from hotpath.results import (
     QuotaCreditOut,
     QuotaDebitOut,
     ReadyOut,
+    ReleaseOut,
+    ReserveOut,
+    SettleOut,
     TransactionOut,
     TransactionsOut,
     WebhookOut,
@@ -55,9 +61,13 @@ from hotpath.schemas import (
     MAX_PAGE,
     BalanceCheckIn,
     BalanceDebitIn,
+    ExtendIn,
     PlanApplyIn,
     QuotaCreditIn,
     QuotaDebitIn,
+    ReleaseIn,
+    ReserveIn,
+    SettleIn,
     decode,
     micro,
     money,
@@ -68,6 +78,7 @@ from payments.verifiers import Verifier, make_verifier
 from payments.webhook import PaymentWebhook
 from persistence.plans import PlanBody, list_plans, validate_plan
 from quota.engine import Engine
+from quota.holds import Closed
 
 #: The latest plan expiry taken (its time must stay a datetime in every time zone).
 MAX_EXPIRES_AT = datetime(9000, 1, 1, tzinfo=UTC)
@@ -123,7 +134,7 @@ class Api:
             limit=from_micro(view.limit), used=from_micro(view.used),
             credits=from_micro(view.credits), remaining=from_micro(view.remaining),
             period={"d": "day", "m": "month", "c": "cycle"}.get(view.period, "none"),
-            resets_at=self._iso(view.period_end_ms),
+            resets_at=self._iso(view.period_end_ms), held=from_micro(view.held),
         )
 
     def _debit_outcome(self, meter: str, reply: DebitReply, balance_field: str) -> None:
@@ -196,6 +207,110 @@ class Api:
         batch = decode(await self.body(request), BatchIn)
         return json_response(await debit_items(self, batch.items, caller,
                                                self.settings.batch_max_items))
+
+    # -- holds -----------------------------------------------------------------------------
+    def _ttl_ms(self, ttl_s: float | None) -> int:
+        """A hold's ttl_s in whole ms, within HOLD_MAX_TTL_SECONDS (none: the default)."""
+        most = self.settings.hold_max_ttl_seconds
+        if ttl_s is None:
+            return self.settings.hold_default_ttl_seconds * 1000
+        ms = round(ttl_s * 1000)
+        if not 1 <= ms <= most * 1000:
+            raise InvalidInput(f"must be from 0.001 to {most} seconds (HOLD_MAX_TTL_SECONDS)",
+                               field="ttl_s")
+        return ms
+
+    async def quota_reserve(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
+        body = decode(await self.body(request), ReserveIn)
+        if (body.action is None) == (body.meter is None):
+            raise InvalidInput("give either action or meter (one of them)", field="action")
+        meter = body.meter
+        if body.action is not None:
+            meter = self.engine.action_meters.get(body.action)
+            if meter is None:
+                known = ", ".join(sorted(self.engine.action_meters))
+                raise InvalidInput(f"unknown action; known actions: {known}", field="action")
+        assert meter is not None
+        units = micro(body.units, "units")
+        ttl_ms = self._ttl_ms(body.ttl_s)
+        held = await self.engine.holds.reserve(
+            body.user_id, meter, units, body.ref, ttl_ms, reason=body.reason,
+            caller=caller.name, action=body.action or "")
+        if held.status is Status.DUPLICATE:
+            raise DuplicateRef("this ref already reserved; the original hold stands",
+                               field="ref", extra={"hold_id": held.hold_id,
+                                                   "remaining": from_micro(held.remaining)})
+        if held.status is Status.REF_REUSED:
+            raise RefReused("this ref was already used with another amount, meter or reason")
+        if held.status is Status.INSUFFICIENT:
+            raise InsufficientQuota(f"not enough {meter} quota to hold", field="units",
+                                    extra={"remaining": from_micro(held.remaining)})
+        if held.status is Status.TOO_MANY_HOLDS:
+            raise TooManyHolds(f"the user has {held.open_holds} open holds, the most "
+                               "HOLD_MAX_OPEN allows; settle or release one first",
+                               field="user_id")
+        if held.status is Status.BACKLOG:
+            metrics.BACKLOG_REFUSALS.inc()
+            raise BacklogFull("the ledger backlog is over its limit; retry later")
+        if held.status is not Status.OK:
+            raise DependencyUnavailable("redis", f"unexpected reserve status {held.status}")
+        return json_response(ReserveOut(
+            hold_id=held.hold_id, user_id=body.user_id, meter=meter,
+            units=from_micro(units), expires_at=self._iso(held.expires_ms),
+            remaining=from_micro(held.remaining), plan_code=held.plan_code))
+
+    @staticmethod
+    def _closed_refusal(done: Closed, hold_id: str) -> None:
+        """Raise what a settle's or release's refusal means."""
+        if done.status is Status.HOLD_GONE:
+            if done.state == "unknown":
+                missing = NotFound("no such hold (or its user's ledger does not know it)",
+                                   field="hold_id")
+                missing.code = "hold_not_found"
+                raise missing
+            raise HoldClosed(done.state, hold_id)
+        if done.status is Status.INSUFFICIENT:
+            raise InsufficientQuota(
+                "the settle takes more than the hold, what is free and the plan's overdraft "
+                "allow; nothing was debited (partial: true takes what is available)",
+                field="units", extra={"hold_id": hold_id,
+                                      "available": from_micro(done.available)})
+        raise DependencyUnavailable("redis", f"unexpected hold status {done.status}")
+
+    async def quota_settle(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
+        body = decode(await self.body(request), SettleIn)
+        units = micro(body.units, "units", allow_zero=True)
+        done = await self.engine.holds.close(body.hold_id, "settle", units,
+                                             partial=body.partial, caller=caller.name)
+        if done.status not in (Status.OK, Status.DUPLICATE):
+            self._closed_refusal(done, body.hold_id)
+        return json_response(SettleOut(
+            hold_id=body.hold_id, tx_id=done.tx_id, settled=from_micro(done.settled),
+            from_allowance=from_micro(done.from_allowance),
+            from_credits=from_micro(done.from_credits), released=from_micro(done.released),
+            remaining=from_micro(done.remaining)))
+
+    async def quota_release(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
+        body = decode(await self.body(request), ReleaseIn)
+        done = await self.engine.holds.close(body.hold_id, "release", caller=caller.name)
+        if done.status not in (Status.OK, Status.DUPLICATE):
+            self._closed_refusal(done, body.hold_id)
+        return json_response(ReleaseOut(hold_id=body.hold_id,
+                                        released=from_micro(done.released),
+                                        remaining=from_micro(done.remaining)))
+
+    async def quota_extend(self, request: Request, caller: Caller | None) -> Response:
+        assert caller is not None
+        body = decode(await self.body(request), ExtendIn)
+        ttl_ms = self._ttl_ms(body.ttl_s)
+        done = await self.engine.holds.extend(body.hold_id, ttl_ms, caller=caller.name)
+        if done.status is not Status.OK:
+            self._closed_refusal(Closed(done.status, state=done.state), body.hold_id)
+        return json_response(ExtendOut(hold_id=body.hold_id,
+                                       expires_at=self._iso(done.expires_ms)))
 
     async def quota_credit(self, request: Request, caller: Caller | None) -> Response:
         assert caller is not None
