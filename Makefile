@@ -11,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run cluster test test-unit smoke lint bench clean
+.PHONY: run cluster test test-cluster test-unit smoke lint bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: needs CPython 3.11 or 3.12 (python3.12, python3.11 \
@@ -32,6 +32,16 @@ cluster: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The hot-path, ledger, payment and reservation suites on a private local Redis Cluster
+# started by the session (tests/conftest.py, --redis-cluster), plus the cluster's own tests.
+CLUSTER_SUITES := $(wildcard $(addprefix tests/integration/test_,debit.py batch.py debit_batch.py \
+	debit_writes.py loading.py unknown_users.py periods.py cycles.py backlog.py \
+	shared_shards.py ledger.py poison.py payments.py refund_order.py outbox.py \
+	balance_cap.py holds.py cluster.py))
+
+test-cluster: $(STAMP)
+	$(BIN)/pytest --redis-cluster $(CLUSTER_SUITES)
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit
