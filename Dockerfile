@@ -10,8 +10,14 @@ COPY payments payments
 COPY reconciler reconciler
 COPY hotpath hotpath
 COPY ops ops
-RUN pip install --no-cache-dir . && useradd --system quota
+# One image for every command: serve, reconcile, migrate, report and the operator's CLI
+# (docker-compose.yml runs each). Reports are written to /app/reports (REPORT_DIR).
+RUN pip install --no-cache-dir . && useradd --system quota \
+    && mkdir -p /app/reports && chown quota /app/reports
 USER quota
-EXPOSE 8001
+ENV REPORT_DIR=/app/reports
+# 8001: the API and /metrics (serve); 9101: a reconciler's metrics (METRICS_PORT=9101)
+EXPOSE 8001 9101
+# serve's liveness; docker-compose.yml gives the reconciler its own and migrate none.
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,os; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/health')"
 CMD ["quota-gateway", "serve"]
