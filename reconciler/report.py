@@ -1,4 +1,5 @@
-"""The nightly reconciliation: day totals, Redis-vs-ledger drift, flush lag.
+"""The nightly reconciliation: day totals, Redis-vs-ledger drift, flush lag, payments and
+holds.
 
 Drift is judged per (user, meter, open period): Redis' counter must equal the usage flushed
 to PostgreSQL plus the allowance part of the events still in the shard streams. Counters
@@ -28,6 +29,8 @@ from reconciler.consumer import StreamConsumer, lag_seconds
 
 CounterKey = tuple[str, str, str]  # user, meter, period id
 RECHECKS = 3
+#: A hold open this long past its expiry is reported: its expiry never reached the ledger.
+HOLD_OVERDUE = timedelta(minutes=10)
 
 
 @dataclass
@@ -46,11 +49,14 @@ class Report:
     flush_lag_seconds: float = 0.0
     payments_checked: int = 0
     payment_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    holds: dict[str, Any] = field(default_factory=dict)
+    hold_mismatches: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def drift_count(self) -> int:
-        """How many (user, meter, period) disagree, plus payments not credited exactly once."""
-        return len(self.drift) + len(self.payment_mismatches)
+        """How many (user, meter, period) disagree, plus payments not credited exactly once,
+        plus holds the ledger does not account for."""
+        return len(self.drift) + len(self.payment_mismatches) + len(self.hold_mismatches)
 
 
 async def _redis_counters(redis: aioredis.Redis, engine: Engine, periods: set[str]
@@ -89,7 +95,7 @@ async def _unflushed(consumer: StreamConsumer) -> tuple[dict[CounterKey, int], i
                     values = unpack(fields)
                 except BadEvent:
                     continue
-                if values["k"] == "debit":
+                if values["k"] in ("debit", "commit"):  # a hold's settle counts as one
                     pending[(values["u"], values["m"], values["p"])] += int(values["al"])
             if len(entries) < 1000:
                 break
@@ -155,6 +161,21 @@ async def build(engine: Engine, redis: aioredis.Redis, day: date) -> Report:
          "ledger": {m: format_micro(int(v)) for m, v in r["credited"].items()},
          "applied_in_redis": r["applied"]}
         for r in await engine.db.fetch("receipts_without_credit", start, end)
+    ]
+    # Holds: the day's reserves, settles, releases and expiries; every hold closed that day
+    # with exactly one closing event in the ledger (a settle's with the amount settled), and
+    # none left open well past its expiry.
+    day_holds = await engine.db.fetchrow("holds_day", start, end)
+    assert day_holds is not None  # aggregates: one row
+    report.holds = {k: day_holds[k] for k in ("created", "settled", "released", "expired",
+                                              "open_now")}
+    report.holds["settled_units"] = format_micro(day_holds["settled_micro"])
+    report.hold_mismatches = [
+        {"hold_id": r["hold_id"], "user_id": r["user_id"], "meter": r["meter"],
+         "state": r["state"], "closing_events": r["closings"],
+         "settled": format_micro(r["settled_micro"]),
+         "ledger_settled": format_micro(r["committed_micro"])}
+        for r in await engine.db.fetch("holds_unmatched", start, end, HOLD_OVERDUE)
     ]
     return report
 
@@ -225,6 +246,9 @@ table{{border-collapse:collapse}} .bad{{color:#b00}} .ok{{color:#070}}</style></
 <h2>Usage per hour</h2>{_svg_chart(report.hourly)}
 <h2>Totals per plan and meter</h2>{_table(report.totals)}
 <h2>Drift</h2>{_table(report.drift)}
+<h2>Holds</h2><p>{html.escape(", ".join(f"{k}: {v}" for k, v in report.holds.items()))};
+{len(report.hold_mismatches)} not accounted for by the ledger.</p>
+{_table(report.hold_mismatches)}
 <h2>Payments</h2><p>{report.payments_checked} succeeded payments;
 {len(report.payment_mismatches)} not matched by exactly one applied credit.</p>
 {_table(report.payment_mismatches)}
@@ -239,6 +263,7 @@ async def run(engine: Engine, redis: aioredis.Redis, day: date, out: Path) -> Re
     summary = {"drift_count": report.drift_count, "totals": report.totals,
                "payments_checked": report.payments_checked,
                "payment_mismatches": report.payment_mismatches,
+               "holds": report.holds, "hold_mismatches": report.hold_mismatches,
                "unflushed_entries": report.unflushed_entries,
                "flush_lag_seconds": report.flush_lag_seconds, "out": str(out)}
     await engine.db.fetchval("insert_report", day, report.drift_count, summary)

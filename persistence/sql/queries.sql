@@ -513,3 +513,38 @@ SELECT count(*) FROM holds WHERE state = 'open';
 SELECT DISTINCT user_id FROM holds
 WHERE state = 'open' AND expires_at < now() - $1::interval
 LIMIT $2;
+
+-- name: holds_day --
+-- The holds of the report day [$1, $2): how many were reserved, settled (and the units
+-- settled), released and expired in it, and how many are open now.
+SELECT count(*) FILTER (WHERE created_at >= $1 AND created_at < $2) AS created,
+       count(*) FILTER (WHERE state = 'settled' AND closed_at >= $1 AND closed_at < $2)
+           AS settled,
+       coalesce(sum(settled_micro) FILTER (WHERE state = 'settled' AND closed_at >= $1
+                                           AND closed_at < $2), 0)::bigint AS settled_micro,
+       count(*) FILTER (WHERE state = 'released' AND closed_at >= $1 AND closed_at < $2)
+           AS released,
+       count(*) FILTER (WHERE state = 'expired' AND closed_at >= $1 AND closed_at < $2)
+           AS expired,
+       (SELECT count(*) FROM holds WHERE state = 'open') AS open_now
+FROM holds
+WHERE (created_at >= $1 AND created_at < $2) OR (closed_at >= $1 AND closed_at < $2);
+
+-- name: holds_unmatched --
+-- Holds the ledger does not account for: closed in [$1, $2) without exactly one closing
+-- event, or with a settle whose amount is not the one recorded; and holds still open $3
+-- (interval) past their expiry (their expiry never reached the ledger).
+SELECT h.hold_id, h.user_id, h.meter, h.state, coalesce(h.settled_micro, 0) AS settled_micro,
+       l.closings, l.committed_micro
+FROM holds h
+CROSS JOIN LATERAL (
+    SELECT count(*) AS closings,
+           coalesce(-sum(amount_micro) FILTER (WHERE kind = 'commit'), 0)::bigint
+               AS committed_micro
+    FROM ledger
+    WHERE user_id = h.user_id AND ref = h.hold_id AND kind IN ('commit', 'release', 'expiry')
+) AS l
+WHERE (h.closed_at >= $1 AND h.closed_at < $2
+       AND (l.closings <> 1 OR l.committed_micro <> coalesce(h.settled_micro, 0)))
+   OR (h.state = 'open' AND h.expires_at < now() - $3::interval)
+ORDER BY h.hold_id;

@@ -126,3 +126,54 @@ def test_report_command_exit_code_says_drift(settings: Settings, tmp_path: Path)
     drifted = CliRunner().invoke(main, args, env=env)
     assert drifted.exit_code == 1, drifted.output
     assert "0 plan/meter totals, 1 counters checked, 1 drifting" in drifted.output
+
+
+async def test_report_reconciles_holds(
+    client: httpx.AsyncClient, engine: Engine, raw_redis: aioredis.Redis, tmp_path: Path,
+    own_db_dsn: str
+) -> None:
+    """The day's holds counted by outcome, a settle's usage in the drift check (an
+    unflushed settle is pending usage, not drift), and a hold whose closing the ledger
+    lacks, or one left open far past its expiry, reported as a mismatch."""
+    import asyncpg
+
+    q = "/internal/billing/quota"
+    user = new_user()
+
+    async def reserve(units: int, ttl_s: int = 60) -> str:
+        answer = await client.post(f"{q}/reserve", json={
+            "user_id": user, "action": "chat_tokens", "units": units, "ref": new_user(),
+            "ttl_s": ttl_s})
+        assert answer.status_code == 200, answer.text
+        return str(answer.json()["hold_id"])
+
+    settled, released, expiring = await reserve(10), await reserve(5), await reserve(5, 1)
+    assert (await client.post(f"{q}/settle", json={"hold_id": settled, "units": 7})
+            ).status_code == 200
+    assert (await client.post(f"{q}/release", json={"hold_id": released})).status_code == 200
+    reconciler = Reconciler(engine, raw_redis, name="report-holds")
+    engine.clock.advance(2_000)  # type: ignore[attr-defined]
+    await reconciler.expire_holds()
+    await reconciler.drain()
+    late = await reserve(3)
+    assert (await client.post(f"{q}/settle", json={"hold_id": late, "units": 2})
+            ).status_code == 200  # left unflushed: its usage is pending, not drift
+
+    report = await run(engine, raw_redis, date(2026, 11, 23), tmp_path / "holds")
+    assert report.drift_count == 0, (report.drift, report.hold_mismatches)
+    assert report.holds == {"created": 3, "settled": 1, "released": 1, "expired": 1,
+                            "open_now": 0, "settled_units": "7"}
+    await reconciler.drain()
+
+    conn = await asyncpg.connect(own_db_dsn)
+    try:  # the ledger loses a settle; a hold stays open long past its expiry
+        await conn.execute("DELETE FROM ledger WHERE ref = $1 AND kind = 'commit'", settled)
+        await conn.execute("UPDATE holds SET state = 'open', closed_at = NULL, "
+                           "settle_tx = NULL, expires_at = now() - interval '1 hour' "
+                           "WHERE hold_id = $1", released)
+    finally:
+        await conn.close()
+    bad = await run(engine, raw_redis, date(2026, 11, 23), tmp_path / "bad")
+    assert sorted((m["hold_id"], m["state"]) for m in bad.hold_mismatches) == sorted(
+        [(settled, "settled"), (released, "open")])
+    assert bad.drift_count == 2
