@@ -15,7 +15,15 @@ import redis.asyncio as aioredis
 from core.clock import FixedClock
 from quota.engine import Engine
 from reconciler.main import Reconciler
-from tests.support import apply_plan, debit, new_ref, new_user, put_plan, unique_plan
+from tests.support import (
+    apply_plan,
+    debit,
+    new_ref,
+    new_user,
+    put_plan,
+    read_metric,
+    unique_plan,
+)
 
 Q = "/internal/billing/quota"
 
@@ -371,3 +379,36 @@ async def test_check_and_the_spec_show_holds(client: httpx.AsyncClient) -> None:
         assert f"{Q}/{path}" in spec["paths"]
     ttl = spec["components"]["schemas"]["ExtendIn"]["properties"]["ttl_s"]
     assert ttl["maximum"] == 3600
+
+
+async def test_holds_are_counted_by_outcome_without_user_ids(
+    client: httpx.AsyncClient, clock: FixedClock, engine: Engine, raw_redis: aioredis.Redis
+) -> None:
+    """quota_holds_total{meter, outcome}: created, settled and released by the service,
+    expired by the reconciler as it writes the expiry; quota_open_holds from PostgreSQL."""
+    outcomes = ("created", "settled", "released", "expired")
+
+    async def counts() -> dict[str, float]:
+        return {o: await read_metric(client, "quota_holds_total", meter="chat", outcome=o)
+                for o in outcomes}
+
+    before = await counts()
+    user = new_user()
+    await settle(client, await hold(client, user, 2), 1)
+    await release(client, await hold(client, user, 2))
+    await hold(client, user, 2, ttl_s=1)
+    still_open = await hold(client, user, 2, ttl_s=30)
+    await settle(client, still_open, 100)  # refused: not counted
+    clock.advance(1_000)
+    reconciler = Reconciler(engine, raw_redis, name="holds-metrics")
+    await reconciler.expire_holds()
+    await reconciler.drain()
+    after = await counts()
+    assert {o: after[o] - before[o] for o in outcomes} == {
+        "created": 4, "settled": 1, "released": 1, "expired": 1}
+    await reconciler.expire_holds()
+    assert await read_metric(client, "quota_open_holds") >= 1  # the one still open
+    page = (await client.get("/metrics")).text
+    assert user not in page
+    await release(client, still_open)
+    await reconciler.drain()  # no hold left open in the shared database
