@@ -32,7 +32,9 @@ from reconciler.writer import LedgerWriter
 
 log = logging.getLogger("quota_gateway.reconciler")
 
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError,
+              redis.exceptions.RedisClusterException, redis.exceptions.ClusterError,
+              redis.exceptions.TryAgainError)  # a cluster mid-failover
 MAX_BACKOFF_SECONDS = 5.0
 OUTBOX_MIN_AGE = timedelta(seconds=2)  # let the request apply its own change first
 OUTBOX_BATCH = 100
