@@ -139,6 +139,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: "H:MM" or "HH:MM" in TIMEZONE to run the nightly report inside the reconciler.
     report_at: str = ""
     report_dir: str = "reports"
+    # The ledger at volume (persistence/sql/migrations/0012_ledger_partitions.sql).
+    #: Days raw debit (and hold) rows are kept before their month is rolled up into daily
+    #: per-user rollups and dropped; 0 keeps them for good. At least the idempotency TTL
+    #: and two days (the nightly report reads yesterday's rows).
+    ledger_retention_days: Annotated[int, msgspec.Meta(ge=0, le=36_600)] = 0
+    #: Monthly ledger partitions created ahead of the current month.
+    ledger_partitions_ahead: Annotated[int, msgspec.Meta(ge=1, le=24)] = 2
     # Payments: how a webhook is verified and with what.
     webhook_verifier: Literal["signature", "yookassa"] = "signature"
     webhook_public_key: str = ""  # PEM text or a path to one
@@ -292,6 +299,12 @@ def validate(settings: Settings) -> None:
             raise SettingsError(f"ACTION_METERS: {action!r} -> {meter!r}: actions must match "
                                 f"^{ACTION_PATTERN.pattern}$ and meters "
                                 f"^{METER_PATTERN.pattern}$")
+    retention = settings.ledger_retention_days * DAY_SECONDS
+    if retention and retention < max(settings.idempotency_ttl_seconds, 2 * DAY_SECONDS):
+        raise SettingsError(
+            f"LEDGER_RETENTION_DAYS ({settings.ledger_retention_days}) must cover the "
+            f"idempotency TTL ({settings.idempotency_ttl_seconds} s: a lost key is restored "
+            "from raw debits) and 2 days (the nightly report reads yesterday's), or be 0")
     if settings.hold_default_ttl_seconds > settings.hold_max_ttl_seconds:
         raise SettingsError(f"HOLD_DEFAULT_TTL_SECONDS ({settings.hold_default_ttl_seconds}) "
                             f"must not exceed HOLD_MAX_TTL_SECONDS "

@@ -440,7 +440,7 @@ class Api:
             raise InvalidInput(f"must be an integer from 1 to {MAX_PAGE}", field="limit")
         before_at, before_tx = _parse_cursor(params.get("before"))
         rows = await self.engine.db.fetch("user_transactions", user_id, before_at, before_tx,
-                                          int(raw_limit))
+                                          int(raw_limit), self.settings.timezone)
         items = [TransactionOut(
             tx_id=str(r["tx_id"]), kind=r["kind"], meter=r["meter"],
             amount=signed_micro(r["amount_micro"]),
@@ -448,6 +448,7 @@ class Api:
             from_credits=from_micro(r["from_credits_micro"]), period=r["period_id"],
             ref=r["ref"], reason=r["reason"], caller=r["caller"], action=r["action"],
             plan_code=r["plan_code"], occurred_at=r["occurred_at"].isoformat(),
+            events=r["events"], rolled_up=r["rolled_up"],
         ) for r in rows]
         cursor = None
         if len(rows) == int(raw_limit):

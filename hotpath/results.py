@@ -186,7 +186,12 @@ class PlansOut(msgspec.Struct):
 
 
 class TransactionOut(msgspec.Struct):
-    """One ledger row: amounts signed (debits negative), split between allowance and credits."""
+    """One ledger row: amounts signed (debits negative), split between allowance and credits.
+
+    A row ``rolled_up`` is the daily total of ``events`` rows pruned past the ledger's
+    retention (one per day, meter, kind, plan and period, at the day's start in TIMEZONE);
+    its ``tx_id`` names it for the page cursor, it is no transaction's.
+    """
 
     tx_id: str
     kind: str
@@ -201,6 +206,8 @@ class TransactionOut(msgspec.Struct):
     action: str | None
     plan_code: str | None
     occurred_at: str
+    events: int = 1
+    rolled_up: bool = False
 
 
 class TransactionsOut(msgspec.Struct):

@@ -1,6 +1,7 @@
 """The operator's commands: payment notifications kept as dead letters (list, show, fix
 and replay), notifications refused by the verifier (rejections), and ledger entries the
-reconciler set aside (poison: list, show, replay once the cause is fixed)."""
+reconciler set aside (poison: list, show, replay once the cause is fixed); the ledger's
+partitions (list, prune)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from core.settings import Settings
-from ops.config import with_servers
+from ops.config import settings_or_exit, with_servers
 
 if TYPE_CHECKING:
     from payments.webhook import PaymentWebhook
@@ -250,3 +251,71 @@ def user_show(user_id: str) -> None:
             await engine.close()
 
     click.echo(orjson.dumps(asyncio.run(run()), option=orjson.OPT_INDENT_2).decode())
+
+
+# -- the ledger's partitions ---------------------------------------------------------------
+@click.group("ledger")
+def ledger() -> None:
+    """The ledger's monthly partitions: list, create ahead, prune past the retention."""
+
+
+def _ledger_db() -> tuple[Settings, Any]:
+    from persistence.db import Database
+
+    settings = settings_or_exit()
+    if not settings.db_dsn:
+        raise click.ClickException("ledger needs DB_DSN")
+    return settings, Database(settings.db_dsn, min_size=0, max_size=1,
+                              timeout=settings.db_timeout_seconds)
+
+
+@ledger.command("partitions")
+def ledger_partitions() -> None:
+    """Create this month's partition and LEDGER_PARTITIONS_AHEAD more if missing, then list
+    every partition with its bounds, estimated rows and size."""
+    from datetime import UTC, datetime
+
+    from persistence.ledger import ensure_partitions
+
+    settings, db = _ledger_db()
+
+    async def run() -> tuple[int, list[Any]]:
+        try:
+            created = await ensure_partitions(db, datetime.now(tz=UTC),
+                                              settings.ledger_partitions_ahead)
+            return created, await db.fetch("ledger_partitions")
+        finally:
+            await db.close()
+
+    created, rows = asyncio.run(run())
+    click.echo(f"partitions created: {created}")
+    for r in rows:
+        click.echo(f"{r['name']}\t{r['bounds']}\t~{max(r['rows_estimate'], 0)} rows\t"
+                   f"{r['bytes']} bytes")
+
+
+@ledger.command("prune")
+@click.option("--retention-days", type=int, default=None,
+              help="Override LEDGER_RETENTION_DAYS (checked the same way).")
+def ledger_prune(retention_days: int | None) -> None:
+    """Roll up into daily totals and drop the monthly partitions of raw debits that ended
+    more than LEDGER_RETENTION_DAYS ago (idempotent; the reconciler does it hourly)."""
+    from datetime import UTC, datetime
+
+    from persistence.ledger import prune
+
+    settings, db = _ledger_db()
+    if retention_days is not None:
+        settings = settings_or_exit(ledger_retention_days=retention_days)
+    if not settings.ledger_retention_days:
+        raise click.ClickException("LEDGER_RETENTION_DAYS is 0: raw rows are kept for good")
+
+    async def run() -> list[str]:
+        try:
+            return await prune(db, datetime.now(tz=UTC), settings.ledger_retention_days,
+                               settings.timezone)
+        finally:
+            await db.close()
+
+    dropped = asyncio.run(run())
+    click.echo(f"rolled up and dropped: {', '.join(dropped) or 'none (nothing that old)'}")

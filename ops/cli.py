@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import click
 
 from core.settings import Settings
-from ops.admin import dead_letters, poison, user
+from ops.admin import dead_letters, ledger, poison, user
 from ops.config import settings_or_exit as _settings
 from ops.lifecycle import Supervised, follow_parent
 
@@ -96,6 +96,7 @@ async def _migrate(settings: Settings) -> None:
     import asyncpg
 
     from core.errors import DependencyUnavailable
+    from persistence.ledger import ensure_partitions
     from persistence.migrate import migrate
     from persistence.plans import read_catalog_file, seed_missing
     from quota.engine import make_engine
@@ -109,6 +110,9 @@ async def _migrate(settings: Settings) -> None:
     click.echo(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
     engine = make_engine(settings)
     try:
+        created = await ensure_partitions(engine.db, datetime.now(tz=UTC),
+                                          settings.ledger_partitions_ahead)
+        click.echo(f"ledger partitions created ahead: {created}")
         added = await seed_missing(engine.db, read_catalog_file())
         click.echo(f"plans seeded from the catalog file: {', '.join(added) or 'none (present)'}")
         try:
@@ -265,6 +269,7 @@ def serve(host: str | None, port: int | None, workers: int | None, run_migration
 # -- operator commands (ops/admin.py) -----------------------------------------------------
 main.add_command(dead_letters)
 main.add_command(poison)
+main.add_command(ledger)
 main.add_command(user)
 
 

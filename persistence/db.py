@@ -88,10 +88,12 @@ class Database:
         ):
             yield conn
 
-    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        """Run a named query and return its rows."""
+    async def fetch(self, name: str, *args: Any, query_timeout: float | None = None
+                    ) -> list[asyncpg.Record]:
+        """Run a named query and return its rows (``query_timeout``: seconds, for a long
+        one; DB_TIMEOUT_SECONDS otherwise)."""
         async with self.connection() as conn:
-            return list(await conn.fetch(QUERIES[name], *args))
+            return list(await conn.fetch(QUERIES[name], *args, timeout=query_timeout))
 
     async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
         """Run a named query and return its first row, if any."""

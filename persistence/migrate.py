@@ -75,8 +75,9 @@ class MigrationError(RuntimeError):
     """An applied migration changed after it was applied."""
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply every pending migration; return the names applied."""
+async def migrate(conn: asyncpg.Connection, *, until: int | None = None) -> list[str]:
+    """Apply every pending migration (up to version ``until``, tests of a migration over
+    data); return the names applied."""
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
     try:
@@ -88,6 +89,8 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
         rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
         applied = {r["version"]: r["checksum"] for r in rows}
         for migration in discover():
+            if until is not None and migration.version > until:
+                break
             if migration.version in applied:
                 if applied[migration.version] != migration.checksum:
                     raise MigrationError(

@@ -9,12 +9,13 @@ over entries a dead consumer left behind, publish the lag, and apply write-throu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -23,6 +24,7 @@ import redis.exceptions
 from core import metrics
 from core.errors import DependencyUnavailable
 from core.settings import report_time
+from persistence import ledger
 from persistence.db import PostgresUnavailable
 from persistence.migrate import schema_behind
 from persistence.queries import QUERIES
@@ -41,6 +43,10 @@ OUTBOX_BATCH = 100
 #: How often shard catalog copies are compared with PostgreSQL's catalog (a repair path for
 #: a plan change whose copy Redis cut short; 256 reads each time).
 CATALOG_RESYNC_SECONDS = 30.0
+#: How often the ledger's partitions are created ahead and, with a retention, pruned; and
+#: how soon a failed attempt is made again (the flush goes on meanwhile).
+LEDGER_MAINTENANCE_SECONDS = 3600.0
+LEDGER_RETRY_SECONDS = 60.0
 
 
 @dataclass
@@ -93,6 +99,8 @@ class Reconciler:
         self._next_chores = 0.0
         self._next_resync = 0.0
         self._next_holds = 0.0
+        self._next_ledger = 0.0
+        self._ledger_task: asyncio.Task[bool] | None = None
         self._lag_gauges = [(metrics.FLUSH_LAG_ENTRIES.labels(str(shard)),
                              metrics.FLUSH_LAG_SECONDS.labels(str(shard)))
                             for shard in range(s.n_shards)]
@@ -159,7 +167,8 @@ class Reconciler:
 
     async def chores(self) -> None:
         """Publish lag; apply write-through changes left pending; now and then, finish
-        catalog copies a Redis error cut short; the nightly report when it is due."""
+        catalog copies a Redis error cut short; hourly, the ledger's partitions (created
+        ahead, pruned past the retention); the nightly report when it is due."""
         now_ms = time.time_ns() // 1_000_000
         for lag, (entries, seconds) in zip(await self.consumer.lag(), self._lag_gauges,
                                            strict=True):
@@ -172,6 +181,11 @@ class Reconciler:
         if time.monotonic() >= self._next_resync:
             self._next_resync = time.monotonic() + CATALOG_RESYNC_SECONDS
             await self.resync_catalog()
+        if time.monotonic() >= self._next_ledger and (
+                self._ledger_task is None or self._ledger_task.done()):
+            # In the background: a month's rollup may take long, the flush goes on.
+            self._next_ledger = time.monotonic() + LEDGER_MAINTENANCE_SECONDS
+            self._ledger_task = asyncio.create_task(self.maintain_ledger())
         if self.report_time is not None:
             await self.scheduled_report()
 
@@ -194,6 +208,27 @@ class Reconciler:
             return 0
         return expired
 
+    async def maintain_ledger(self) -> bool:
+        """Create the ledger's partitions ahead; past LEDGER_RETENTION_DAYS, roll up and
+        drop the old ones. A failure is logged and tried again later: the flush goes on."""
+        s = self.settings
+        now = datetime.fromtimestamp(self.engine.clock.now_ms() / 1000, tz=UTC)
+        try:
+            created = await ledger.ensure_partitions(self.engine.db, now,
+                                                     s.ledger_partitions_ahead)
+            if created:
+                log.info("ledger: %d monthly partitions created ahead", created)
+            if s.ledger_retention_days:
+                dropped = await ledger.prune(self.engine.db, now, s.ledger_retention_days,
+                                             s.timezone)
+                if dropped:
+                    log.info("ledger: rolled up and dropped %s", ", ".join(dropped))
+        except (DependencyUnavailable, asyncpg.PostgresError, TimeoutError) as exc:
+            log.warning("ledger maintenance failed, retrying in %.0fs: %r",
+                        LEDGER_RETRY_SECONDS, exc)
+            self._next_ledger = time.monotonic() + LEDGER_RETRY_SECONDS
+            return False
+        return True
 
     async def resync_catalog(self) -> int:
         """Refresh shard catalog copies behind PostgreSQL's; how many were."""
@@ -250,6 +285,8 @@ class Reconciler:
         quiet = 0
         while quiet < idle_rounds:
             quiet = quiet + 1 if await self.step() == 0 else 0
+        if self._ledger_task is not None:  # the ledger's maintenance started meanwhile
+            await self._ledger_task
 
     async def run(self, stop: asyncio.Event) -> None:
         """Loop until ``stop`` is set, backing off while a dependency is down."""
@@ -275,6 +312,10 @@ class Reconciler:
                 continue
             await asyncio.sleep(backoff)
             backoff = min(MAX_BACKOFF_SECONDS, backoff * 2)
+        if self._ledger_task is not None and not self._ledger_task.done():
+            self._ledger_task.cancel()  # a rollup cut short is rolled back, done next time
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ledger_task
 
 
 async def serve_forever(engine: Engine, redis: aioredis.Redis) -> None:

@@ -29,6 +29,9 @@ from reconciler.consumer import StreamConsumer, lag_seconds
 
 CounterKey = tuple[str, str, str]  # user, meter, period id
 RECHECKS = 3
+#: The day's totals and hours read every raw row of the day (hundreds of millions at
+#: volume; timed in docs/benchmarks.md): far past DB_TIMEOUT_SECONDS, a request's bound.
+DAY_QUERY_TIMEOUT_SECONDS = 1800.0
 #: A hold open this long past its expiry is reported: its expiry never reached the ledger.
 HOLD_OVERDUE = timedelta(minutes=10)
 
@@ -110,7 +113,8 @@ async def build(engine: Engine, redis: aioredis.Redis, day: date) -> Report:
     end = start + timedelta(days=1)
     report = Report(day.isoformat(), datetime.now(tz=zone).isoformat(timespec="seconds"),
                     engine.settings.timezone)
-    rows = await engine.db.fetch("day_totals", start, end)
+    rows = await engine.db.fetch("day_totals", start, end, day,
+                                 query_timeout=DAY_QUERY_TIMEOUT_SECONDS)
     report.totals = [
         {"plan_code": r["plan_code"], "meter": r["meter"], "debits": r["debits"],
          "amount": format_micro(r["amount_micro"]),
@@ -118,7 +122,8 @@ async def build(engine: Engine, redis: aioredis.Redis, day: date) -> Report:
          "from_credits": format_micro(r["credits_micro"])} for r in rows
     ]
     hourly: dict[str, list[int]] = defaultdict(lambda: [0] * 25)
-    for r in await engine.db.fetch("day_hourly", start, end):
+    for r in await engine.db.fetch("day_hourly", start, end,
+                                   query_timeout=DAY_QUERY_TIMEOUT_SECONDS):
         hourly[r["meter"]][min(r["hour"], 24)] += r["amount_micro"]
     report.hourly = {m: [format_micro(v) for v in hours[:24]] for m, hours in hourly.items()}
 

@@ -151,6 +151,20 @@ async def own_db_dsn(servers: Servers, template_database: str) -> AsyncIterator[
 
 
 @pytest.fixture
+async def blank_db_dsn(servers: Servers) -> AsyncIterator[str]:
+    """An empty database of this test's own, without the schema, dropped afterwards: for a
+    test that applies the migrations one by one over data."""
+    name = f"qg_blank_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(servers.admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield _with_database(servers.admin_dsn, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
 def prefix() -> str:
     """A key prefix of this test's own."""
     return f"qgt{secrets.token_hex(4)}"

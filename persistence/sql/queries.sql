@@ -154,13 +154,35 @@ WHERE user_id = $1 AND (occurred_at, tx_id) > ($2::timestamptz, $3::uuid)
 ORDER BY occurred_at, tx_id LIMIT $4;
 
 -- name: user_transactions --
--- A user's ledger, newest first; $1 user_id, $2 before (occurred_at, exclusive; NULL = now),
--- $3 before tx_id (tie-breaker, NULL = none), $4 limit.
-SELECT tx_id, kind, meter, amount_micro, from_allowance_micro, from_credits_micro, period_id,
-       ref, reason, caller, action, plan_code, occurred_at
-FROM ledger
-WHERE user_id = $1
-  AND ($2::timestamptz IS NULL OR (occurred_at, tx_id) < ($2, coalesce($3, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)))
+-- A user's ledger, newest first: raw rows, and the daily rollups of pruned ones (one row per
+-- day, meter, kind, plan and period: `events` rows added up, at the day's start in the zone
+-- $5, `rolled_up`, and as tx_id the md5 of its key, a name for the page cursor). $1 user_id,
+-- $2 before (occurred_at, exclusive; NULL = now), $3 before tx_id (tie-breaker, NULL =
+-- none), $4 limit, $5 TIMEZONE.
+SELECT * FROM (
+    (SELECT tx_id, kind, meter, amount_micro, from_allowance_micro, from_credits_micro,
+            period_id, ref, reason, caller, action, plan_code, occurred_at,
+            1::bigint AS events, false AS rolled_up
+     FROM ledger
+     WHERE user_id = $1
+       AND ($2::timestamptz IS NULL OR (occurred_at, tx_id) < ($2, coalesce($3, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid)))
+     ORDER BY occurred_at DESC, tx_id DESC
+     LIMIT $4)
+    UNION ALL
+    (SELECT * FROM (
+        SELECT md5(concat_ws('|', day, meter, kind, plan_code, period_id))::uuid AS tx_id,
+               kind, meter, amount_micro, from_allowance_micro, from_credits_micro,
+               period_id, NULL::text AS ref, NULL::text AS reason, '' AS caller,
+               NULL::text AS action, nullif(plan_code, '') AS plan_code,
+               (day::timestamp AT TIME ZONE $5::text) AS occurred_at, events,
+               true AS rolled_up
+        FROM ledger_daily
+        WHERE user_id = $1
+          AND ($2::timestamptz IS NULL OR day <= ($2 AT TIME ZONE $5::text)::date)) AS d
+     WHERE $2::timestamptz IS NULL OR (occurred_at, tx_id) < ($2, coalesce($3, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+     ORDER BY occurred_at DESC, tx_id DESC
+     LIMIT $4)
+) AS rows
 ORDER BY occurred_at DESC, tx_id DESC
 LIMIT $4;
 
@@ -183,23 +205,37 @@ WHERE applied_at IS NULL AND created_at < now() - $1::interval
 ORDER BY id LIMIT $2;
 
 -- name: flush_events --
--- Write a batch of ledger events in one statement, idempotent on tx_id and on a debit's
--- (user_id, ref, ref_round), and advance usage and credit counters by the rows really
--- inserted (a redelivered event, or a second debit of one ref after Redis lost data,
--- inserts nothing). Debits and refunds both take their from_credits part off the credit
--- balance. Counter rows are upserted in key order so concurrent reconcilers cannot deadlock.
+-- Write a batch of ledger events in one statement, idempotent on tx_id (the ledger's key,
+-- with the kind and time an event always carries) and on a debit's (user_id, ref,
+-- ref_round) (ledger_debit_keys: a debit is inserted only if its key is), and advance usage
+-- and credit counters by the rows really inserted (a redelivered event, or a second debit
+-- of one ref after Redis lost data, inserts nothing). Debits, settles of holds ('commit')
+-- and refunds all take their from_credits part off the credit balance. Counter rows are upserted in key order so
+-- concurrent reconcilers cannot deadlock.
 -- $1 tx_id[], $2 kind[], $3 user_id[], $4 meter[], $5 amount_micro[],
 -- $6 from_allowance_micro[], $7 from_credits_micro[], $8 period_id[], $9 ref[], $10 reason[],
 -- $11 caller[], $12 action[], $13 plan_code[], $14 shard[], $15 stream_id[], $16 occurred_at[],
 -- $17 remaining_micro[], $18 ref_round[].
-WITH inserted AS (
-    INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, from_allowance_micro,
-                        from_credits_micro, period_id, ref, reason, caller, action, plan_code,
-                        shard, stream_id, occurred_at, remaining_micro, ref_round)
+WITH batch AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
                          $6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::text[],
                          $11::text[], $12::text[], $13::text[], $14::int[], $15::text[],
                          $16::timestamptz[], $17::bigint[], $18::int[])
+        AS b (tx_id, kind, user_id, meter, amount_micro, from_allowance_micro,
+              from_credits_micro, period_id, ref, reason, caller, action, plan_code,
+              shard, stream_id, occurred_at, remaining_micro, ref_round)
+), debit_keys AS (
+    INSERT INTO ledger_debit_keys (user_id, ref, ref_round, tx_id, occurred_at)
+    SELECT user_id, ref, ref_round, tx_id, occurred_at FROM batch
+    WHERE kind = 'debit' AND ref IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING tx_id
+), inserted AS (
+    INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, from_allowance_micro,
+                        from_credits_micro, period_id, ref, reason, caller, action, plan_code,
+                        shard, stream_id, occurred_at, remaining_micro, ref_round)
+    SELECT * FROM batch
+    WHERE kind <> 'debit' OR ref IS NULL OR tx_id IN (SELECT tx_id FROM debit_keys)
     ON CONFLICT DO NOTHING
     RETURNING kind, user_id, meter, period_id, from_allowance_micro, from_credits_micro
 ), usage AS (
@@ -222,13 +258,14 @@ WITH inserted AS (
 SELECT count(*) AS inserted FROM inserted;
 
 -- name: debit_ref_rounds --
--- The debits of (user_id $1, ref $2) in the ledger: the last round (NULL: none), and
--- whether one of them lies within the idempotency TTL $4 (interval) of the time $3 of a
--- debit the ledger refused (then Redis should have answered that one as a duplicate).
+-- The debits of (user_id $1, ref $2) in the ledger (their keys, kept as long as the raw
+-- debits): the last round (NULL: none), and whether one of them lies within the
+-- idempotency TTL $4 (interval) of the time $3 of a debit the ledger refused (then Redis
+-- should have answered that one as a duplicate).
 SELECT max(ref_round) AS last_round,
        coalesce(bool_or(occurred_at >= $3::timestamptz - $4::interval
                         AND occurred_at <= $3::timestamptz + $4::interval), false) AS near
-FROM ledger WHERE user_id = $1 AND ref = $2 AND kind = 'debit';
+FROM ledger_debit_keys WHERE user_id = $1 AND ref = $2;
 
 -- name: ledger_missing_tx --
 -- Which of the tx ids $1 the ledger does not hold (after a flush: the debits refused as a
@@ -262,17 +299,31 @@ WHERE id = $1 AND replayed_at IS NULL;
 SELECT count(*) FROM poison_events;
 
 -- name: day_totals --
--- Debits per plan and meter in [$1, $2) (the report day in TIMEZONE, as UTC instants).
-SELECT coalesce(plan_code, '') AS plan_code, meter, count(*) AS debits,
-       (-sum(amount_micro))::bigint AS amount_micro,
-       sum(from_allowance_micro)::bigint AS allowance_micro,
-       sum(from_credits_micro)::bigint AS credits_micro
-FROM ledger
-WHERE kind = 'debit' AND occurred_at >= $1 AND occurred_at < $2
+-- Debits per plan and meter in [$1, $2) (the report day in TIMEZONE, as UTC instants): the
+-- raw rows, plus the daily rollups of day $3 (the rows pruned; never the same rows).
+SELECT plan_code, meter, sum(debits)::bigint AS debits,
+       sum(amount_micro)::bigint AS amount_micro,
+       sum(allowance_micro)::bigint AS allowance_micro,
+       sum(credits_micro)::bigint AS credits_micro
+FROM (
+    SELECT coalesce(plan_code, '') AS plan_code, meter, count(*) AS debits,
+           -sum(amount_micro) AS amount_micro, sum(from_allowance_micro) AS allowance_micro,
+           sum(from_credits_micro) AS credits_micro
+    FROM ledger
+    WHERE kind = 'debit' AND occurred_at >= $1 AND occurred_at < $2
+    GROUP BY 1, 2
+    UNION ALL
+    SELECT plan_code, meter, sum(events), -sum(amount_micro), sum(from_allowance_micro),
+           sum(from_credits_micro)
+    FROM ledger_daily
+    WHERE kind = 'debit' AND day = $3::date
+    GROUP BY 1, 2
+) AS t
 GROUP BY 1, 2 ORDER BY 1, 2;
 
 -- name: day_hourly --
--- Debited amount per meter and hour of [$1, $2), hours counted from $1.
+-- Debited amount per meter and hour of [$1, $2), hours counted from $1 (raw rows only: a
+-- day whose rows were pruned has its totals in the rollups, not its hours).
 SELECT meter, floor(extract(epoch FROM occurred_at - $1) / 3600)::int AS hour,
        (-sum(amount_micro))::bigint AS amount_micro
 FROM ledger
@@ -464,6 +515,31 @@ WHERE coalesce(l.credited, '{}'::jsonb) <> r.credits
 SELECT count(*) FROM payment_receipts
 WHERE status = 'succeeded' AND created_at >= $1 AND created_at < $2;
 
+-- name: ledger_ensure_partitions --
+-- Create the monthly ledger partitions (UTC months) from the month of $1 to the month of
+-- $2 that do not exist yet (rows the default partition holds of a month move into it);
+-- how many were created. The function is in migration 0012.
+SELECT ledger_ensure_partitions($1::timestamptz, $2::timestamptz);
+
+-- name: ledger_detach_oldest --
+-- Detach the oldest monthly ledger partition that ends at or before $1 (a brief lock on
+-- the flow table); its name, or NULL when none is that old (migration 0012).
+SELECT ledger_detach_oldest($1::timestamptz);
+
+-- name: ledger_rollup_detached --
+-- Add a detached ledger partition's rows into ledger_daily (days in the zone $1), delete
+-- its debits' keys and drop it, in one transaction; its name, or NULL when none is left.
+SELECT ledger_rollup_detached($1::text);
+
+-- name: ledger_partitions --
+-- The ledger's leaf partitions, oldest month first: name, its bounds as text, and the
+-- planner's row estimate (reltuples; -1 never analyzed).
+SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bounds,
+       c.reltuples::bigint AS rows_estimate,
+       pg_total_relation_size(c.oid) AS bytes
+FROM pg_partition_tree('ledger') t JOIN pg_class c ON c.oid = t.relid
+WHERE t.isleaf
+ORDER BY c.relname;
 
 -- name: holds_open --
 -- Holds reserved (hold events flushed) that the holds table does not have yet; idempotent.

@@ -19,7 +19,7 @@ from hotpath.results import ReadyOut
 from lua.connection import RedisUnavailable
 from ops.devservers import EmbeddedRedis, free_port
 from persistence.db import PostgresUnavailable
-from persistence.migrate import latest
+from persistence.migrate import latest, migrate
 from quota.engine import Engine
 from reconciler.main import Reconciler
 from tests.support import app_client, debit, new_user, read_metric, unique_plan
@@ -273,21 +273,18 @@ async def test_a_schema_behind_the_build_is_not_ready_and_holds_the_flush(
 
 
 async def test_migration_0005_refuses_a_ledger_with_a_ref_debited_twice(
-    own_db_dsn: str,
+    blank_db_dsn: str,
 ) -> None:
     """The unique (user_id, ref) index of debits cannot be built over a ledger that already
     holds a ref debited twice: the migration stops, says how many (exactly the one pair put
     there) and how to find them, and changes nothing (its statements are one transaction).
-    The ledger is taken back to before 0005 in a database of the test's own: the session's
-    keeps its indexes for the tests running beside this one."""
+    The schema is built up to 0004 in a database of the test's own."""
     migration = (Path(__file__).parents[2] / "persistence" / "sql" / "migrations"
                  / "0005_debit_ref_unique.sql").read_text()
     user = new_user()
-    conn = await asyncpg.connect(own_db_dsn)
+    conn = await asyncpg.connect(blank_db_dsn)
     try:
-        # The ledger as it was before 0005: no unique index on a debit's ref (0007's
-        # (user_id, ref, ref_round) index stands for 0005's since).
-        await conn.execute("DROP INDEX ledger_debit_ref_round")
+        await migrate(conn, until=4)  # the ledger as it was before 0005
         for tx in (uuid.uuid4(), uuid.uuid4()):
             await conn.execute(
                 "INSERT INTO ledger (tx_id, kind, user_id, meter, amount_micro, "

@@ -68,6 +68,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "flush_claim_idle_ms": ("10000", 10000),
     "report_at": ("3:30", "3:30"),
     "report_dir": ("/var/reports", "/var/reports"),
+    "ledger_retention_days": ("30", 30),
+    "ledger_partitions_ahead": ("3", 3),
     "webhook_verifier": ("yookassa", "yookassa"),
     "webhook_public_key": ("/etc/keys/pay.pem", "/etc/keys/pay.pem"),
     "yookassa_api_url": ("https://yk.test/v3", "https://yk.test/v3"),
@@ -137,6 +139,10 @@ def test_readme_lists_every_variable() -> None:
      "CALLER_KEYS['svc']"),
     ({"CALLER_KEYS": '{"svc": "0123456789abcdef"}'}, "CALLER_KEYS['svc']"),
     ({"REPORT_AT": "24:00"}, "REPORT_AT"),
+    ({"LEDGER_RETENTION_DAYS": "6"}, "LEDGER_RETENTION_DAYS (6) must cover"),  # TTL 7 days
+    ({"LEDGER_RETENTION_DAYS": "1", "IDEMPOTENCY_TTL_SECONDS": "60"},
+     "LEDGER_RETENTION_DAYS (1) must cover"),  # the report's two days
+    ({"LEDGER_PARTITIONS_AHEAD": "0"}, "LEDGER_PARTITIONS_AHEAD"),
 ])
 def test_invalid_values_are_refused_naming_the_variable(environ: dict[str, str],
                                                         named: str) -> None:
