@@ -120,7 +120,7 @@ class BalanceDebitIn(Strict):
 
 #: A hold's time to live in seconds, a JSON number (a duration, not an amount: read to the
 #: millisecond); HOLD_MAX_TTL_SECONDS bounds it (the spec shows it: hotpath/openapi.py).
-TtlSeconds = Annotated[float, Meta(gt=0, extra_json_schema={"x-hold-ttl": True})]
+TtlSeconds = Annotated[float, Meta(ge=0.001, extra_json_schema={"x-hold-ttl": True})]
 HoldId = Annotated[str, Meta(min_length=34, max_length=210,
                              pattern=rf"^[0-9a-f]{{32}}\.[A-Za-z0-9_-]+{END}",
                              description="A hold id as reserve answered it")]
