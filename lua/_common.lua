@@ -186,20 +186,34 @@ local function drop_expired_holds(k_user, hx, now, k_ledger, marker_ttl)
   return dropped
 end
 
--- Where a meter of a loaded user counts now: the counter key (false for a lifetime meter,
--- whose usage is the user hash's 'n:<meter>'), the period ('d', 'm', 'y' or 'n'), its id
--- for the ledger and its end (ms; 0 for 'n'). ``user`` holds the user's plan start, version
--- and expiry; the day and month ids and ends come from the caller's windows.
-local function meter_place(k_user, meter, period, since, start, version, expires, day, month)
+-- Where a meter of a loaded user counts now and how much of it is used: the counter key
+-- (false for a lifetime meter, whose usage is the user hash's 'n:<meter>', given as
+-- ``lifetime``), the period ('d', 'm', 'y' or 'n'), its id for the ledger, its end (ms; 0
+-- for 'n') and the usage. ``start``, ``version`` and ``expires`` are the user's plan
+-- assignment's; ``day`` and ``month`` the caller's windows ({id, end ms}).
+local function meter_place(k_user, meter, period, since, start, version, expires, day, month,
+                           lifetime)
+  local counter, kind, period_id, end_ms = false, 'n', 'n', 0
   if period == 'c' then
-    local kind, key, cycle = cycle_counter(k_user, meter, start, since, expires, version)
-    if kind == 'y' then return key, 'y', 'y:' .. istr(cycle), expires end
-    period = 'm'
+    local cycle_kind, key, cycle = cycle_counter(k_user, meter, start, since, expires, version)
+    if cycle_kind == 'y' then
+      counter, kind, period_id, end_ms = key, 'y', 'y:' .. istr(cycle), expires
+    else
+      period = 'm'
+    end
   end
   if period == 'd' then
-    return k_user .. ':c:' .. meter .. ':d:' .. day[1], 'd', 'd:' .. day[1], day[2]
+    counter, kind, period_id, end_ms = k_user .. ':c:' .. meter .. ':d:' .. day[1], 'd',
+      'd:' .. day[1], day[2]
   elseif period == 'm' then
-    return k_user .. ':c:' .. meter .. ':m:' .. month[1], 'm', 'm:' .. month[1], month[2]
+    counter, kind, period_id, end_ms = k_user .. ':c:' .. meter .. ':m:' .. month[1], 'm',
+      'm:' .. month[1], month[2]
   end
-  return false, 'n', 'n', 0
+  local used
+  if counter then
+    used = int_or_zero(redis.call('GET', counter))
+  else
+    used = stored_int(lifetime, 'usage')
+  end
+  return counter, kind, period_id, end_ms, used
 end

@@ -58,16 +58,10 @@ local code, status = plan_in_force(user[2], user[3], now, ARGV[10])
 local plan = redis.call('HMGET', k_plans, code, code .. '|' .. meter)
 if not plan[1] then return {NOT_LOADED, 'catalog'} end
 local period, limit, since = parse_rule(plan[2])
-local counter, kind, _, end_ms = meter_place(
+local _, kind, _, end_ms, used = meter_place(
   k_user, meter, period, since, int_or_zero(user[6]), int_or_zero(user[7]),
   int_or_zero(user[3]), {ARGV[2], int_arg(ARGV[4], 'day end')},
-  {ARGV[5], int_arg(ARGV[6], 'month end')})
-local used
-if counter then
-  used = int_or_zero(redis.call('GET', counter))
-else
-  used = stored_int(user[5], 'usage')
-end
+  {ARGV[5], int_arg(ARGV[6], 'month end')}, user[5])
 local allowance = limit - used
 if allowance < 0 then allowance = 0 end
 local free = allowance + stored_int(user[4], 'credits') - int_or_zero(user[9])

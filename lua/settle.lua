@@ -70,16 +70,10 @@ local plan = redis.call('HMGET', k_plans, code, code .. '|' .. meter, code .. '|
 if not plan[1] then return {NOT_LOADED, 'catalog'} end
 local period, limit, since = parse_rule(plan[2])
 local expires = int_or_zero(user[4])
-local counter, kind, period_id, end_ms = meter_place(
-  k_user, meter, period, since, int_or_zero(user[5]), int_or_zero(user[6]), expires,
-  {ARGV[2], int_arg(ARGV[4], 'day end')}, {ARGV[5], int_arg(ARGV[6], 'month end')})
 local state = redis.call('HMGET', k_user, 'cr:' .. meter, 'n:' .. meter, 'h:' .. meter)
-local used
-if counter then
-  used = int_or_zero(redis.call('GET', counter))
-else
-  used = stored_int(state[2], 'usage')
-end
+local counter, kind, period_id, end_ms, used = meter_place(
+  k_user, meter, period, since, int_or_zero(user[5]), int_or_zero(user[6]), expires,
+  {ARGV[2], int_arg(ARGV[4], 'day end')}, {ARGV[5], int_arg(ARGV[6], 'month end')}, state[2])
 local credits = stored_int(state[1], 'credits')
 local others = int_or_zero(state[3]) - units  -- held by the user's other holds
 

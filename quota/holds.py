@@ -14,8 +14,9 @@ import base64
 import binascii
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from core import metrics
 from core.errors import DependencyUnavailable, invariant
@@ -107,8 +108,21 @@ class Holds:
             backlog_limit=per_shard(self.backlog_total(), s.n_shards),
             default_plan=s.default_plan, max_open=s.hold_max_open)
 
-    def _attempts(self) -> range:
-        return range(self.rt.settings.load_retries + 2)
+    async def _call(self, user_id: str,
+                    attempt: Callable[[Windows], Awaitable[list[Any]]]) -> tuple[Status, list[Any]]:
+        """Run ``attempt`` (one script call in the given windows) until it answers other than
+        NOT_LOADED (the user is loaded from PostgreSQL) or STALE_WINDOW (new windows)."""
+        windows = self.rt.windows()
+        for _ in range(self.rt.settings.load_retries + 2):
+            reply = await attempt(windows)
+            status = Status(reply[0])
+            if status is Status.STALE_WINDOW:
+                windows = self.rt.calendar.windows(int(reply[1]))
+            elif status is Status.NOT_LOADED:
+                await self.loader.load(str(reply[1]), user_id, windows)
+            else:
+                return status, reply
+        raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")
 
     async def reserve(self, user_id: str, meter: str, units: int, ref: str, ttl_ms: int, *,
                       reason: str = "", caller: str = "", action: str = "") -> Reserved:
@@ -117,32 +131,26 @@ class Holds:
         rt, keys = self.rt, self.rt.keys
         shard = keys.shard(user_id)
         hold_id = new_hold_id(user_id)
-        windows = rt.windows()
-        for _ in self._attempts():
-            reply = await rt.scripts.reserve(
-                keys.user(user_id), keys.idempotency(user_id, ref), keys.plans(shard),
-                keys.ledger(shard), now=rt.clock.script_now(), windows=windows,
-                limits=self.limits, meter=meter, units=units,
-                ref_record=f"{hold_fingerprint(meter, units, reason)}\n{hold_id}",
-                hold_id=hold_id, tx_id=rt.new_id(None), expiry_tx=rt.new_id(None),
-                ttl_ms=ttl_ms, ref=ref, caller=caller, action=action, reason=reason)
-            status = Status(reply[0])
-            if status is Status.OK:
-                metrics.HOLDS.labels(meter, "created").inc()
-                return Reserved(status, hold_id, reply[1], reply[2], reply[3])
-            if status is Status.DUPLICATE:
-                return Reserved(status, reply[1], reply[2])
-            if status is Status.INSUFFICIENT:
-                rem, limit, period, end, code = reply[1:6]
-                return Reserved(status, remaining=rem, limit=limit, period=period,
-                                period_end_ms=end, plan_code=code)
-            if status is Status.TOO_MANY_HOLDS:
-                return Reserved(status, open_holds=reply[1])
-            retry = await self._retryable(status, reply, user_id, windows)
-            if retry is None:
-                return Reserved(status)
-            windows = retry
-        raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")
+        tx_id, expiry_tx = rt.new_id(None), rt.new_id(None)
+        status, reply = await self._call(user_id, lambda windows: rt.scripts.reserve(
+            keys.user(user_id), keys.idempotency(user_id, ref), keys.plans(shard),
+            keys.ledger(shard), now=rt.clock.script_now(), windows=windows,
+            limits=self.limits, meter=meter, units=units,
+            ref_record=f"{hold_fingerprint(meter, units, reason)}\n{hold_id}",
+            hold_id=hold_id, tx_id=tx_id, expiry_tx=expiry_tx, ttl_ms=ttl_ms, ref=ref,
+            caller=caller, action=action, reason=reason))
+        if status is Status.OK:
+            metrics.HOLDS.labels(meter, "created").inc()
+            return Reserved(status, hold_id, reply[1], reply[2], reply[3])
+        if status is Status.DUPLICATE:
+            return Reserved(status, reply[1], reply[2])
+        if status is Status.INSUFFICIENT:
+            rem, limit, period, end, code = reply[1:6]
+            return Reserved(status, remaining=rem, limit=limit, period=period,
+                            period_end_ms=end, plan_code=code)
+        if status is Status.TOO_MANY_HOLDS:
+            return Reserved(status, open_holds=reply[1])
+        return Reserved(status)
 
     async def close(self, hold_id: str, op: str, units: int = 0, *, partial: bool = False,
                     caller: str = "") -> Closed:
@@ -153,28 +161,19 @@ class Holds:
         rt, keys = self.rt, self.rt.keys
         shard = keys.shard(user_id)
         tx_id = rt.new_id(None)
-        windows = rt.windows()
-        for _ in self._attempts():
-            reply = await rt.scripts.settle(
-                keys.user(user_id), keys.plans(shard), keys.ledger(shard),
-                now=rt.clock.script_now(), windows=windows, limits=self.limits,
-                hold_id=hold_id, op=op, units=units, partial=partial, tx_id=tx_id,
-                caller=caller)
-            status = Status(reply[0])
-            if status in (Status.OK, Status.DUPLICATE):
-                if status is Status.OK:
-                    metrics.HOLDS.labels(reply[7], "settled" if op == "settle"
-                                         else "released").inc()
-                return Closed(status, *reply[1:7])
-            if status is Status.HOLD_GONE:
-                return Closed(status, state=reply[1])
-            if status is Status.INSUFFICIENT:
-                return Closed(status, available=reply[1])
-            retry = await self._retryable(status, reply, user_id, windows)
-            if retry is None:
-                return Closed(status)
-            windows = retry
-        raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")
+        status, reply = await self._call(user_id, lambda windows: rt.scripts.settle(
+            keys.user(user_id), keys.plans(shard), keys.ledger(shard),
+            now=rt.clock.script_now(), windows=windows, limits=self.limits, hold_id=hold_id,
+            op=op, units=units, partial=partial, tx_id=tx_id, caller=caller))
+        if status is Status.OK:
+            metrics.HOLDS.labels(reply[7], "settled" if op == "settle" else "released").inc()
+        if status in (Status.OK, Status.DUPLICATE):
+            return Closed(status, *reply[1:7])
+        if status is Status.HOLD_GONE:
+            return Closed(status, state=reply[1])
+        if status is Status.INSUFFICIENT:
+            return Closed(status, available=reply[1])
+        return Closed(status)
 
     async def extend(self, hold_id: str, ttl_ms: int, *, caller: str = "") -> Extended:
         """Keep a hold until ``ttl_ms`` from now (never shorter than it was)."""
@@ -183,35 +182,14 @@ class Holds:
             return Extended(Status.HOLD_GONE, state="unknown")
         rt, keys = self.rt, self.rt.keys
         tx_id = rt.new_id(None)
-        windows = rt.windows()
-        for _ in self._attempts():
-            reply = await rt.scripts.extend(
-                keys.user(user_id), keys.ledger(keys.shard(user_id)),
-                now=rt.clock.script_now(), limits=self.limits, hold_id=hold_id,
-                ttl_ms=ttl_ms, tx_id=tx_id, caller=caller)
-            status = Status(reply[0])
-            if status is Status.OK:
-                return Extended(status, expires_ms=reply[1])
-            if status is Status.HOLD_GONE:
-                return Extended(status, state=reply[1])
-            retry = await self._retryable(status, reply, user_id, windows)
-            if retry is None:
-                return Extended(status)
-            windows = retry
-        raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")
-
-    async def _retryable(self, status: Status, reply: list[object], user_id: str,
-                         windows: Windows) -> Windows | None:
-        """React to NOT_LOADED (load) and STALE_WINDOW (new windows); None: not one of
-        them (the caller answers the status as is)."""
-        if status is Status.STALE_WINDOW:
-            now_ms = reply[1]
-            assert isinstance(now_ms, int)
-            return self.rt.calendar.windows(now_ms)
-        if status is Status.NOT_LOADED:
-            await self.loader.load(str(reply[1]), user_id, windows)
-            return windows
-        return None
+        status, reply = await self._call(user_id, lambda _: rt.scripts.extend(
+            keys.user(user_id), keys.ledger(keys.shard(user_id)), now=rt.clock.script_now(),
+            limits=self.limits, hold_id=hold_id, ttl_ms=ttl_ms, tx_id=tx_id, caller=caller))
+        if status is Status.OK:
+            return Extended(status, expires_ms=reply[1])
+        if status is Status.HOLD_GONE:
+            return Extended(status, state=reply[1])
+        return Extended(status)
 
     async def sweep(self, limit: int = 1000) -> int:
         """Expire the due holds of every shard (the reconciler's chore): one short script
