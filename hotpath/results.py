@@ -164,7 +164,7 @@ class PlanMeterOut(msgspec.Struct):
 
     limit: Decimal
     period: str
-    overdraft: Decimal = Decimal(0)
+    overdraft: Decimal = Decimal(0)  # present when not 0
 
 
 class PlanOut(msgspec.Struct):

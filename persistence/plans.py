@@ -110,7 +110,9 @@ class Plan:
             "plan_code": self.plan_code,
             "meters": {
                 name: {"limit": from_micro(rule.limit_micro), "period": rule.period,
-                       "overdraft": from_micro(rule.overdraft_micro)}
+                       # only when set: a plan without holds' overdraft reads as before
+                       **({"overdraft": from_micro(rule.overdraft_micro)}
+                          if rule.overdraft_micro else {})}
                 for name, rule in sorted(self.meters.items())
             },
             "duration_days": self.duration_days,

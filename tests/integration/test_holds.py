@@ -412,3 +412,18 @@ async def test_holds_are_counted_by_outcome_without_user_ids(
     assert user not in page
     await release(client, still_open)
     await reconciler.drain()  # no hold left open in the shared database
+
+
+async def test_a_plan_meters_overdraft_reads_back_only_when_set(
+    client: httpx.AsyncClient
+) -> None:
+    code = await overdraft_plan(client, limit=100, overdraft=20)
+    meters = (await client.get(f"/internal/billing/plans/{code}")).json()["meters"]
+    assert meters == {"chat": {"limit": 100, "period": "day", "overdraft": 20}}
+    plain = unique_plan()
+    await put_plan(client, plain, {"chat": {"limit": 5, "period": "day"}})
+    assert (await client.get(f"/internal/billing/plans/{plain}")).json()["meters"] == {
+        "chat": {"limit": 5, "period": "day"}}
+    bad = await client.put(f"/internal/billing/plans/{unique_plan()}", json={
+        "meters": {"chat": {"limit": 5, "period": "day", "overdraft": -1}}})
+    assert bad.status_code == 422
