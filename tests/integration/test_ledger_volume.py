@@ -3,6 +3,7 @@ rollups, and the readers (history, report, rebuild) adding the two (migration 00
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -256,3 +257,47 @@ async def test_a_prune_cut_short_after_the_detach_is_finished_by_the_next(
                                        "AND occurred_at >= '2031-01-01'") == 0
     finally:
         await db.close()
+
+
+def test_the_ledger_commands_list_partitions_and_prune_past_the_retention(
+    own_db_dsn: str,
+) -> None:
+    """`quota-gateway ledger partitions` creates this month's partition and the next ones
+    and lists them; `ledger prune` refuses without a retention, and with one rolls up and
+    drops a month that ended longer ago (by the real clock), naming it."""
+    from click.testing import CliRunner
+
+    from ops.cli import main
+
+    async def old_debit() -> None:
+        db = Database(own_db_dsn, min_size=0, max_size=1, timeout=10)
+        try:
+            await ledger.ensure_partitions(db, at("2026-01-15T00:00:00"), 0)
+            assert await db.fetchval(
+                "flush_events", [uuid.uuid4()], ["debit"], ["u-cli"], ["chat"], [-3], [3],
+                [0], ["d"], ["r-1"], [None], [""], [None], [None], [None], [None],
+                [at("2026-01-15T00:00:00")], [0], [0]) == 1
+        finally:
+            await db.close()
+
+    asyncio.run(old_debit())
+    env = {"DB_DSN": own_db_dsn, "LEDGER_PARTITIONS_AHEAD": "3"}
+    listed = CliRunner().invoke(main, ["ledger", "partitions"], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert "partitions created: " in listed.output
+    names = [line.split("\t")[0] for line in listed.output.splitlines()[1:]]
+    later = months_after_now(3)
+    assert {"ledger_money", "ledger_flow_default", "ledger_flow_2026_01", later} <= set(names)
+    refused = CliRunner().invoke(main, ["ledger", "prune"], env=env)
+    assert refused.exit_code == 1 and "LEDGER_RETENTION_DAYS is 0" in refused.output
+    pruned = CliRunner().invoke(main, ["ledger", "prune", "--retention-days", "8"], env=env)
+    assert pruned.exit_code == 0, pruned.output
+    assert "ledger_flow_2026_01" in pruned.output
+    again = CliRunner().invoke(main, ["ledger", "prune", "--retention-days", "8"], env=env)
+    assert "none (nothing that old)" in again.output
+
+
+def months_after_now(months: int) -> str:
+    """The partition name of the month ``months`` after this one (by the real clock)."""
+    first = ledger.months_after(datetime.now(tz=UTC), months)
+    return f"ledger_flow_{first:%Y_%m}"
