@@ -301,3 +301,42 @@ def months_after_now(months: int) -> str:
     """The partition name of the month ``months`` after this one (by the real clock)."""
     first = ledger.months_after(datetime.now(tz=UTC), months)
     return f"ledger_flow_{first:%Y_%m}"
+
+
+async def test_the_flush_goes_on_while_the_ledger_maintenance_waits(
+    settings: Settings, own_db_dsn: str, raw_redis: aioredis.Redis,
+) -> None:
+    """The reconciler's ledger maintenance runs beside the flush: while its rollup waits
+    (another session holds the rollup lock, as a long rollup elsewhere would), debits are
+    still flushed; once the lock is free the maintenance drops the month past the
+    retention."""
+    settings = settings.with_overrides(db_dsn=own_db_dsn, ledger_retention_days=30)
+    clock = FixedClock(to_ms(at("2027-05-10T00:00:00")))
+    user = new_user()
+    blocker = await asyncpg.connect(own_db_dsn)
+    try:
+        async with app_client(settings, clock) as http:
+            engine: Engine = http.engine  # type: ignore[attr-defined]
+            await ledger.ensure_partitions(engine.db, at("2027-03-01T00:00:00"), 0)
+            await blocker.execute("BEGIN")
+            await blocker.fetchval("SELECT pg_advisory_xact_lock(7311005)")  # the rollup's
+            reconciler = Reconciler(engine, raw_redis, name="volume")
+            assert (await debit(http, user, 1)).status_code == 200
+            async with asyncio.timeout(30):  # a maintenance run inline would hang here
+                await reconciler.step()  # flushes, then starts the maintenance
+                maintenance = reconciler._ledger_task
+                assert maintenance is not None and reconciler.stats.inserted == 1
+                assert (await debit(http, user, 1)).status_code == 200
+                for _ in range(10):
+                    await reconciler.step()
+                    if reconciler.stats.inserted == 2:
+                        break
+            assert reconciler.stats.inserted == 2 and not maintenance.done()
+            await blocker.execute("COMMIT")
+            assert await maintenance is True
+            async with engine.db.connection() as conn:
+                assert await conn.fetchval("SELECT to_regclass('ledger_flow_2027_03')") is None
+                assert await conn.fetchval("SELECT count(*) FROM ledger WHERE user_id = $1",
+                                           user) == 2
+    finally:
+        await blocker.close()
