@@ -60,6 +60,17 @@ DEPENDENCY_ERRORS = Counter(
     "quota_dependency_errors_total", "Redis and PostgreSQL failures seen by the hot path",
     ["dependency"],
 )
+REDIS_WAITS = Counter(
+    "quota_redis_waits_total",
+    "WAITs for replicas sent right after a write (REDIS_WAIT_REPLICAS), by script",
+    ["op"],
+)
+REDIS_WAIT_SHORT = Counter(
+    "quota_redis_wait_short_total",
+    "Writes answered after fewer replicas acknowledged them than asked within "
+    "REDIS_WAIT_TIMEOUT_MS (or the WAIT failed), by script; the write stands",
+    ["op"],
+)
 USER_LOADS = Counter("quota_user_loads_total", "User states rebuilt from PostgreSQL")
 REFS_RESTORED = Counter(
     "quota_refs_restored_total",

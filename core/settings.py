@@ -124,6 +124,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_timeout_seconds: Seconds = 2.0
     redis_connect_timeout_seconds: Seconds = 2.0
     redis_connections: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    #: WAIT for this many replicas after write-through changes (credits, refunds, plan
+    #: assignments), at most as many as a node has had connected; 0: never WAIT.
+    redis_wait_replicas: Annotated[int, msgspec.Meta(ge=0, le=64)] = 1
+    #: How long a WAIT may take, ms (under REDIS_TIMEOUT_SECONDS).
+    redis_wait_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 100
+    #: WAIT after debits too (one WAIT per batch call of a connection).
+    redis_wait_debits: bool = False
     db_pool_min: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
     db_pool_max: PoolSize = 10
     db_timeout_seconds: Seconds = 5.0
@@ -314,6 +321,11 @@ def validate(settings: Settings) -> None:
                             f"shorter than USER_STATE_TTL_SECONDS "
                             f"({settings.user_state_ttl_seconds}): a user's state outlives "
                             "its holds")
+    if settings.redis_wait_timeout_ms >= settings.redis_timeout_seconds * 1000 / 2:
+        raise SettingsError(f"REDIS_WAIT_TIMEOUT_MS ({settings.redis_wait_timeout_ms}) must be "
+                            f"under half of REDIS_TIMEOUT_SECONDS "
+                            f"({settings.redis_timeout_seconds} s): calls pipelined behind "
+                            "a WAIT answer after it")
     if settings.db_pool_min > settings.db_pool_max:
         raise SettingsError(f"DB_POOL_MIN ({settings.db_pool_min}) must not exceed "
                             f"DB_POOL_MAX ({settings.db_pool_max})")

@@ -32,7 +32,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 from core.errors import InvariantBroken
-from lua.connection import PipelinedRedis, RedisUnavailable
+from lua.connection import WAITED_BATCHES, PipelinedRedis, RedisUnavailable, WaitPolicy
 from lua.resp import Batch, RedisReplyError
 from lua.source import SCRIPTS, Script
 
@@ -102,8 +102,9 @@ class ClusterRedis:
     cluster = True
 
     def __init__(self, url: str, *, timeout_seconds: float, connect_timeout_seconds: float,
-                 connections: int = 1) -> None:
+                 connections: int = 1, wait: WaitPolicy | None = None) -> None:
         self.seeds, self.options = parse_cluster_url(url)
+        self.wait = wait  # each primary's client WAITs for its own replicas
         self.timeout = timeout_seconds
         self.connect_timeout = connect_timeout_seconds
         self.connections = connections
@@ -191,7 +192,8 @@ class ClusterRedis:
         if node is None:
             node = self.nodes[address] = PipelinedRedis(
                 self.node_url(address), timeout_seconds=self.timeout,
-                connect_timeout_seconds=self.connect_timeout, connections=self.connections)
+                connect_timeout_seconds=self.connect_timeout, connections=self.connections,
+                wait=self.wait)
             node.on_connect = lambda execute: self._connected(execute, address)
         return node
 
@@ -255,13 +257,16 @@ class ClusterRedis:
                                   lambda n: n.execute_asking(*args))
 
     async def run_script(self, script: Script, keys: Sequence[str],
-                         args: Sequence[str | int]) -> Any:
-        """EVALSHA (EVAL after NOSCRIPT) on the primary of the keys' slot."""
+                         args: Sequence[str | int], *, wait: bool = False) -> Any:
+        """EVALSHA (EVAL after NOSCRIPT) on the primary of the keys' slot; with ``wait``,
+        WAIT for that primary's replicas on the same connection."""
         if not keys:
             raise InvariantBroken(f"{script.name}: a script without keys has no slot")
+        wait_op = script.name if wait else ""
         return await self._routed(
-            slot_of(keys[0]), lambda n: n.run_script(script, keys, args),
-            lambda n: n.execute_asking("EVAL", script.source, len(keys), *keys, *args))
+            slot_of(keys[0]), lambda n: n.run_script(script, keys, args, wait=wait),
+            lambda n: n.execute_asking("EVAL", script.source, len(keys), *keys, *args,
+                                       wait_op=wait_op))
 
     async def run_batched(self, script: Script, header: tuple[str | int, ...],
                           keys: Sequence[str], args: Sequence[str | int]) -> Any:
@@ -278,8 +283,10 @@ class ClusterRedis:
         batch = Batch(script, header)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batch.futures.append(future)
+        wait_op = script.name if node.wait is not None and node.wait.debits \
+            and script.name in WAITED_BATCHES else ""
         reply = await node.execute_asking("EVAL", script.source, len(keys), *keys, *header,
-                                          *args)
+                                          *args, wait_op=wait_op)
         batch.resolve(reply)
         return await future
 
@@ -326,11 +333,12 @@ HotRedis = PipelinedRedis | ClusterRedis
 
 
 def hot_path_client(url: str, *, timeout_seconds: float, connect_timeout_seconds: float,
-                    connections: int = 1) -> HotRedis:
+                    connections: int = 1, wait: WaitPolicy | None = None) -> HotRedis:
     """The pipelined client for one Redis, or its slot-routed form for a cluster URL."""
     kind = ClusterRedis if is_cluster_url(url) else PipelinedRedis
     return kind(url, timeout_seconds=timeout_seconds,
-                connect_timeout_seconds=connect_timeout_seconds, connections=connections)
+                connect_timeout_seconds=connect_timeout_seconds, connections=connections,
+                wait=wait)
 
 
 def admin_client(url: str, **options: Any) -> aioredis.Redis:

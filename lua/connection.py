@@ -14,6 +14,14 @@ reads the clock once for the whole batch. While a batch call is unanswered, new 
 held and go out together when its reply comes: an idle connection sends at once, a busy
 one sends fewer and larger calls (a full batch goes out at once either way).
 
+WAIT (``WaitPolicy``, REDIS_WAIT_*): a write-through script (``run_script(...,
+wait=True)``) is followed on the same connection, in the same write, by ``WAIT n timeout``;
+with ``debits`` on, every batch call is too (one WAIT after the batches of one flush). ``n``
+is the smaller of REDIS_WAIT_REPLICAS and the most replicas this process has seen connected
+to the node (``INFO replication`` on each new connection), so a Redis without replicas is
+never waited on. Fewer acknowledgements than asked are logged and counted
+(``quota_redis_wait_short_total``); the call's own reply is answered as it is.
+
 Failure model: a timeout of the oldest outstanding call, or a lost connection, fails every
 outstanding call (every item of an outstanding batch) with ``RedisUnavailable`` (the
 request answers 503) and the next call reconnects. A call that timed out may still have
@@ -24,18 +32,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 
+from core import metrics
 from core.errors import DependencyUnavailable
 from lua.resp import BATCH_MAX, Batch, RedisReplyError, settle
 from lua.source import Script
+
+log = logging.getLogger("quota_gateway.redis")
+#: The batch scripts that write, followed by WAIT with REDIS_WAIT_DEBITS (not reads).
+WAITED_BATCHES = frozenset({"debit_many"})
+
+
+@dataclass(frozen=True, slots=True)
+class WaitPolicy:
+    """WAIT for replicas after writes: how many (at most), how long, and after debits too."""
+
+    replicas: int
+    timeout_ms: int
+    debits: bool = False
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """A WAIT reply nobody awaits (its call failed): retrieve its error, if any."""
+    if not future.cancelled():
+        future.exception()
 
 
 class RedisUnavailable(DependencyUnavailable):
@@ -82,6 +112,11 @@ class _Pipe(asyncio.Protocol):
         self.batches_pending = 0  # batch calls written (or about to be) and not answered
         self.flush_scheduled = False
         self.closed = False
+        #: ``WAIT n timeout`` packed, and how long its reply may take, s (PipelinedRedis
+        #: sets them); ``wait_batches``: sent after batch calls too (REDIS_WAIT_DEBITS).
+        self.wait_packed: bytes | None = None
+        self.wait_seconds = 0.0
+        self.wait_batches = False
 
     # asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -108,6 +143,8 @@ class _Pipe(asyncio.Protocol):
                         and str(reply).startswith("NOSCRIPT"):
                     future.evaled = True  # the script cache was emptied: send the source
                     self._queue(future.pack(), future, deadline)
+                    if future.wait is not None:  # the first WAIT ran before this call
+                        future.wait = self.queue_wait()
                 else:
                     future.resolve(reply)
                 if not self.batches_pending and self.batches:
@@ -138,9 +175,20 @@ class _Pipe(asyncio.Protocol):
         self._queue(packed, future, deadline)
         return future
 
+    def queue_wait(self, *, schedule: bool = True) -> asyncio.Future[Any]:
+        """``WAIT`` right after what is queued on this connection (``wait_packed``)."""
+        assert self.wait_packed is not None
+        future: asyncio.Future[Any] = self.loop.create_future()
+        future.add_done_callback(_consume)
+        self.pending.append((future, time.monotonic() + self.wait_seconds))
+        self.out.append(self.wait_packed)
+        if schedule:
+            self._schedule_flush()
+        return future
+
     def send_item(self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
                   args: Sequence[str | int], deadline: float, slot: int = 0
-                  ) -> asyncio.Future[Any]:
+                  ) -> tuple[asyncio.Future[Any], Batch]:
         """Queue one item of a batch script call; it goes out at this tick's flush. Items
         of different hash ``slot``s never share a call (Redis Cluster refuses CROSSSLOT)."""
         future: asyncio.Future[Any] = self.loop.create_future()
@@ -149,6 +197,8 @@ class _Pipe(asyncio.Protocol):
         if entry is None or len(entry[0].futures) >= BATCH_MAX:
             if entry is not None:  # full: it takes its place in the stream now
                 self._queue(entry[0].pack(), entry[0], entry[1])
+                if self.wait_batches and script.name in WAITED_BATCHES:
+                    entry[0].wait = self.queue_wait()
             entry = self.batches[group] = (Batch(script, header), deadline)
             if not self.batches_pending:
                 self._schedule_flush()
@@ -156,7 +206,7 @@ class _Pipe(asyncio.Protocol):
         batch.item_keys.extend(keys)
         batch.item_args.extend(args)
         batch.futures.append(future)
-        return future
+        return future, batch
 
     def flush(self) -> None:
         self.flush_scheduled = False
@@ -168,6 +218,11 @@ class _Pipe(asyncio.Protocol):
                 self.pending.append((batch, deadline))
                 self.out.append(batch.pack())
             self.batches_pending += len(batches)
+            writes = [b for b, _ in batches.values() if b.script.name in WAITED_BATCHES]
+            if self.wait_batches and writes:  # one WAIT covers every batch of this write
+                waited = self.queue_wait(schedule=False)  # the write below carries it
+                for batch in writes:
+                    batch.wait = waited
         out, self.out = self.out, []
         if out:
             self.transport.write(b"".join(out))
@@ -209,9 +264,16 @@ class PipelinedRedis:
         timeout_seconds: float,
         connect_timeout_seconds: float,
         connections: int = 1,
+        wait: WaitPolicy | None = None,
     ) -> None:
         assert connections >= 1 and timeout_seconds > 0
         self.options = _parse_url(url)
+        opts = self.options
+        self.address = opts["unix"] or f"{opts['host']}:{opts['port']}"
+        self.wait = wait if wait is not None and wait.replicas > 0 else None
+        #: The most replicas seen connected to this Redis (INFO replication, per connection).
+        self.replicas_seen = 0
+        self._short_logged = 0.0
         self.timeout = timeout_seconds
         self.connect_timeout = connect_timeout_seconds
         self._pipes: list[_Pipe | None] = [None] * connections
@@ -252,6 +314,8 @@ class PipelinedRedis:
                 try:  # a connection refused anywhere in its handshake is closed here
                     for command in handshake:
                         await execute(*command)
+                    if self.wait is not None:
+                        self._learn_replicas(await execute("INFO", "replication"))
                     if self.on_connect is not None:
                         await self.on_connect(execute)
                 except BaseException:
@@ -261,7 +325,56 @@ class PipelinedRedis:
             raise RedisUnavailable(f"cannot connect to Redis: {exc!r}") from None
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.create_task(self._watch(), name="redis-watchdog")
+        self._arm(pipe)
         return pipe
+
+    # -- WAIT ------------------------------------------------------------------------------
+    def _learn_replicas(self, info: Any) -> None:
+        for line in str(info).splitlines():
+            if line.startswith("connected_slaves:"):
+                seen = int(line.partition(":")[2])
+                if seen > self.replicas_seen:
+                    self.replicas_seen = seen
+                    for pipe in self._pipes:  # the other connections ask for as many
+                        if pipe is not None:
+                            self._arm(pipe)
+
+    def wanted(self) -> int:
+        """Replicas a WAIT asks for: REDIS_WAIT_REPLICAS, at most as many as seen."""
+        return min(self.wait.replicas, self.replicas_seen) if self.wait is not None else 0
+
+    def _arm(self, pipe: _Pipe) -> None:
+        wanted = self.wanted()
+        if self.wait is None or not wanted:
+            pipe.wait_packed, pipe.wait_batches = None, False
+            return
+        command: Any = ("WAIT", wanted, self.wait.timeout_ms)
+        pipe.wait_packed = hiredis.pack_command(command)
+        pipe.wait_seconds = self.timeout + self.wait.timeout_ms / 1000
+        pipe.wait_batches = self.wait.debits
+
+    async def _acked(self, op: str, waited: asyncio.Future[Any]) -> None:
+        """Count one write's WAIT; fewer acknowledgements than asked: logged and counted."""
+        wanted = self.wanted()
+        metrics.REDIS_WAITS.labels(op).inc()
+        try:
+            acked = int(await waited)
+        except (RedisUnavailable, RedisReplyError) as exc:
+            acked, why = -1, f"WAIT failed: {exc}"
+        else:
+            why = f"{acked} of {wanted} replicas acknowledged within {self.wait_timeout_ms} ms"
+        if acked >= wanted:
+            return
+        metrics.REDIS_WAIT_SHORT.labels(op).inc()
+        now = time.monotonic()
+        if now - self._short_logged >= 1.0:  # at most one line a second per node
+            self._short_logged = now
+            log.warning("Redis %s: %s after %s (the write stands; counted in "
+                        "quota_redis_wait_short_total)", self.address, why, op)
+
+    @property
+    def wait_timeout_ms(self) -> int:
+        return self.wait.timeout_ms if self.wait is not None else 0
 
     async def _pipe(self) -> _Pipe:
         index = self._next
@@ -295,15 +408,19 @@ class PipelinedRedis:
         packed = hiredis.pack_command(args)  # type: ignore[arg-type]
         return await pipe.send(packed, time.monotonic() + self.timeout)
 
-    async def execute_asking(self, *args: str | int | bytes) -> Any:
+    async def execute_asking(self, *args: str | int | bytes, wait_op: str = "") -> Any:
         """ASKING then the command, on one connection (Redis Cluster's ASK redirection:
-        the slot is being imported by this node)."""
+        the slot is being imported by this node); with ``wait_op``, WAIT after it."""
         pipe = await self._pipe()
         deadline = time.monotonic() + self.timeout
         asking = pipe.send(hiredis.pack_command(("ASKING",)), deadline)
         reply = pipe.send(hiredis.pack_command(args), deadline)  # type: ignore[arg-type]
+        waited = pipe.queue_wait() if wait_op and pipe.wait_packed else None
         await asking
-        return await reply
+        result = await reply
+        if waited is not None:
+            await self._acked(wait_op, waited)
+        return result
 
     async def run_batched(
         self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
@@ -319,19 +436,47 @@ class PipelinedRedis:
             pipe = await self._pipe()
         else:
             self._next = (self._next + 1) % len(self._pipes)
-        return await pipe.send_item(script, header, keys, args,
-                                    time.monotonic() + self.timeout, slot)
+        future, batch = pipe.send_item(script, header, keys, args,
+                                       time.monotonic() + self.timeout, slot)
+        reply = await future
+        if batch.wait is not None:  # REDIS_WAIT_DEBITS: the WAIT sent after the call
+            await self._acked(script.name, batch.wait)
+        return reply
 
     async def run_script(
-        self, script: Script, keys: Sequence[str], args: Sequence[str | int]
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int], *,
+        wait: bool = False,
     ) -> Any:
-        """EVALSHA, falling back to EVAL once when the script cache was emptied."""
+        """EVALSHA, falling back to EVAL once when the script cache was emptied; with
+        ``wait``, each followed on its connection by WAIT (the WaitPolicy's)."""
+        if wait and self.wait is not None:
+            pipe = await self._pipe()
+            if pipe.wait_packed is not None:
+                return await self._run_waited(pipe, script, keys, args)
         try:
             return await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         return await self.execute("EVAL", script.source, len(keys), *keys, *args)
+
+    async def _run_waited(self, pipe: _Pipe, script: Script, keys: Sequence[str],
+                          args: Sequence[str | int]) -> Any:
+        """The script and WAIT back to back on one connection (EVAL after NOSCRIPT)."""
+        for evaled in (False, True):
+            command: Any = ("EVAL", script.source) if evaled else ("EVALSHA", script.sha)
+            packed = hiredis.pack_command((*command, len(keys), *keys, *args))
+            reply = pipe.send(packed, time.monotonic() + self.timeout)
+            waited = pipe.queue_wait()
+            try:
+                result = await reply
+            except RedisReplyError as exc:
+                if evaled or not str(exc).startswith("NOSCRIPT"):
+                    raise
+                continue
+            await self._acked(script.name, waited)
+            return result
+        raise AssertionError("unreachable")
 
     def slot_groups(self, keys: Sequence[str]) -> list[list[str]]:
         """``keys`` as the groups one script call may take: all of them on one Redis."""

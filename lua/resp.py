@@ -56,7 +56,7 @@ def settle(future: asyncio.Future[Any], reply: Any) -> None:
 class Batch:
     """Items of one batch script call: keys and arguments per item, shared header args."""
 
-    __slots__ = ("evaled", "futures", "header", "item_args", "item_keys", "script")
+    __slots__ = ("evaled", "futures", "header", "item_args", "item_keys", "script", "wait")
 
     def __init__(self, script: Script, header: tuple[str | int, ...]) -> None:
         self.script = script
@@ -65,6 +65,8 @@ class Batch:
         self.item_args: list[str | int] = []
         self.futures: list[asyncio.Future[Any]] = []
         self.evaled = False  # sent again by EVAL after NOSCRIPT
+        #: The reply of the WAIT sent right after this call (REDIS_WAIT_DEBITS), if any.
+        self.wait: asyncio.Future[Any] | None = None
 
     def pack(self) -> bytes:
         """EVALSHA (EVAL once the script cache answered NOSCRIPT) of every item."""

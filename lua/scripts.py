@@ -72,14 +72,18 @@ class HoldLimits:
 
 
 class Scripts:
-    """The scripts, run on one Redis client by EVALSHA (NOSCRIPT: the source once)."""
+    """The scripts, run on one Redis client by EVALSHA (NOSCRIPT: the source once).
+
+    The write-through scripts (set_plan, apply_payment) are followed by WAIT for replicas
+    when the client has a WaitPolicy (REDIS_WAIT_REPLICAS); debits when REDIS_WAIT_DEBITS."""
 
     def __init__(self, redis: HotRedis) -> None:
         self.redis = redis
 
-    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int], *,
+                   wait: bool = False) -> Any:
         try:
-            return await self.redis.run_script(script, keys, args)
+            return await self.redis.run_script(script, keys, args, wait=wait)
         except RedisReplyError as exc:
             raise script_error(script, exc) from None
 
@@ -161,7 +165,8 @@ class Scripts:
         """Write through a committed plan assignment (``start_ms``: when it began, what a
         cycle meter counts from): 1 written, 0 Redis had it or newer."""
         return int(await self._run(SCRIPTS["set_plan"], (user_key,),
-                                   (plan_code, expires_ms, version, state_ttl_ms, start_ms)))
+                                   (plan_code, expires_ms, version, state_ttl_ms, start_ms),
+                                   wait=True))
 
     # -- apply_payment.lua -----------------------------------------------------------------
     async def apply_payment(
@@ -175,7 +180,7 @@ class Scripts:
             SCRIPTS["apply_payment"], (user_key, ledger_key),
             (op, outbox_id, plan_code, expires_ms, plan_version, state_ttl_ms, now, caller,
              ref, user_id, len(credits), *(v for triple in credits for v in triple),
-             plan_start_ms))
+             plan_start_ms), wait=True)
         return PaymentReply(Status(reply[0]), reply[1], reply[2] if len(reply) > 2 else "")
 
     # -- ledger_lag.lua --------------------------------------------------------------------

@@ -16,6 +16,7 @@ from core.errors import DependencyUnavailable, invariant
 from core.events import debit_event_head
 from core.settings import Settings
 from lua.cluster import ClusterRedis, HotRedis, hot_path_client
+from lua.connection import WaitPolicy
 from lua.instance import InstanceGuard
 from lua.keys import Keys
 from lua.periods import Calendar, Windows
@@ -192,6 +193,14 @@ class Engine:
         return backlog
 
 
+def wait_policy(settings: Settings) -> WaitPolicy | None:
+    """The WAIT for replicas after writes that the settings ask for (REDIS_WAIT_*)."""
+    if not settings.redis_wait_replicas:
+        return None
+    return WaitPolicy(settings.redis_wait_replicas, settings.redis_wait_timeout_ms,
+                      settings.redis_wait_debits)
+
+
 def make_engine(settings: Settings, clock: Clock | None = None) -> Engine:
     """An engine connected (lazily) to the configured Redis and PostgreSQL."""
     if not settings.redis_url or not settings.db_dsn:
@@ -199,7 +208,7 @@ def make_engine(settings: Settings, clock: Clock | None = None) -> Engine:
     redis = hot_path_client(
         settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
         connect_timeout_seconds=settings.redis_connect_timeout_seconds,
-        connections=settings.redis_connections,
+        connections=settings.redis_connections, wait=wait_policy(settings),
     )
     db = Database(settings.db_dsn, min_size=settings.db_pool_min,
                   max_size=settings.db_pool_max, timeout=settings.db_timeout_seconds)

@@ -19,7 +19,7 @@ from lua.cluster import hot_path_client
 from persistence.db import Database
 from persistence.migrate import migrate
 from persistence.plans import read_catalog_file, seed_missing
-from quota.engine import Engine
+from quota.engine import Engine, wait_policy
 
 #: Tests pin the clock here unless they move it: Monday 2026-11-23 12:00:00 UTC.
 T0 = int(datetime(2026, 11, 23, 12, 0, tzinfo=UTC).timestamp() * 1000)
@@ -93,7 +93,7 @@ def make_engine(settings: Settings, clock: FixedClock) -> Engine:
     """An engine on the test's servers (closed by the caller)."""
     assert settings.redis_url and settings.db_dsn
     redis = hot_path_client(settings.redis_url, timeout_seconds=settings.redis_timeout_seconds,
-                            connect_timeout_seconds=2.0)
+                            connect_timeout_seconds=2.0, wait=wait_policy(settings))
     db = Database(settings.db_dsn, min_size=0, max_size=5, timeout=settings.db_timeout_seconds)
     return Engine(settings, redis, db, clock)
 

@@ -58,6 +58,9 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "redis_timeout_seconds": ("0.5", 0.5),
     "redis_connect_timeout_seconds": ("1.5", 1.5),
     "redis_connections": ("4", 4),
+    "redis_wait_replicas": ("2", 2),
+    "redis_wait_timeout_ms": ("250", 250),
+    "redis_wait_debits": ("true", True),
     "db_pool_min": ("2", 2),
     "db_pool_max": ("20", 20),
     "db_timeout_seconds": ("7", 7.0),
@@ -117,6 +120,9 @@ def test_readme_lists_every_variable() -> None:
     ({"REDIS_TIMEOUT_SECONDS": "0"}, "REDIS_TIMEOUT_SECONDS"),
     ({"REDIS_CONNECT_TIMEOUT_SECONDS": "-1"}, "REDIS_CONNECT_TIMEOUT_SECONDS"),
     ({"DB_POOL_MAX": "0"}, "DB_POOL_MAX"),
+    ({"REDIS_WAIT_REPLICAS": "-1"}, "REDIS_WAIT_REPLICAS"),
+    ({"REDIS_WAIT_TIMEOUT_MS": "1000"}, "REDIS_WAIT_TIMEOUT_MS"),  # half the 2 s timeout
+    ({"REDIS_WAIT_DEBITS": "maybe"}, "REDIS_WAIT_DEBITS"),
     ({"DB_POOL_MIN": "-1"}, "DB_POOL_MIN"),
     ({"DB_POOL_MIN": "11"}, "DB_POOL_MIN"),  # more than DB_POOL_MAX's 10
     ({"LOAD_RETRIES": "0"}, "LOAD_RETRIES"),
