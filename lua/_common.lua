@@ -83,10 +83,6 @@ local function cycle_counter(user_key, meter, start, since, expires, version)
   return 'm'
 end
 
--- A meter's rule in a plan, read from a shard's catalog copy (see parse_rule).
-local function meter_rule(plans_key, code, meter)
-  return parse_rule(redis.call('HGET', plans_key, code .. '|' .. meter))
-end
 
 -- The answer to a ref that is already taken (its key holds 'fingerprint\ntx\nremaining'):
 -- what the first debit or reserve answered, or reuse when the request differs.

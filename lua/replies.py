@@ -85,7 +85,7 @@ class MeterView:
 
 @dataclass(frozen=True, slots=True)
 class CheckReply:
-    """The decoded reply of check.lua."""
+    """The decoded reply of one check of check_many.lua."""
 
     status: Status
     plan_code: str = ""
@@ -103,7 +103,7 @@ class CheckReply:
         if status is Status.OK:
             code, pstatus, assigned, exp, n = reply[1:6]
             rows = reply[6:]
-            assert len(rows) == 8 * n, "check.lua must return eight values per meter"
+            assert len(rows) == 8 * n, "check_many.lua answers eight values per meter"
             meters = tuple(MeterView(*rows[i : i + 8]) for i in range(0, len(rows), 8))
             return cls(status, code, pstatus, assigned, exp, meters)
         if status in (Status.NOT_LOADED, Status.NEED_METERS):

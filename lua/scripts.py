@@ -21,6 +21,7 @@ from lua.resp import RedisReplyError
 from lua.source import SCRIPTS, Script
 
 _DEBIT_MANY = SCRIPTS["debit_many"]
+_CHECK_MANY = SCRIPTS["check_many"]
 
 
 def script_error(script: Script, exc: RedisReplyError) -> Exception:
@@ -108,17 +109,26 @@ class Scripts:
             raise script_error(_DEBIT_MANY, exc) from None
         return reply
 
-    # -- check.lua -------------------------------------------------------------------------
-    async def check(self, user_key: str, plans_key: str, counter_keys: Sequence[str], *,
-                    now: int, windows: Windows, default_plan: str, every: bool,
-                    meters: Sequence[str]) -> CheckReply:
-        """The user's plan and what remains of ``meters`` (``counter_keys``: each meter's
-        day and month counters, in order). With ``every``, a plan naming other meters
-        answers NEED_METERS."""
-        return CheckReply.decode(await self._run(
-            SCRIPTS["check"], (user_key, plans_key, *counter_keys),
-            (now, windows.day_start_ms, windows.day_end_ms, windows.month_start_ms,
-             windows.month_end_ms, default_plan, "1" if every else "0", *meters)))
+    # -- check_many.lua --------------------------------------------------------------------
+    @staticmethod
+    def check_header(*, now: int, windows: Windows, default_plan: str
+                     ) -> tuple[str | int, ...]:
+        """ARGV[1..8]: what every check of one call shares."""
+        return (now, windows.day_id, windows.day_start_ms, windows.day_end_ms,
+                windows.month_id, windows.month_start_ms, windows.month_end_ms, default_plan)
+
+    async def check(self, user_key: str, plans_key: str, *, header: tuple[str | int, ...],
+                    every: bool, meters: Sequence[str]) -> CheckReply:
+        """The user's plan and what remains of ``meters``, sent as an item of a batch with
+        the other checks the connection has queued under the same header. With ``every``,
+        a plan naming other meters answers NEED_METERS."""
+        try:
+            reply: Any = await self.redis.run_batched(
+                _CHECK_MANY, header, (user_key, plans_key),
+                ("1" if every else "0", ",".join(meters)))
+        except RedisReplyError as exc:
+            raise script_error(_CHECK_MANY, exc) from None
+        return CheckReply.decode(reply)
 
     # -- load_user.lua ---------------------------------------------------------------------
     async def load_user(

@@ -29,7 +29,7 @@ class Script:
 #: them per call (see lua/connection.py).
 SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
-    for name in ("debit_many", "check", "load_user", "restore_refs", "load_catalog",
+    for name in ("debit_many", "check_many", "load_user", "restore_refs", "load_catalog",
                  "set_plan", "apply_payment", "ledger_lag", "reserve", "settle", "extend",
                  "expire_holds")
 }

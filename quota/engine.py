@@ -140,9 +140,9 @@ class Engine:
         for _ in range(self.settings.load_retries + 3):
             reply = await self.rt.scripts.check(
                 keys.user(user_id), keys.plans(keys.shard(user_id)),
-                [k for m in asked for k in keys.counters(user_id, m, windows)],
-                now=self.clock.script_now(), windows=windows,
-                default_plan=self.settings.default_plan, every=every, meters=asked)
+                header=Scripts.check_header(now=self.clock.script_now(), windows=windows,
+                                            default_plan=self.settings.default_plan),
+                every=every, meters=asked)
             if reply.status not in _RETRYABLE:
                 return reply
             if reply.status is Status.STALE_WINDOW:

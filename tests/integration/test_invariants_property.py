@@ -190,7 +190,7 @@ class UserState:
 
 @dataclass(frozen=True)
 class View:
-    """A meter as the model expects check.lua to show it (micro-units)."""
+    """A meter as the model expects check_many.lua to show it (micro-units)."""
 
     period: str
     limit: int

@@ -1,0 +1,31 @@
+"""Checks go out batched (check_many.lua): many users' checks in one call, each answered
+on its own, as if alone. Against the real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from quota.engine import Engine
+from tests.support import apply_plan, debit, new_user
+
+
+async def test_concurrent_checks_of_many_users_answer_each_its_own(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    """40 users (half on pro_month with some usage, half never seen: loaded mid-batch),
+    200 concurrent checks of all meters and of one: each equals the user's check alone."""
+    paid, unseen = [new_user() for _ in range(20)], [new_user() for _ in range(20)]
+    for i, user in enumerate(paid):
+        await apply_plan(client, user, "pro_month")
+        assert (await debit(client, user, i + 1)).status_code == 200
+    users = paid + unseen
+    answers = await asyncio.gather(*(
+        engine.check(users[i % 40], None if i % 2 else ["chat"]) for i in range(200)))
+    for i, answer in enumerate(answers):
+        alone = await engine.check(users[i % 40], None if i % 2 else ["chat"])
+        assert answer == alone, (users[i % 40], answer, alone)
+    chat = {v.meter: v for v in answers[0].meters}["chat"]
+    assert (answers[0].plan_code, chat.used) == ("pro_month", 1_000_000)
+    assert {v.meter: v for v in answers[21].meters}["chat"].used == 0  # an unseen user
