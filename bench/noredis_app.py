@@ -30,12 +30,14 @@ import hiredis
 from starlette.applications import Starlette
 
 from core.clock import SystemClock
+from core.events import debit_event_head
 from core.settings import load_settings
 from hotpath.app import build_app
 from lua.replies import DebitReply, Status
 from lua.source import SCRIPTS
 from ops.cli import run_uvicorn, tune_gc
-from quota.engine import Engine, debit_args
+from quota.engine import Engine
+from quota.loading import fingerprint
 
 #: A reply of the same shape and sizes as a real one (a UUIDv7 tx id, a large remainder).
 CANNED = DebitReply(
@@ -86,14 +88,15 @@ class PythonWorkEngine(Engine):
         self, user_id: str, meter: str, amount: int, ref: str, *,
         reason: str = "", caller: str = "", action: str = "",
     ) -> DebitReply:
-        windows = self._windows()
+        windows = self.rt.windows()
         script = SCRIPTS["debit_many"]
         tx_id = self.new_id(None)
+        ref_record = f"{fingerprint(meter, amount, reason)}\n{tx_id}"
+        event_head = debit_event_head(tx_id, user_id, meter, amount, ref, reason, caller, action)
         # Packed as a batch of one (the real path shares one call among several debits).
         packed = hiredis.pack_command((
             "EVALSHA", script.sha, 6, *self.keys.debit_keys(user_id, ref, meter, windows),
-            *self.debit_header(windows),
-            *debit_args(user_id, meter, amount, ref, reason, caller, action, tx_id),
+            *self.debit_header(windows), meter, amount, ref_record, event_head,
         ))
         loop = asyncio.get_running_loop()
         future = loop.create_future()
