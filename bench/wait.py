@@ -168,8 +168,9 @@ async def main() -> None:
                 proc.wait(10)
     best = {on: max((r for r in rounds if r["wait_debits"] is on),
                     key=lambda r: r["debits_per_second"]) for on in (False, True)}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = await asyncio.to_thread(lambda: subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        check=False).stdout.strip())
     report = {"bench": "wait", "date": date.today().isoformat(), "commit": commit,
               "cpus": os.cpu_count(), "concurrency": args.concurrency,
               "redis_wait_timeout_ms": 100, "off": best[False], "on": best[True],
