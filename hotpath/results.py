@@ -244,7 +244,10 @@ class ReadyOut(msgspec.Struct):
     failing checks saying why (``redis``, ``postgres``: a schema behind the build's
     is a PostgreSQL failure that names the migration to run). ``ledger`` says ``lagging: ...``
     (still 200) when the oldest unflushed entry is older than FLUSH_LAG_ALERT_SECONDS, and
-    ``full: ...`` (503) when shard streams are at their backlog limit."""
+    ``full: ...`` (503) when shard streams are at their backlog limit. On a Redis Cluster
+    each primary of the slot table has a check of its own, ``redis@HOST:PORT`` (``ok``, or
+    why it does not serve: unreachable, or back with older data and rebuilding), and
+    ``redis`` names the first node that fails."""
 
     status: str
     checks: dict[str, str]

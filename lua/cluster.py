@@ -290,6 +290,29 @@ class ClusterRedis:
         batch.resolve(reply)
         return await future
 
+    async def node_status(self) -> dict[str, str]:
+        """Each primary of the slot table, as last read (re-read when empty), and whether
+        it serves: ``ok``, or why not (cannot connect, no answer, refused by the node check
+        as back with older data). A PING on a pooled connection: a node not yet connected
+        is connected, scripts loaded and checked, as a call would."""
+        await self._ensure_table()
+        addresses = sorted({a for a in self.table if a})
+
+        async def ping(address: str) -> str:
+            try:
+                await self._node(address).execute("PING")
+            except (RedisUnavailable, RedisReplyError) as exc:
+                self.refresh_soon()
+                return f"unavailable: {getattr(exc, 'message', exc)}"
+            return "ok"
+
+        status = dict(zip(addresses, await asyncio.gather(*(ping(a) for a in addresses)),
+                          strict=True))
+        unserved = self.table.count("")
+        if unserved:
+            status["unassigned"] = f"unavailable: {unserved} slots have no primary"
+        return status
+
     def slot_groups(self, keys: Sequence[str]) -> list[list[str]]:
         """``keys`` split into groups of one slot each (a script call's keys), in order."""
         groups: dict[int, list[str]] = {}

@@ -171,6 +171,20 @@ class Engine:
                 status["postgres"] = behind
         except DependencyUnavailable as exc:
             status["postgres"] = exc.message
+        if isinstance(self.redis, ClusterRedis):  # every primary, by its address
+            try:
+                nodes = await self.redis.node_status()
+            except DependencyUnavailable as exc:
+                nodes = {}
+                if status["redis"] == "ok":
+                    status["redis"] = exc.message
+            failing = [(a, v) for a, v in nodes.items() if v != "ok"]
+            for address, verdict in nodes.items():
+                status[f"redis@{address}"] = verdict
+            if failing:  # the node, rather than what the probe met there
+                address, verdict = failing[0]
+                status["redis"] = f"unavailable: node {address}: " \
+                    f"{verdict.removeprefix('unavailable: ')}"
         if status["redis"] == "ok":
             backlog = await self.backlog()
             status["ledger"] = backlog.verdict(self.settings.flush_lag_alert_seconds)

@@ -114,3 +114,51 @@ async def test_a_killed_primary_fails_over_and_the_ledger_holds_what_was_acknowl
     assert len(lost) <= CONCURRENCY, f"{len(lost)} acknowledged debits lost"
     print(f"failover: served again after {served_again[0]:.1f}s, {statuses}, "
           f"{len(acked)} acknowledged, {len(lost)} lost")
+
+
+async def test_ready_names_the_node_that_fails_and_clears_once_it_serves_again(
+    settings: Settings, clock: FixedClock, cluster: LocalCluster
+) -> None:
+    """/ready on a cluster has a check per primary (``redis@HOST:PORT``); a killed primary
+    makes it 503 naming that node, in its own check and in ``redis``; after the promotion
+    (and, the promoted replica holding older data, the shards' rebuild, which a reconciler
+    lets through) it is 200 again with the promoted node's check ``ok``."""
+    on_cluster = settings.with_overrides(redis_url=cluster.url)
+    async with app_client(on_cluster, clock) as http:
+        engine = http.engine  # type: ignore[attr-defined]
+        ready = await http.get("/ready")
+        assert ready.status_code == 200, ready.text
+        primaries = {n.address for n in cluster.primary_nodes()}
+        assert {k for k in ready.json()["checks"] if k.startswith("redis@")} == \
+            {f"redis@{a}" for a in primaries}
+        victim = cluster.primary_nodes()[1]
+        cluster.kill(victim)
+        ready = await http.get("/ready")
+        assert ready.status_code == 503, ready.text
+        checks = ready.json()["checks"]
+        assert checks[f"redis@{victim.address}"].startswith("unavailable: ")
+        assert checks["redis"].startswith(f"unavailable: node {victim.address}: ")
+        assert all(v == "ok" for k, v in checks.items()
+                   if k.startswith("redis@") and k != f"redis@{victim.address}")
+        promoted = cluster.wait_promoted(victim)
+        admin = admin_client(cluster.url, decode_responses=True)
+        reconciler = Reconciler(engine, admin, name="ready-test")
+        stop = asyncio.Event()
+        flusher = asyncio.create_task(reconciler.run(stop))
+        try:
+            deadline = time.monotonic() + RECOVERY_SECONDS
+            seen: list[dict[str, str]] = []
+            while time.monotonic() < deadline:
+                ready = await http.get("/ready")
+                seen.append(ready.json()["checks"])
+                if ready.status_code == 200:
+                    break
+                await asyncio.sleep(0.25)
+            assert ready.status_code == 200, seen[-3:]
+            checks = ready.json()["checks"]
+            assert checks[f"redis@{promoted.address}"] == "ok"
+            assert f"redis@{victim.address}" not in checks
+        finally:
+            stop.set()
+            await flusher
+            await admin.aclose()
