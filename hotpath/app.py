@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from core.settings import Settings, load_settings
 from hotpath.auth import Authenticator
+from hotpath.front import Endpoint, HotFront
 from hotpath.handlers import Api
 from hotpath.responses import envelope
 from hotpath.routes import operations
@@ -38,8 +39,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True,
-              verifier: Verifier | None = None) -> Starlette:
-    """The Starlette app around an engine (tests pass their own engine, clock, verifier)."""
+              verifier: Verifier | None = None) -> HotFront:
+    """The app around an engine (tests pass their own engine, clock, verifier): the
+    Starlette app behind the front that answers the routes themselves (hotpath.front)."""
     api = Api(settings, engine, verifier)
     endpoints = Endpoints(Authenticator(settings.all_callers()))
     by_path: dict[str, list[Operation]] = {}
@@ -66,10 +68,20 @@ def build_app(settings: Settings, engine: Engine, *, owns_resources: bool = True
     # to another route.
     app.router.redirect_slashes = False
     app.state.api = api
-    return app
+    # The front: every route by an exact method and path (a path with one parameter last,
+    # GET only, by its prefix); HEAD, 404 and 405 stay Starlette's.
+    exact: dict[tuple[str, str], Endpoint] = {}
+    prefixed: dict[str, tuple[str, Endpoint]] = {}
+    for op in operations(api):
+        if "{" not in op.path:
+            exact[(op.method, op.path)] = endpoints.endpoint(op)
+        elif op.method == "GET" and op.path.endswith("}") and op.path.count("{") == 1:
+            prefix, _, param = op.path.partition("{")
+            prefixed[prefix] = (param[:-1], endpoints.endpoint(op))
+    return HotFront(app, exact, prefixed)
 
 
-def create_app() -> Starlette:
+def create_app() -> HotFront:
     """The uvicorn factory: settings from the environment, real clock."""
     settings = load_settings()
     return build_app(settings, make_engine(settings))

@@ -24,7 +24,7 @@ from ops.config import settings_or_exit as _settings
 from ops.lifecycle import Supervised, follow_parent
 
 if TYPE_CHECKING:
-    from starlette.applications import Starlette
+    from hotpath.front import HotFront
 
 
 log = logging.getLogger("quota_gateway")
@@ -55,7 +55,7 @@ def run_uvicorn(factory: str, host: str, port: int, workers: int) -> None:
                 timeout_graceful_shutdown=10)
 
 
-def create_worker_app() -> Starlette:
+def create_worker_app() -> HotFront:
     """The uvicorn factory of ``serve``: the app, then the GC tuned (see ``tune_gc``)."""
     import multiprocessing
 
