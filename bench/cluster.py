@@ -79,7 +79,7 @@ def run_one(topology: str, workers: int, args: argparse.Namespace, tmp: Path) ->
     dsn = f"{args.pg.rstrip('/')}/{DB}"
     asyncio.run(recreate_database(f"{args.pg.rstrip('/')}/postgres", DB))
     env = {**os.environ, "REDIS_URL": url, "DB_DSN": dsn, "KEY_PREFIX": "qgbc",
-           "SERVICE_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
+           "SERVICE_TOKEN": TOKEN, "PYTHONPATH": str(ROOT), "DB_POOL_MAX": "4"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     subprocess.run([QG, "migrate"], env=env, check=True, capture_output=True)
     port, metrics_port = free_port(), free_port()
