@@ -50,9 +50,12 @@ def run_uvicorn(factory: str, host: str, port: int, workers: int) -> None:
 
     from hotpath.http import EnvelopeHttpToolsProtocol
 
+    # proxy_headers off: the payment webhook reads X-Forwarded-For itself, believing only
+    # TRUSTED_PROXIES (payments/verifiers.py); uvicorn's own rewriting (which believes
+    # 127.0.0.1 by default) would apply a second rule, and costs every request a middleware.
     uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, loop="uvloop",
                 http=EnvelopeHttpToolsProtocol, access_log=False, log_level="warning",
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, proxy_headers=False, server_header=False)
 
 
 def create_worker_app() -> HotFront:
