@@ -29,6 +29,7 @@ from typing import Any
 import hiredis
 from starlette.applications import Starlette
 
+from core import refs
 from core.clock import SystemClock
 from core.events import debit_event_head
 from core.settings import load_settings
@@ -37,7 +38,6 @@ from lua.replies import DebitReply, Status
 from lua.source import SCRIPTS
 from ops.cli import run_uvicorn, tune_gc
 from quota.engine import Engine
-from quota.loading import fingerprint
 
 #: A reply of the same shape and sizes as a real one (a UUIDv7 tx id, a large remainder).
 CANNED = DebitReply(
@@ -90,12 +90,13 @@ class PythonWorkEngine(Engine):
     ) -> DebitReply:
         windows = self.rt.windows()
         script = SCRIPTS["debit_many"]
-        tx_id = self.new_id(None)
-        ref_record = f"{fingerprint(meter, amount, reason)}\n{tx_id}"
+        h = refs.ref_hash(user_id, ref)
+        tx_id, record_id = refs.debit_tx(h)
+        ref_record = h[:refs.FIELD_BYTES] + refs.fingerprint(meter, amount, reason) + record_id
         event_head = debit_event_head(tx_id, user_id, meter, amount, ref, reason, caller, action)
         # Packed as a batch of one (the real path shares one call among several debits).
         packed = hiredis.pack_command((
-            "EVALSHA", script.sha, 6, *self.keys.debit_keys(user_id, ref, meter, windows),
+            "EVALSHA", script.sha, 6, *self.keys.debit_keys(user_id, meter, windows),
             *self.debit_header(windows), meter, amount, ref_record, event_head,
         ))
         loop = asyncio.get_running_loop()

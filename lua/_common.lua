@@ -84,12 +84,69 @@ local function cycle_counter(user_key, meter, start, since, expires, version)
 end
 
 
--- The answer to a ref that is already taken (its key holds 'fingerprint\ntx\nremaining'):
--- what the first debit or reserve answered, or reuse when the request differs.
-local function prior_reply(prior, head)
-  local pfp, ptx, remaining = string.match(prior, '^(.-)\n(.-)\n(.*)$')
-  if pfp ~= string.match(head, '^(.-)\n') then return {REF_REUSED} end
-  return {DUPLICATE, ptx, tonumber(remaining)}
+-- Idempotency records (core/refs.py). A user's refs live in hash buckets
+-- <user key>:r:<b>, b = floor(t / W) for the debit's time t (this clock) and W the
+-- idempotency TTL in ms; field = 12 bytes of a hash of (user, ref); value =
+-- fingerprint(4) | id (8 or 16) | stamp(2) | remaining(7), the last two packed here: the
+-- stamp is t's offset in its bucket in units of R = floor(W / 65535) + 1 ms, rounded up, so
+-- a ref is remembered at least W and at most W + R. A bucket expires as a whole when its
+-- last ref can no longer be live ((b + 2) W); field '' marks a bucket whose expiry is set.
+-- At any time only the buckets b and b - 1 can hold live refs: two lookups, whatever W is.
+local function ref_window(ttl_arg)
+  local w = int_arg(ttl_arg, 'idempotency ttl')
+  if w < 1 then error('qg: idempotency ttl must be at least 1 ms') end
+  return w, math.floor(w / 65535) + 1
+end
+
+-- The live record of `field` at `now` (or false), with the current bucket's key, whether
+-- that bucket exists, and its number. A record in the current bucket is always live.
+local function ref_find(prefix, field, now, w, r)
+  local b = math.floor(now / w)
+  local cur = prefix .. ':' .. istr(b)
+  local got = redis.call('HMGET', cur, field, '')
+  local rec = got[1]
+  if not rec then
+    rec = redis.call('HGET', prefix .. ':' .. istr(b - 1), field)
+    if rec and (b - 1) * w + struct.unpack('>I2', rec, #rec - 8) * r + w <= now then
+      rec = false  -- past its TTL: the ref is new again
+    end
+  end
+  return rec, cur, got[2], b
+end
+
+-- Remember `field` in the current bucket (ref_find said where), answered by `head`
+-- (fingerprint and id) and `remaining`.
+local function ref_take(cur, exists, b, field, head, now, w, r, remaining)
+  local value = head .. struct.pack('>I2I7', math.ceil((now - b * w) / r), remaining)
+  if exists then
+    redis.call('HSET', cur, field, value)
+  else
+    redis.call('HSET', cur, field, value, '', '1')
+    redis.call('PEXPIRE', cur, istr((b + 2) * w + 65536 - now))
+  end
+end
+
+-- Put a record back (restore_refs.lua): a debit made at `t` on this clock; kept if its
+-- bucket holds the field already. Returns 1 when written, 0 when not (or past its TTL).
+local function ref_restore(prefix, field, head, t, remaining, now, w, r)
+  if t + w <= now then return 0 end
+  local b = math.floor(t / w)
+  local key = prefix .. ':' .. istr(b)
+  local value = head .. struct.pack('>I2I7', math.ceil((t - b * w) / r), remaining)
+  local written = redis.call('HSETNX', key, field, value)
+  if redis.call('HSETNX', key, '', '1') == 1 then
+    redis.call('PEXPIRE', key, istr((b + 2) * w + 65536 - now))
+  end
+  return written
+end
+
+-- The answer to a ref that is already taken: what the first debit or reserve answered
+-- (its id as stored: Python turns it into the tx or hold id), or reuse when the request's
+-- fingerprint (the first 4 bytes of `head`) differs.
+local function prior_reply(rec, head)
+  if string.sub(rec, 1, 4) ~= string.sub(head, 1, 4) then return {REF_REUSED} end
+  local _, remaining = struct.unpack('>I2I7', rec, #rec - 8)
+  return {DUPLICATE, string.sub(rec, 5, #rec - 9), remaining}
 end
 
 -- Holds (reservations). Of a user whose state hash is K, in K's hash slot:

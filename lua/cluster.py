@@ -257,7 +257,7 @@ class ClusterRedis:
                                   lambda n: n.execute_asking(*args))
 
     async def run_script(self, script: Script, keys: Sequence[str],
-                         args: Sequence[str | int], *, wait: bool = False) -> Any:
+                         args: Sequence[str | int | bytes], *, wait: bool = False) -> Any:
         """EVALSHA (EVAL after NOSCRIPT) on the primary of the keys' slot; with ``wait``,
         WAIT for that primary's replicas on the same connection."""
         if not keys:
@@ -269,7 +269,7 @@ class ClusterRedis:
                                        wait_op=wait_op))
 
     async def run_batched(self, script: Script, header: tuple[str | int, ...],
-                          keys: Sequence[str], args: Sequence[str | int]) -> Any:
+                          keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
         """One item of a batch call; items share a call per node and slot."""
         slot = slot_of(keys[0])
         return await self._routed(
@@ -278,7 +278,7 @@ class ClusterRedis:
 
     @staticmethod
     async def _asking_item(node: PipelinedRedis, script: Script, header: tuple[str | int, ...],
-                           keys: Sequence[str], args: Sequence[str | int]) -> Any:
+                           keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
         """A batch item alone, by ASKING + EVAL (a slot in migration: rare)."""
         batch = Batch(script, header)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -187,7 +187,7 @@ class _Pipe(asyncio.Protocol):
         return future
 
     def send_item(self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
-                  args: Sequence[str | int], deadline: float, slot: int = 0
+                  args: Sequence[str | int | bytes], deadline: float, slot: int = 0
                   ) -> tuple[asyncio.Future[Any], Batch]:
         """Queue one item of a batch script call; it goes out at this tick's flush. Items
         of different hash ``slot``s never share a call (Redis Cluster refuses CROSSSLOT)."""
@@ -424,7 +424,7 @@ class PipelinedRedis:
 
     async def run_batched(
         self, script: Script, header: tuple[str | int, ...], keys: Sequence[str],
-        args: Sequence[str | int], slot: int = 0,
+        args: Sequence[str | int | bytes], slot: int = 0,
     ) -> Any:
         """One item of a batch script call (see ``Batch``): its own reply, or its error.
 
@@ -444,7 +444,7 @@ class PipelinedRedis:
         return reply
 
     async def run_script(
-        self, script: Script, keys: Sequence[str], args: Sequence[str | int], *,
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int | bytes], *,
         wait: bool = False,
     ) -> Any:
         """EVALSHA, falling back to EVAL once when the script cache was emptied; with
@@ -461,7 +461,7 @@ class PipelinedRedis:
         return await self.execute("EVAL", script.source, len(keys), *keys, *args)
 
     async def _run_waited(self, pipe: _Pipe, script: Script, keys: Sequence[str],
-                          args: Sequence[str | int]) -> Any:
+                          args: Sequence[str | int | bytes]) -> Any:
         """The script and WAIT back to back on one connection (EVAL after NOSCRIPT)."""
         for evaled in (False, True):
             command: Any = ("EVAL", script.source) if evaled else ("EVALSHA", script.sha)

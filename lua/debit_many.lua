@@ -8,7 +8,8 @@
 --
 -- n = #KEYS / 6 debits (the caller keeps n small: at most 32).
 -- KEYS[6i-5]  user state hash           <prefix>:{shard}:u:<user>
--- KEYS[6i-4]  idempotency key           <prefix>:{shard}:u:<user>:r:<ref>
+-- KEYS[6i-4]  the user's ref buckets    <prefix>:{shard}:u:<user>:r (buckets ':<n>' of it,
+--             in the same hash slot: _common.lua, ref_find)
 -- KEYS[6i-3]  shard plan catalog hash   <prefix>:{shard}:plans
 -- KEYS[6i-2]  day counter of the meter  <prefix>:{shard}:u:<user>:c:<meter>:d:<YYYY-MM-DD>
 -- KEYS[6i-1]  month counter             <prefix>:{shard}:u:<user>:c:<meter>:m:<YYYY-MM>
@@ -21,7 +22,7 @@
 -- ARGV[2]   day period id     ARGV[3] day start ms     ARGV[4] day end ms
 -- ARGV[5]   month period id   ARGV[6] month end ms (a day lies within its month, so the
 --           day's bounds alone tell whether the windows are stale)
--- ARGV[7]   idempotency key TTL, ms
+-- ARGV[7]   idempotency TTL, ms (how long a ref is remembered, at least)
 -- ARGV[8]   grace kept after a period's end before its counter expires, ms
 -- ARGV[9]   user state TTL, ms (idle users fall out of Redis and are reloaded)
 -- ARGV[10]  backlog limit: refuse when the shard stream holds this many entries
@@ -29,8 +30,9 @@
 -- ARGV[12+4(i-1) .. 15+4(i-1)]  debit i:
 --   meter
 --   amount, micro-units: an integer > 0 in canonical digits (they go into the event as is)
---   head of the idempotency record: fingerprint '\n' transaction id (the fingerprint of
---     meter, amount and reason: the same ref with another one is reuse)
+--   the idempotency record: its field (12 bytes), then its head: fingerprint (4 bytes, of
+--     meter, amount and reason: the same ref with another one is reuse) and the tx id's
+--     record id (8 bytes; core/refs.py)
 --   head of the ledger event: 'v2', 'debit', tx, user, meter, '-' amount, ref, reason,
 --     caller, action, joined by '\031' (reconciler/events.py, LAYOUT_V2); the script
 --     appends from_allowance, from_credits, period, plan code, time and remaining
@@ -40,7 +42,7 @@
 -- wrong key type; the other debits still run):
 --   OK, remaining, from_credits, plan_code   (the caller knows the tx id and the amount;
 --                                             from the allowance: amount - from_credits)
---   DUPLICATE, tx, remaining                 the ref was already debited: nothing changed
+--   DUPLICATE, tx record id, remaining       the ref was already debited: nothing changed
 --   REF_REUSED                               the ref was used for another meter/amount/reason
 --   INSUFFICIENT, remaining, limit, period, period_end_ms, plan_code, plan_status
 --   NOT_LOADED, 'user'|'catalog'             load from PostgreSQL and call again
@@ -72,6 +74,7 @@ local backlog_limit = int_arg(ARGV[10], 'backlog limit')
 local default_plan, idem_ttl_s = ARGV[11], ARGV[7]
 local day_pid, month_pid = 'd:' .. ARGV[2], 'm:' .. ARGV[5]
 local now_s = istr(now)
+local ref_w, ref_r = ref_window(ARGV[7])
 local month_end, grace  -- parsed when first needed
 local xlen, rules, fields, touched, n_touched = {}, {}, {}, {}, 0
 
@@ -101,11 +104,11 @@ local function undo_incr(counter, used, amount_arg)
   end
 end
 
--- One debit (see the header). Validation comes before the first write; the exceptions are
--- the optimistic INCRBY and the idempotency key's SET NX, both undone on a refusal before
--- the script moves on (invisible: a script runs atomically).
+-- One debit (see the header). Validation comes before the first write; the exception is
+-- the optimistic INCRBY, undone on a refusal before the script moves on (invisible: a
+-- script runs atomically).
 local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter, amount_arg,
-                         head, event)
+                         record, event)
   if not string.find(amount_arg, '^[1-9]%d*$') then
     error('qg: amount must be a positive integer: ' .. tostring(amount_arg))
   end
@@ -127,17 +130,18 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
     xlen[k_ledger] = nil  -- the expiries were appended
   end
   local held = int_or_zero(user[10])
+  -- A ref already taken answers what its first debit answered, whatever the meter, the
+  -- backlog or the catalog hold now (a retry of a debit that went through is a 409).
+  local field, head = string.sub(record, 1, 12), string.sub(record, 13)
+  local prior, k_bucket, bucket_exists, bucket = ref_find(k_ref, field, now, ref_w, ref_r)
+  if prior then return prior_reply(prior, head) end
 
   local backlog = xlen[k_ledger]
   if not backlog then
     backlog = redis.call('XLEN', k_ledger)
     xlen[k_ledger] = backlog
   end
-  if backlog >= backlog_limit then
-    local prior = redis.call('GET', k_ref)  -- a retry still learns its outcome
-    if prior then return prior_reply(prior, head) end
-    return {BACKLOG, backlog}
-  end
+  if backlog >= backlog_limit then return {BACKLOG, backlog} end
 
   local code, status = plan_in_force(user[2], user[3], now, default_plan)
   -- One read for both: the plan's presence in the catalog copy and the meter's rule
@@ -190,27 +194,17 @@ local function debit_one(k_user, k_ref, k_plans, k_day, k_month, k_ledger, meter
   local free = allowance + credits - held
   if amount > free then
     if counted then undo_incr(counter, used, amount_arg) end
-    local prior = redis.call('GET', k_ref)  -- a retry of a debit that went through
-    if prior then return prior_reply(prior, head) end
     local end_ms = 0
     if counter then end_ms = period_end(period, cycle_end) end
     if free < 0 then free = 0 end  -- holds may cover more than is left after a refund
     return {INSUFFICIENT, free, limit, period, end_ms, code, status}
   end
 
-  -- It fits. The idempotency key is taken here, only if it is free (SET NX: one call for
-  -- the check and the write on the common path); a ref already taken gives this debit's
-  -- counter change back and answers what the first debit answered.
+  -- It fits. From here on only writes, which cannot fail half-way on valid keys; the
+  -- ref is remembered first (its bucket was read above: a wrong type failed there).
   local remaining = free - amount
   local remaining_s = istr(remaining)
-  local taken = redis.pcall('SET', k_ref, head .. '\n' .. remaining_s, 'NX', 'PX', idem_ttl_s)
-  if not taken or taken.err then
-    if counted then undo_incr(counter, used, amount_arg) end
-    if taken then error(taken) end  -- the key holds no string: nothing else was written
-    return prior_reply(redis.call('GET', k_ref), head)
-  end
-
-  -- From here on only writes, which cannot fail half-way on valid keys.
+  ref_take(k_bucket, bucket_exists, bucket, field, head, now, ref_w, ref_r, remaining)
   if counted then
     if from_credits > 0 then redis.call('DECRBY', counter, from_credits) end
     -- A counter that did not exist gets its expiry now; one that existed already has it.

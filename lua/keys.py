@@ -39,9 +39,15 @@ class Keys:
         """The user state hash: plan, expiry, credits, lifetime usage, load marker."""
         return self.user_base(user_id)
 
-    def idempotency(self, user_id: str, ref: str) -> str:
-        """The key remembering one (user, ref) debit."""
-        return f"{self.user_base(user_id)}:r:{ref}"
+    def refs(self, user_id: str) -> str:
+        """The prefix of the user's idempotency buckets ``<prefix>:r:<n>`` (hashes of
+        records, one per idempotency TTL: lua/_common.lua, ref_find; the scripts build
+        the buckets' names from it)."""
+        return f"{self.user_base(user_id)}:r"
+
+    def ref_bucket(self, user_id: str, bucket: int) -> str:
+        """One of the user's idempotency buckets (tests, inspection)."""
+        return f"{self.refs(user_id)}:{bucket}"
 
     def counter(self, user_id: str, meter: str, kind: str, period: str) -> str:
         """A period counter: kind 'd' with a YYYY-MM-DD id, 'm' with a YYYY-MM id, or 'y' (a
@@ -54,14 +60,14 @@ class Keys:
         base = f"{self.user_base(user_id)}:c:{meter}"
         return f"{base}:d:{windows.day_id}", f"{base}:m:{windows.month_id}"
 
-    def debit_keys(self, user_id: str, ref: str, meter: str, windows: Windows
+    def debit_keys(self, user_id: str, meter: str, windows: Windows
                    ) -> tuple[str, str, str, str, str, str]:
         """KEYS of debit.lua, with the shard computed once (the hot path's only keys)."""
         shard = self.shard(user_id)
         plans, ledger = self._shared[shard]
         base = f"{self._tags[shard]}:u:{user_id}"
         counter = f"{base}:c:{meter}"
-        return (base, f"{base}:r:{ref}", plans, f"{counter}:d:{windows.day_id}",
+        return (base, f"{base}:r", plans, f"{counter}:d:{windows.day_id}",
                 f"{counter}:m:{windows.month_id}", ledger)
 
     def holds(self, shard: int) -> str:

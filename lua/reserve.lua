@@ -3,7 +3,7 @@
 -- released or expires (settle.lua, extend.lua, expire_holds.lua; _common.lua has the layout).
 --
 -- KEYS[1]  user state hash           <prefix>:{shard}:u:<user>
--- KEYS[2]  idempotency key           <prefix>:{shard}:u:<user>:r:<ref> (shared with debits)
+-- KEYS[2]  the user's ref buckets    <prefix>:{shard}:u:<user>:r (shared with debits)
 -- KEYS[3]  shard plan catalog hash   <prefix>:{shard}:plans
 -- KEYS[4]  shard ledger stream       <prefix>:{shard}:ledger
 -- ARGV[1]  now, ms since epoch; 0 = use Redis TIME
@@ -13,7 +13,8 @@
 -- ARGV[8]  user state TTL, ms
 -- ARGV[9]  backlog limit     ARGV[10] default plan code
 -- ARGV[11] meter             ARGV[12] units, micro-units (an integer > 0)
--- ARGV[13] head of the idempotency record: fingerprint '\n' hold id
+-- ARGV[13] the idempotency record: field (12 bytes), fingerprint (4), the hold id's 16
+--          random bytes (_common.lua, ref_find; core/refs.py)
 -- ARGV[14] hold id           ARGV[15] tx id of the hold event
 -- ARGV[16] tx id its expiry will carry
 -- ARGV[17] time to live, ms  ARGV[18] most open holds a user may have
@@ -21,7 +22,7 @@
 --
 -- Replies:
 --   OK, remaining, expires_ms, plan_code      held; remaining: what is free after it
---   DUPLICATE, hold_id, remaining             the ref was taken by this reserve before
+--   DUPLICATE, hold record id, remaining      the ref was taken by this reserve before
 --   REF_REUSED                                the ref was used for another request
 --   INSUFFICIENT, free, limit, period, period_end_ms, plan_code, plan_status
 --   TOO_MANY_HOLDS, open                      the user has the most open holds allowed
@@ -41,13 +42,16 @@ local marker_ttl = ARGV[7]
 if now < int_arg(ARGV[3], 'day start') or now >= int_arg(ARGV[4], 'day end') then
   return {STALE_WINDOW, now}
 end
-local meter, head = ARGV[11], ARGV[13]
+local meter = ARGV[11]
+local field, head = string.sub(ARGV[13], 1, 12), string.sub(ARGV[13], 13)
+local ref_w, ref_r = ref_window(ARGV[7])
 local user = redis.call('HMGET', k_user, 'loaded', 'plan', 'exp', 'cr:' .. meter,
                         'n:' .. meter, 'ps', 'pv', 'hx', 'h:' .. meter)
 if not user[1] then return {NOT_LOADED, 'user'} end
+-- A ref already taken answers what its first reserve answered, whatever holds now.
+local prior, k_bucket, bucket_exists, bucket = ref_find(k_ref, field, now, ref_w, ref_r)
+if prior then return prior_reply(prior, head) end
 if redis.call('XLEN', k_ledger) >= int_arg(ARGV[9], 'backlog limit') then
-  local prior = redis.call('GET', k_ref)
-  if prior then return prior_reply(prior, head) end
   return {BACKLOG, redis.call('XLEN', k_ledger)}
 end
 if user[8] and drop_expired_holds(k_user, user[8], now, k_ledger, marker_ttl) > 0 then
@@ -66,26 +70,18 @@ local allowance = limit - used
 if allowance < 0 then allowance = 0 end
 local free = allowance + stored_int(user[4], 'credits') - int_or_zero(user[9])
 if units > free then
-  local prior = redis.call('GET', k_ref)
-  if prior then return prior_reply(prior, head) end
   if free < 0 then free = 0 end
   return {INSUFFICIENT, free, limit, kind, end_ms, code, status}
 end
 local open = redis.call('HLEN', k_user .. ':h')
 if open >= max_open then
-  local prior = redis.call('GET', k_ref)
-  if prior then return prior_reply(prior, head) end
   return {TOO_MANY_HOLDS, open}
 end
 
 local remaining = free - units
-local taken = redis.pcall('SET', k_ref, head .. '\n' .. istr(remaining), 'NX', 'PX', marker_ttl)
-if not taken or taken.err then
-  if taken then error(taken) end
-  return prior_reply(redis.call('GET', k_ref), head)
-end
 
 -- From here on only writes.
+ref_take(k_bucket, bucket_exists, bucket, field, head, now, ref_w, ref_r, remaining)
 local hold_id, expires = ARGV[14], now + ttl
 local r = {meter, units_arg, istr(expires), ARGV[16], ARGV[19], ARGV[20], ARGV[21], ARGV[22]}
 local k_holds = k_user .. ':h'

@@ -27,7 +27,7 @@ _PACKED_HEADERS: dict[tuple[str | int, ...], bytes] = {}
 _PACKED_HEADERS_MAX = 16  # tests pin "now", and then every call has its own header
 
 
-def bulk(values: Sequence[str | int]) -> bytes:
+def bulk(values: Sequence[str | int | bytes]) -> bytes:
     """``values`` as RESP bulk strings, without the array line ``*<n>``."""
     command: Any = tuple(values)  # hiredis' stub types a 1-tuple
     packed: bytes = hiredis.pack_command(command)
@@ -62,7 +62,7 @@ class Batch:
         self.script = script
         self.header = header
         self.item_keys: list[str] = []
-        self.item_args: list[str | int] = []
+        self.item_args: list[str | int | bytes] = []
         self.futures: list[asyncio.Future[Any]] = []
         self.evaled = False  # sent again by EVAL after NOSCRIPT
         #: The reply of the WAIT sent right after this call (REDIS_WAIT_DEBITS), if any.

@@ -81,7 +81,7 @@ class Scripts:
     def __init__(self, redis: HotRedis) -> None:
         self.redis = redis
 
-    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int], *,
+    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[str | int | bytes], *,
                    wait: bool = False) -> Any:
         try:
             return await self.redis.run_script(script, keys, args, wait=wait)
@@ -97,10 +97,11 @@ class Scripts:
                 limits.grace_ms, limits.state_ttl_ms, limits.backlog_limit, limits.default_plan)
 
     async def debit(self, keys: Sequence[str], *, header: tuple[str | int, ...], meter: str,
-                    amount: int, ref_record: str, event_head: str) -> list[Any]:
+                    amount: int, ref_record: bytes, event_head: str) -> list[Any]:
         """One debit, sent as an item of a batch with the other debits the connection has
         queued under the same header (``PipelinedRedis.run_batched``). ``keys`` are
-        ``Keys.debit_keys``; ``ref_record`` is ``fingerprint \\n tx_id``; ``event_head`` the
+        ``Keys.debit_keys``; ``ref_record`` the idempotency record's field and head
+        (``core.refs``); ``event_head`` the
         ledger event's head (``core.events.debit_event_head``)."""
         try:
             reply: list[Any] = await self.redis.run_batched(
@@ -153,14 +154,18 @@ class Scripts:
         return int(reply[0])
 
     # -- restore_refs.lua ------------------------------------------------------------------
-    async def restore_refs(self, *, now: int, refs: Sequence[tuple[str, str, int]]) -> int:
-        """Put back absent idempotency keys: (key, value, expire-at ms) each. Returns how
-        many were written."""
-        if not refs:
+    async def restore_refs(self, refs_key: str, *, now: int, ttl_ms: int,
+                           records: Sequence[tuple[bytes, int, int]],
+                           markers: Sequence[tuple[str, str, int]] = ()) -> int:
+        """Put back absent idempotency records into the user's ref buckets (``refs_key``):
+        (field and head, remaining, debit time ms) each; and closed-hold markers (key,
+        value, expire-at ms). Returns how many were written."""
+        if not records and not markers:
             return 0
         reply = await self._run(
-            SCRIPTS["restore_refs"], [key for key, _, _ in refs],
-            (now, *(v for _, value, expire_at in refs for v in (value, expire_at))))
+            SCRIPTS["restore_refs"], [refs_key, *(key for key, _, _ in markers)],
+            (now, ttl_ms, len(records), *(v for rec in records for v in rec),
+             *(v for _, value, expire_at in markers for v in (value, expire_at))))
         return int(reply[1])
 
     # -- load_catalog.lua ------------------------------------------------------------------
@@ -208,7 +213,7 @@ class Scripts:
     # -- reserve.lua -----------------------------------------------------------------------
     async def reserve(
         self, user_key: str, ref_key: str, plans_key: str, ledger_key: str, *, now: int,
-        windows: Windows, limits: HoldLimits, meter: str, units: int, ref_record: str,
+        windows: Windows, limits: HoldLimits, meter: str, units: int, ref_record: bytes,
         hold_id: str, tx_id: str, expiry_tx: str, ttl_ms: int, ref: str, caller: str,
         action: str, reason: str,
     ) -> list[Any]:

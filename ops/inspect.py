@@ -17,7 +17,8 @@ STREAM_PAGE = 1000
 
 
 async def user_state(engine: Engine, redis: aioredis.Redis, user_id: str) -> dict[str, Any]:
-    """The user's plan, credits, period usage, unflushed events and idempotency keys, as
+    """The user's plan, credits, period usage, unflushed events and remembered refs
+    (idempotency records, those past their TTL included until their bucket expires), as
     Redis holds them and as PostgreSQL does."""
     keys = engine.keys
     user_key = keys.user(user_id)
@@ -27,9 +28,9 @@ async def user_state(engine: Engine, redis: aioredis.Redis, user_id: str) -> dic
         parsed = keys.parse_counter(key)
         if parsed is not None:
             counters[f"{parsed[1]} {parsed[2]}"] = format_micro(int(await redis.get(key) or 0))
-    refs = 0
-    async for _ in redis.scan_iter(match=f"{user_key}:r:*", count=1000):
-        refs += 1
+    refs = 0  # records in the user's ref buckets (each bucket also holds its '' marker)
+    async for key in redis.scan_iter(match=f"{keys.refs(user_id)}:*", count=1000):
+        refs += max(0, int(await redis.hlen(key)) - 1)
     ttl_ms = await redis.pttl(user_key)
     unflushed = await _unflushed(redis, keys.ledger(keys.shard(user_id)), user_id)
     plan = await engine.db.fetchrow("get_user_plan", user_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from core import metrics
+from core import metrics, refs
 from core.clock import Clock, SystemClock, new_tx_id
 from core.errors import DependencyUnavailable, invariant
 from core.events import debit_event_head
@@ -27,7 +27,7 @@ from persistence.migrate import schema_behind
 from persistence.queries import QUERIES
 from quota.backlog import Backlog, backlog_total, per_shard
 from quota.holds import Holds
-from quota.loading import Loader, fingerprint
+from quota.loading import Loader
 from quota.outbox import Outbox
 from quota.plans import Plans
 from quota.runtime import Runtime
@@ -113,16 +113,19 @@ class Engine:
         """
         invariant(amount > 0, "debit amounts are positive")
         windows = self.rt.windows()
-        tx_id = self.new_id(None)
-        ref_record = f"{fingerprint(meter, amount, reason)}\n{tx_id}"
+        h = refs.ref_hash(user_id, ref)
+        tx_id, record_id = refs.debit_tx(h)
+        ref_record = h[:refs.FIELD_BYTES] + refs.fingerprint(meter, amount, reason) + record_id
         event_head = debit_event_head(tx_id, user_id, meter, amount, ref, reason, caller, action)
         scripts = self.rt.scripts
         for _ in range(self.settings.load_retries + 2):
             raw = await scripts.debit(
-                self.keys.debit_keys(user_id, ref, meter, windows),
+                self.keys.debit_keys(user_id, meter, windows),
                 header=self.debit_header(windows), meter=meter, amount=amount,
                 ref_record=ref_record, event_head=event_head)
             reply = DebitReply.decode(raw, tx_id, amount)
+            if reply.status is Status.DUPLICATE:  # the first debit's tx, from its record
+                reply.tx_id = refs.tx_of(h, refs.reply_bytes(reply.tx_id))
             if reply.status is Status.STALE_WINDOW:
                 windows = self.calendar.windows(reply.now_ms)
             elif reply.status is Status.NOT_LOADED:

@@ -18,14 +18,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from core import metrics
+from core import metrics, refs
 from core.errors import DependencyUnavailable, invariant
 from core.ids import user_id_problem
 from lua.periods import Windows
 from lua.replies import Status
 from lua.scripts import HoldLimits
 from quota.backlog import per_shard
-from quota.loading import Loader, hold_fingerprint
+from quota.loading import Loader
 from quota.runtime import Runtime
 
 _HOLD_ID = re.compile(r"([0-9a-f]{32})\.([A-Za-z0-9_-]{1,176})")
@@ -133,17 +133,18 @@ class Holds:
         hold_id = new_hold_id(user_id)
         tx_id, expiry_tx = rt.new_id(None), rt.new_id(None)
         status, reply = await self._call(user_id, lambda windows: rt.scripts.reserve(
-            keys.user(user_id), keys.idempotency(user_id, ref), keys.plans(shard),
+            keys.user(user_id), keys.refs(user_id), keys.plans(shard),
             keys.ledger(shard), now=rt.clock.script_now(), windows=windows,
             limits=self.limits, meter=meter, units=units,
-            ref_record=f"{hold_fingerprint(meter, units, reason)}\n{hold_id}",
+            ref_record=refs.hold_record(user_id, ref, hold_id, meter, units, reason),
             hold_id=hold_id, tx_id=tx_id, expiry_tx=expiry_tx, ttl_ms=ttl_ms, ref=ref,
             caller=caller, action=action, reason=reason))
         if status is Status.OK:
             metrics.HOLDS.labels(meter, "created").inc()
             return Reserved(status, hold_id, reply[1], reply[2], reply[3])
         if status is Status.DUPLICATE:
-            return Reserved(status, reply[1], reply[2])
+            return Reserved(status, refs.hold_of(refs.reply_bytes(reply[1]),
+                                                 hold_id.partition(".")[2]), reply[2])
         if status is Status.INSUFFICIENT:
             rem, limit, period, end, code = reply[1:6]
             return Reserved(status, remaining=rem, limit=limit, period=period,

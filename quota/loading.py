@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from core import metrics
+from core import metrics, refs
 from core.clock import from_ms, to_ms
 from core.errors import DependencyUnavailable, InvariantBroken
 from lua.periods import Windows
@@ -27,17 +26,6 @@ from quota.runtime import Runtime
 RESTORE_CLOCK_MARGIN_MS = 3_600_000
 #: Ledger rows read, and idempotency keys restored, per page (one restore_refs call each).
 RESTORE_PAGE = 500
-
-
-def fingerprint(meter: str, amount: int, reason: str) -> str:
-    """What makes two debits with one ref "the same request"."""
-    digest = hashlib.blake2b(reason.encode(), digest_size=8).hexdigest() if reason else ""
-    return f"{meter}:{amount}:{digest}"
-
-
-def hold_fingerprint(meter: str, units: int, reason: str) -> str:
-    """What makes two reserves with one ref "the same request" (never equal to a debit's)."""
-    return "hold:" + fingerprint(meter, units, reason)
 
 
 def hold_record(row: Sequence[Any]) -> str:
@@ -200,12 +188,12 @@ class Loader:
         repeated settle or release answers it again)."""
         rt = self.rt
         ttl_ms = rt.settings.idempotency_ttl_seconds * 1000
+        records: list[tuple[bytes, int, int]] = []
         keys: list[tuple[str, str, int]] = []
         for (hold_id, meter, units, ref, reason, _, _, remaining, _, state, created_ms, _,
              closed_ms, settled, fa, fc, closed_remaining, settle_tx) in holds:
-            keys.append((rt.keys.idempotency(user_id, ref),
-                         f"{hold_fingerprint(meter, units, reason)}\n{hold_id}\n{remaining}",
-                         created_ms + ttl_ms))
+            records.append((refs.hold_record(user_id, ref, hold_id, meter, units, reason),
+                            max(0, remaining or 0), created_ms))
             if state != "open":
                 settled = settled or 0
                 result = (settled, fa or 0, fc or 0, closed_remaining or 0,
@@ -213,7 +201,9 @@ class Loader:
                 marker = "\x1f".join([state[0], *map(str, result)])
                 keys.append((f"{rt.keys.user(user_id)}:hd:{hold_id}", marker,
                              closed_ms + ttl_ms))
-        return await rt.scripts.restore_refs(now=rt.clock.script_now(), refs=keys)
+        return await rt.scripts.restore_refs(
+            rt.keys.refs(user_id), now=rt.clock.script_now(), ttl_ms=ttl_ms, records=records,
+            markers=keys)
 
     def _usage(self, user_id: str, usage: Sequence[Any], windows: Windows, expires_ms: int
                ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
@@ -255,14 +245,15 @@ class Loader:
                          r["remaining_micro"], to_ms(r["occurred_at"]), r["occurred_at"]]
                         for r in await rt.db.fetch("user_recent_debits", user_id, *after,
                                                    RESTORE_PAGE)]
-            refs = [
+            records = [
                 # A debit flushed before migration 0004 has no remaining recorded: 0.
-                (rt.keys.idempotency(user_id, ref),
-                 f"{fingerprint(meter, -amount, reason or '')}\n{tx_id}\n{remaining or 0}",
-                 occurred_ms + ttl_ms)
+                (refs.debit_record(user_id, ref, tx_id, meter, -amount, reason or ""),
+                 max(0, remaining or 0), occurred_ms)
                 for ref, tx_id, meter, amount, reason, remaining, occurred_ms, _ in page
             ]
-            written += await rt.scripts.restore_refs(now=rt.clock.script_now(), refs=refs)
+            written += await rt.scripts.restore_refs(
+                rt.keys.refs(user_id), now=rt.clock.script_now(), ttl_ms=ttl_ms,
+                records=records)
             if len(page) < RESTORE_PAGE:
                 break
             last_at = page[-1][7]

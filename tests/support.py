@@ -12,10 +12,12 @@ import asyncpg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from core import refs
 from core.clock import FixedClock
 from core.settings import Settings
 from hotpath.app import build_app
 from lua.cluster import hot_path_client
+from lua.keys import Keys
 from persistence.db import Database
 from persistence.migrate import migrate
 from persistence.plans import read_catalog_file, seed_missing
@@ -133,3 +135,30 @@ async def read_metric(http: httpx.AsyncClient, sample: str, **labels: str) -> fl
     response = await http.get("/metrics")
     assert response.status_code == 200, response.text
     return metric_value(response.text, sample, **labels)
+
+
+async def ref_bucket(raw_redis: Any, keys: Keys, user_id: str, ref: str) -> str | None:
+    """The idempotency bucket that holds the record of (user, ref), or None (whatever its
+    life left: the script judges that by its stamp)."""
+    field = refs.ref_hash(user_id, ref)[:refs.FIELD_BYTES]
+    async for key in raw_redis.scan_iter(match=f"{keys.refs(user_id)}:*", count=1000):
+        name = key.decode() if isinstance(key, bytes) else key
+        if await raw_redis.execute_command("HEXISTS", name, field):
+            return str(name)
+    return None
+
+
+async def forget_ref(raw_redis: Any, keys: Keys, user_id: str, ref: str) -> int:
+    """Drop the record of (user, ref) from its bucket, as a Redis that lost it would have;
+    1 if there was one."""
+    bucket = await ref_bucket(raw_redis, keys, user_id, ref)
+    if bucket is None:
+        return 0
+    field = refs.ref_hash(user_id, ref)[:refs.FIELD_BYTES]
+    return int(await raw_redis.execute_command("HDEL", bucket, field))
+
+
+def ref_granularity_ms(settings: Settings) -> int:
+    """How much longer than IDEMPOTENCY_TTL_SECONDS a ref may be remembered (its stamp's
+    unit, lua/_common.lua)."""
+    return settings.idempotency_ttl_seconds * 1000 // 65535 + 1

@@ -165,7 +165,9 @@ async def test_script_error_of_one_item_fails_that_item_only(
                if engine.keys.shard(u) == engine.keys.shard(good))
     await _warm(engine, good, bad)
     ref = new_ref()
-    await raw_redis.rpush(engine.keys.idempotency(bad, ref), "x")  # WRONGTYPE for GET
+    bucket = engine.clock.now_ms() // (engine.settings.idempotency_ttl_seconds * 1000)
+    await raw_redis.delete(engine.keys.ref_bucket(bad, bucket))  # the warm-up's refs
+    await raw_redis.rpush(engine.keys.ref_bucket(bad, bucket), "x")  # WRONGTYPE for HMGET
     batch_sizes.clear()
     results = await asyncio.gather(engine.debit(good, "chat", U, new_ref()),
                                    engine.debit(bad, "chat", U, ref),

@@ -28,6 +28,7 @@ from tests.support import (
     new_ref,
     new_user,
     put_plan,
+    ref_bucket,
     unique_plan,
 )
 
@@ -175,15 +176,24 @@ async def test_a_retry_while_the_backlog_is_full_still_answers_409(
 async def test_refs_live_as_long_as_idempotency_ttl_seconds_says(
     settings: Settings, clock: FixedClock, raw_redis: aioredis.Redis
 ) -> None:
-    """The idempotency key of a debit expires after IDEMPOTENCY_TTL_SECONDS (here an hour,
-    the default being 7 days); past it, the ref is new again."""
+    """A ref is remembered IDEMPOTENCY_TTL_SECONDS (here an hour) on the script's clock,
+    and at most its stamp's unit longer (55 ms here); past it, the ref is new again. Its
+    bucket expires as a whole once none of its refs can be live."""
     hourly = make_engine(settings.with_overrides(idempotency_ttl_seconds=3600), clock)
     try:
         user, ref = new_user(), new_ref()
-        assert (await hourly.debit(user, "chat", U, ref)).status is Status.OK
-        ttl = await raw_redis.pttl(hourly.keys.idempotency(user, ref))
-        assert 3_590_000 < ttl <= 3_600_000
-        await raw_redis.delete(hourly.keys.idempotency(user, ref))  # what the hour's end does
+        first = await hourly.debit(user, "chat", U, ref)
+        assert first.status is Status.OK
+        bucket = await ref_bucket(raw_redis, hourly.keys, user, ref)
+        assert bucket is not None
+        b = clock.now_ms() // 3_600_000
+        assert bucket == hourly.keys.ref_bucket(user, b)
+        ttl = await raw_redis.pttl(bucket)  # the bucket ends an hour after its hour ends
+        assert 65_000 < ttl - ((b + 2) * 3_600_000 - clock.now_ms()) <= 65_536
+        clock.advance(3_600_000 - 1)
+        again = await hourly.debit(user, "chat", U, ref)
+        assert again.status is Status.DUPLICATE and again.tx_id == first.tx_id
+        clock.advance(1 + 55)
         assert (await hourly.debit(user, "chat", U, ref)).status is Status.OK
     finally:
         await hourly.close()

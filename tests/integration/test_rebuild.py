@@ -31,9 +31,12 @@ from tests.support import (
     apply_plan,
     balance_debit,
     debit,
+    forget_ref,
     new_ref,
     new_user,
     put_plan,
+    ref_bucket,
+    ref_granularity_ms,
     unique_plan,
 )
 
@@ -161,9 +164,8 @@ async def test_a_retry_after_redis_lost_the_user_answers_409_and_debits_nothing(
     units = (await balance_debit(client, user, 12.5, ref=units_ref, reason="pdf export")).json()
     clock.advance(HOUR_MS)
     await reconciler.drain()
-    assert await _wipe_user(raw_redis, settings, user) >= 5  # state, 2 counters, 2 refs
-    ref_key = engine.keys.idempotency(user, chat_ref)
-    assert await raw_redis.exists(ref_key) == 0
+    assert await _wipe_user(raw_redis, settings, user) >= 4  # state, 2 counters, refs
+    assert await ref_bucket(raw_redis, engine.keys, user, chat_ref) is None
 
     restores: list[str] = []
     restore = engine.loader.restore_refs
@@ -182,7 +184,9 @@ async def test_a_retry_after_redis_lost_the_user_answers_409_and_debits_nothing(
         (chat["tx_id"], chat["remaining"])}
     assert chat["remaining"] == 7
     ttl_ms = settings.idempotency_ttl_seconds * 1000
-    assert ttl_ms - HOUR_MS - 60_000 < await raw_redis.pttl(ref_key) <= ttl_ms - HOUR_MS
+    debited_at = clock.now_ms() - HOUR_MS  # back in the bucket of its debit's time
+    assert (await ref_bucket(raw_redis, engine.keys, user, chat_ref)
+            == engine.keys.ref_bucket(user, debited_at // ttl_ms))
     again = await balance_debit(client, user, 12.5, ref=units_ref, reason="pdf export")
     assert again.status_code == 409
     assert (again.json()["tx_id"], again.json()["balance"]) == (units["tx_id"], units["balance"])
@@ -251,8 +255,10 @@ async def test_keys_are_restored_by_redis_time_when_this_process_clock_runs_ahea
     monkeypatch.setattr(clock, "now_ms", lambda: scripts_now() + 10 * 60_000)
     retry = await debit(client, user, 1, ref=ref)
     assert retry.status_code == 409 and retry.json()["tx_id"] == first["tx_id"]
-    left = await raw_redis.pttl(engine.keys.idempotency(user, ref))
-    assert 4 * 60_000 < left <= 5 * 60_000
+    clock.advance(4 * 60_000)  # a minute of its TTL left, on the script's clock
+    assert (await debit(client, user, 1, ref=ref)).status_code == 409
+    clock.advance(60_000 + ref_granularity_ms(settings))  # past it: new again
+    assert (await debit(client, user, 1, ref=ref)).status_code == 200
 
 
 async def test_a_ref_reused_past_its_ttl_reaches_the_ledger_as_a_new_debit(
@@ -268,9 +274,7 @@ async def test_a_ref_reused_past_its_ttl_reaches_the_ledger_as_a_new_debit(
     ref = new_ref()
     first = (await debit(client, user, 3, ref=ref)).json()
     await reconciler.drain()
-    clock.advance(settings.idempotency_ttl_seconds * 1000 + 1)
-    # The key's PX runs on Redis's own clock, not the pinned one: expire it as Redis would.
-    assert await raw_redis.delete(engine.keys.idempotency(user, ref)) == 1
+    clock.advance(settings.idempotency_ttl_seconds * 1000 + ref_granularity_ms(settings))
     again = await debit(client, user, 3, ref=ref)
     assert again.status_code == 200 and again.json()["tx_id"] != first["tx_id"]
     assert again.json()["remaining"] == 4
@@ -352,7 +356,7 @@ async def test_a_redis_back_with_older_data_is_rebuilt_from_postgres(
     # The Redis that comes back lacks the 2-unit debit, and its data was another process's.
     counter = engine.keys.counters(user, "chat", engine.rt.windows())[0]
     await raw_redis.decrby(counter, 2_000_000)
-    await raw_redis.delete(engine.keys.idempotency(user, lost_ref))
+    assert await forget_ref(raw_redis, engine.keys, user, lost_ref) == 1
     await raw_redis.set(guard.instance_key, "f" * 40)
     await engine.redis.close()  # a restart drops every connection
 
@@ -473,5 +477,5 @@ async def test_refs_past_their_ttl_are_not_restored(
     clock.advance(2 * HOUR_MS)  # old_ref is past its TTL, recent_ref is not
     await _wipe_user(raw_redis, settings, user)
     assert (await debit(client, user, 1, ref=recent_ref)).status_code == 409
-    assert await raw_redis.exists(engine.keys.idempotency(user, old_ref)) == 0
+    assert await ref_bucket(raw_redis, engine.keys, user, old_ref) is None
     assert (await debit(client, user, 1, ref=old_ref)).status_code == 200

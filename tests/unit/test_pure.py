@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from core import refs
 from core.amounts import MAX_UNITS, AmountError, format_micro, from_micro, to_micro
 from core.clock import _TxIds, new_tx_id
 from core.errors import Forbidden, Unauthorized
@@ -117,7 +118,7 @@ def test_keys_share_one_hash_tag_per_user() -> None:
     """Every key of a user carries the same {shard} tag; the shard is crc32 mod N."""
     keys = Keys("qg", 256)
     cal = Calendar("UTC").compute(ms(2026, 11, 23))
-    built = keys.debit_keys("user-1", "ref-1", "chat", cal)
+    built = keys.debit_keys("user-1", "chat", cal)
     tags = {k[k.index("{") : k.index("}") + 1] for k in built}
     assert len(tags) == 1
     assert built[3].endswith(":c:chat:d:2026-11-23") and built[4].endswith(":c:chat:m:2026-11")
@@ -143,7 +144,7 @@ def test_counter_keys_parse_back_to_user_meter_and_period() -> None:
     day, month = keys.counters("user-1", "chat", windows)
     assert keys.parse_counter(day) == ("user-1", "chat", f"d:{windows.day_id}")
     assert keys.parse_counter(month) == ("user-1", "chat", f"m:{windows.month_id}")
-    assert keys.parse_counter(keys.idempotency("user-1", "c:chat:d:2026")) is None
+    assert keys.parse_counter(keys.ref_bucket("user-1", 20450)) is None
     assert keys.parse_counter(keys.user("user-1")) is None
     assert keys.user_of(keys.user("user-1")) == "user-1"
 
@@ -329,3 +330,23 @@ def test_a_stale_pid_file_naming_another_program_is_left_alone(tmp_path: Path) -
     finally:
         other.kill()
         other.wait()
+
+
+def test_idempotency_records_give_back_the_tx_and_hold_ids() -> None:
+    """A debit's tx id comes back from its 8-byte record id and the (user, ref) hash; a tx
+    id of another (user, ref) or of another making is kept whole (16 bytes); a hold id from
+    its 16 random bytes and its tail."""
+    h = refs.ref_hash("user-1", "ref-1")
+    tx, rid = refs.debit_tx(h, 1_763_899_200_123)
+    assert len(rid) == 8 and refs.tx_of(h, rid) == tx and refs.record_id(h, tx) == rid
+    assert uuid.UUID(tx).version == 7 and uuid.UUID(tx).bytes[:6] == rid[:6]
+    other = refs.ref_hash("user-1", "ref-2")
+    assert refs.record_id(other, tx) == uuid.UUID(tx).bytes
+    old = str(uuid.uuid4())
+    assert refs.tx_of(h, refs.record_id(h, old)) == old
+    twice = {refs.debit_tx(h, 1_763_899_200_123)[0] for _ in range(100)}
+    assert len(twice) == 100  # one ref, one ms: still new ids (the counter)
+    hold_id = f"{uuid.uuid4().hex}.dXNlci0x"
+    record = refs.hold_record("user-1", "ref-1", hold_id, "chat", 5, "")
+    assert refs.hold_of(record[16:], "dXNlci0x") == hold_id
+    assert refs.fingerprint("chat", 5, "") != refs.hold_fingerprint("chat", 5, "")
