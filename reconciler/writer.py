@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -98,7 +99,7 @@ class LedgerWriter:
     async def write(self, entries: Sequence[Entry]) -> Written:
         """Write a batch; raises PostgresUnavailable when it should be retried as a whole."""
         events: list[LedgerEvent] = []
-        source: dict[str, Entry] = {}
+        source: dict[uuid.UUID, Entry] = {}
         bad: list[tuple[Entry, str]] = []
         for entry in entries:
             try:
@@ -107,7 +108,7 @@ class LedgerWriter:
                 bad.append((entry, str(exc)))
                 continue
             events.append(event)
-            source[str(event.tx_id)] = entry
+            source[event.tx_id] = entry
         refused: set[str] = set()
         try:
             inserted = await self._batch(events, bad)
@@ -176,7 +177,7 @@ class LedgerWriter:
             await self._poison(conn, bad)
         return inserted
 
-    async def _one_by_one(self, events: list[LedgerEvent], source: dict[str, Entry],
+    async def _one_by_one(self, events: list[LedgerEvent], source: dict[uuid.UUID, Entry],
                           bad: list[tuple[Entry, str]]) -> tuple[int, set[str]]:
         """Returns (inserted, tx ids refused): refused events join ``bad``."""
         inserted = 0
@@ -187,7 +188,7 @@ class LedgerWriter:
             except asyncpg.PostgresError as exc:
                 if transient(exc):
                     raise PostgresUnavailable(f"transient failure: {exc!r}") from None
-                bad.append((source[str(event.tx_id)], f"{type(exc).__name__}: {exc}"))
+                bad.append((source[event.tx_id], f"{type(exc).__name__}: {exc}"))
                 refused.add(str(event.tx_id))
         async with self.db.transaction() as conn:
             await self._poison(conn, bad)
