@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--debits", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--pool", type=int, default=64,
+                        help="PostgreSQL connections of the loader (DB_POOL_MAX)")
     parser.add_argument("--out", default=None,
                         help="result file (default bench/results/<date>-cold-loads-<commit>.json)")
     args = parser.parse_args()
@@ -102,7 +104,7 @@ def main() -> None:
         with private_redis_process() as (url, redis_proc):
             cpu = Cpu({"redis": tree_of(redis_proc.pid),
                        "postgres": tree_of(postmaster_pid(ADMIN_DSN))})
-            env = {"REDIS_URL": url, "DB_DSN": dsn, "DB_POOL_MAX": "64"}
+            env = {"REDIS_URL": url, "DB_DSN": dsn, "DB_POOL_MAX": str(args.pool)}
             subprocess.run([sys.executable, "-m", "ops.cli", "migrate"], check=True,
                            env={**os.environ, **env},
                            stdout=subprocess.DEVNULL)
@@ -131,7 +133,8 @@ def main() -> None:
     per_user["all_in"] = sum(per_user.values())
     result = {"date": datetime.now(tz=UTC).isoformat(timespec="seconds"), "commit": commit,
               "users": args.users, "debits_each": args.debits,
-              "concurrency": args.concurrency, "seconds": round(seconds, 2),
+              "concurrency": args.concurrency, "db_pool": args.pool,
+              "seconds": round(seconds, 2),
               "users_per_second": round(args.users / seconds),
               "cpu_us_per_user": per_user,
               "seconds_for_100k_users": round(100_000 * seconds / args.users, 1)}

@@ -653,8 +653,8 @@ class Bench:
         out = self.logdir / "cold_loads.json"
         log(f"7 cold loads: {self.args.cold_users} users, 20 debits each (bench/cold_loads.py)")
         subprocess.run([PY, "-m", "bench.cold_loads", "--users", str(self.args.cold_users),
-                        "--out", str(out)], env=self.env, cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+                        "--pool", str(self.args.cold_pool), "--out", str(out)],
+                       env=self.env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         self.rows["cold"] = json.loads(out.read_text())
         c = self.rows["cold"]
         log(f"7 cold loads: {c['users_per_second']} users/s, CPU µs/user {c['cpu_us_per_user']}; "
@@ -789,6 +789,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calibrate", type=float, default=3, help="seconds per calibration probe")
     p.add_argument("--cold-users", type=int, default=10_000,
                    help="users of the cold-load row (100,000 is measured if given)")
+    p.add_argument("--cold-pool", type=int, default=20,
+                   help="the cold loader's PostgreSQL connections (the deployed shape's: 2 "
+                        "workers x DB_POOL_MAX 10)")
     p.add_argument("--only", default="", help=f"comma list of rows: {', '.join(ROWS)}")
     p.add_argument("--out", default="", help="result file (default bench/results/"
                    "<date>-bench-<commit>.json; bench/logs/bench-partial.json with --only)")
@@ -811,35 +814,52 @@ def main() -> None:
     log(f"recreating database {args.db}; deleting Redis keys {args.prefix}:*")
     asyncio.run(recreate_database(f"{args.pg}/postgres", args.db))
     delete_prefix(args.redis_url, args.prefix)
+    failed: dict[str, str] = {}
+
+    def attempt(name: str, fn: Callable[[], None]) -> None:
+        """A row that fails (a server that would not start, PostgreSQL out of connections
+        for other tenants) is logged and recorded; the others still run."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            failed[name] = repr(exc)[:2000]
+            log(f"{name}: FAILED {exc!r}"[:2000])
+
     try:
         subprocess.run([QG, "migrate"], env=bench.env, cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
         if only & {"deployed", "stopped", "prechecks"}:
-            bench.deployed(only)
+            attempt("deployed", lambda: bench.deployed(only))
         if "noredis" in only:
-            bench.baseline("noredis", "3 no-I/O app",
-                           [PY, "-m", "bench.noredis_app", "--workers", "2"])
+            attempt("noredis", lambda: bench.baseline(
+                "noredis", "3 no-I/O app", [PY, "-m", "bench.noredis_app", "--workers", "2"]))
         if "starlette" in only:
-            bench.baseline("starlette", "4 minimal Starlette",
-                           [PY, "-m", "bench.minimal_app", "--workers", "2"])
+            attempt("starlette", lambda: bench.baseline(
+                "starlette", "4 minimal Starlette",
+                [PY, "-m", "bench.minimal_app", "--workers", "2"]))
         if "pg" in only:
-            subprocess.run([PY, "-m", "bench.pg_baseline", "setup", "--users", str(args.users)],
-                           env=bench.env, cwd=ROOT, check=True)
-            bench.baseline("pg", "5 PostgreSQL per debit",
-                           [PY, "-m", "bench.pg_baseline", "serve", "--workers", "2"])
+            def pg() -> None:
+                subprocess.run([PY, "-m", "bench.pg_baseline", "setup", "--users",
+                                str(args.users)], env=bench.env, cwd=ROOT, check=True)
+                bench.baseline("pg", "5 PostgreSQL per debit",
+                               [PY, "-m", "bench.pg_baseline", "serve", "--workers", "2"])
+            attempt("pg", pg)
         if "cold" in only:
-            bench.cold()
+            attempt("cold", bench.cold)
     finally:
         if not args.keep:
             log(f"deleted {delete_prefix(args.redis_url, args.prefix)} keys {args.prefix}:*; "
                 f"dropping database {args.db}")
             asyncio.run(recreate_database(f"{args.pg}/postgres", args.db, drop_only=True))
+    if failed:
+        result["failed"] = failed
     rows = bench.rows
     result["rows"] = rows
     result["verdicts"] = verdicts(rows)
     result["machine"]["loadavg_at_end"] = loadavg()
     result["elapsed_seconds"] = round(time.monotonic() - started, 1)
-    result["markdown"] = markdown(rows, result["verdicts"], args.connections)
+    result["markdown"] = markdown(rows, result["verdicts"], args.connections) + "".join(
+        f"\n\n**{name} failed:** `{error[:300]}`" for name, error in failed.items())
     partial = only != set(ROWS)
     out = Path(args.out) if args.out else (
         BENCH / "logs" / "bench-partial.json" if partial else BENCH / "results" /
@@ -849,6 +869,8 @@ def main() -> None:
         f"{result['machine']['loadavg_at_start']}, at end {result['machine']['loadavg_at_end']}")
     print()
     print(result["markdown"])
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
