@@ -27,7 +27,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from bench.memory import private_redis_process
-from bench.run import Cpu, postmaster_pid, tree_of
+from bench.run import Cpu, backends_of, tree_of
 from core.settings import load_settings
 from quota.engine import Engine, make_engine
 from reconciler.main import Reconciler
@@ -103,7 +103,7 @@ def main() -> None:
     try:
         with private_redis_process() as (url, redis_proc):
             cpu = Cpu({"redis": tree_of(redis_proc.pid),
-                       "postgres": tree_of(postmaster_pid(ADMIN_DSN))})
+                       "postgres": backends_of(ADMIN_DSN, name)})
             env = {"REDIS_URL": url, "DB_DSN": dsn, "DB_POOL_MAX": str(args.pool)}
             subprocess.run([sys.executable, "-m", "ops.cli", "migrate"], check=True,
                            env={**os.environ, **env},
