@@ -857,8 +857,16 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def _leave(signum: int, frame: object) -> None:
+    """SIGTERM or SIGINT: leave through the ``finally`` blocks, which stop the servers,
+    delete the Redis keys and drop the database."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     args = parse_args()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _leave)
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install -y wrk")
     only = set(filter(None, args.only.split(","))) or set(ROWS)
