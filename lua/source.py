@@ -31,5 +31,5 @@ SCRIPTS: dict[str, Script] = {
     name: Script.load(name)
     for name in ("debit_many", "check_many", "load_user", "restore_refs", "load_catalog",
                  "set_plan", "apply_payment", "ledger_lag", "reserve", "settle", "extend",
-                 "expire_holds")
+                 "expire_holds", "ack_many")
 }
