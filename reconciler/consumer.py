@@ -42,6 +42,10 @@ class Lag:
     oldest_ms: int  # 0 when empty
 
 
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
+
+
 class StreamConsumer:
     """Reads, acknowledges and reclaims ledger entries for one reconciler process."""
 
@@ -60,6 +64,10 @@ class StreamConsumer:
         self.per_stream_count = per_stream_count
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
+        if not self.cluster:
+            # XREADGROUP's reply as Redis sent it: redis-py would build a dict of every
+            # entry's fields first (_entries reads the list itself).
+            redis.set_response_callback("XREADGROUP", _as_sent)
 
     async def ensure_groups(self) -> None:
         """Create the group on every shard stream (from the start: id 0), once."""
@@ -71,13 +79,19 @@ class StreamConsumer:
                 raise result
 
     def _entries(self, reply: Any) -> list[Entry]:
-        """RESP2 XREADGROUP reply: [[stream, [(id, fields), ...]], ...]."""
+        """An XREADGROUP or XAUTOCLAIM reply: {stream: [(id, fields), ...]} (RESP3) or
+        [[stream, [(id, fields), ...]], ...] (RESP2); fields a dict (redis-py's parsing) or,
+        as sent, a list [name, value, ...]."""
         out = []
-        for stream, items in reply:
+        for stream, items in (reply.items() if isinstance(reply, dict) else reply):
             shard = self.keys_shard(stream)
             for stream_id, fields in items:
-                if fields:  # a deleted entry comes back without fields
-                    out.append(Entry(shard, stream_id, fields))
+                if not fields:  # a deleted entry comes back without fields
+                    continue
+                if isinstance(fields, list):  # as sent: [name, value, ...]
+                    fields = ({fields[0]: fields[1]} if len(fields) == 2
+                              else dict(zip(fields[::2], fields[1::2], strict=False)))
+                out.append(Entry(shard, stream_id, fields))
         return out
 
     def keys_shard(self, stream: str) -> int:
