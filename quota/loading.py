@@ -26,6 +26,14 @@ from quota.runtime import Runtime
 RESTORE_CLOCK_MARGIN_MS = 3_600_000
 #: Ledger rows read, and idempotency keys restored, per page (one restore_refs call each).
 RESTORE_PAGE = 500
+#: The most users whose state one statement reads.
+LOAD_BATCH = 100
+
+
+def _seen(task: asyncio.Task[None]) -> None:
+    """A batch read's own failure reached its waiters; do not report it again."""
+    if not task.cancelled():
+        task.exception()
 
 
 def hold_record(row: Sequence[Any]) -> str:
@@ -47,6 +55,9 @@ class Loader:
             sorted({"chat", "template", s.balance_meter, *(m for _, m in s.action_meters)})
         )
         self._loading: dict[str, asyncio.Task[None]] = {}  # user loads in flight
+        # Users whose state is to be read, by the read's arguments: the loads of one tick
+        # share one statement (``_read_states``).
+        self._wanted: dict[tuple[tuple[str, ...], int], dict[str, asyncio.Future[Any]]] = {}
 
     def learn_meters(self, meters: Sequence[str] | set[str]) -> None:
         """Ask for these meters too in every full check from now on."""
@@ -144,13 +155,49 @@ class Loader:
     async def _read_state(self, user_id: str, windows: Windows) -> dict[str, Any]:
         """The user's state in PostgreSQL, in one statement (one snapshot): plan, credits,
         payment changes the credits already hold, usage of the open periods, and the first
-        page of the debits whose idempotency keys may still live."""
-        row = await self.rt.db.fetchrow(
-            "user_load_state", user_id,
-            [windows.period_id("d"), windows.period_id("m"), "n"],
-            from_ms(self._refs_window_start()), RESTORE_PAGE)
-        assert row is not None  # subqueries only: always one row
-        return dict(row)
+        page of the debits whose idempotency keys may still live. The users asked for in
+        the same tick of the event loop are read together (after Redis lost its data every
+        user's first request loads it: one statement for many is far cheaper)."""
+        # The ref window's start to the minute before (the margin covers it), so that the
+        # loads of one moment share it.
+        start = self._refs_window_start() // 60_000 * 60_000
+        key = ((windows.period_id("d"), windows.period_id("m"), "n"), start)
+        wanted = self._wanted.get(key)
+        if wanted is None:
+            wanted = self._wanted[key] = {}
+            asyncio.get_running_loop().call_soon(self._read_states, key)
+        future = wanted.get(user_id)
+        if future is None:
+            future = wanted[user_id] = asyncio.get_running_loop().create_future()
+        return dict(await asyncio.shield(future))
+
+    def _read_states(self, key: tuple[tuple[str, ...], int]) -> None:
+        """Read the users of ``key`` gathered so far, at most ``LOAD_BATCH`` a statement."""
+        wanted = self._wanted.pop(key, {})
+        users = list(wanted)
+        for i in range(0, len(users), LOAD_BATCH):
+            batch = {u: wanted[u] for u in users[i : i + LOAD_BATCH]}
+            task = asyncio.ensure_future(self._read_batch(key, batch))
+            task.add_done_callback(_seen)
+
+    async def _read_batch(self, key: tuple[tuple[str, ...], int],
+                          wanted: dict[str, asyncio.Future[Any]]) -> None:
+        periods, start_ms = key
+        try:
+            rows = await self.rt.db.fetch("user_load_state", list(wanted), list(periods),
+                                          from_ms(start_ms), RESTORE_PAGE)
+        except BaseException as exc:
+            for future in wanted.values():
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for row in rows:
+            found = wanted.get(row["user_id"])
+            if found is not None and not found.done():
+                found.set_result(row)
+        for user_id, future in wanted.items():  # one row per user: never left waiting
+            if not future.done():
+                future.set_exception(InvariantBroken(f"no load state read for {user_id!r}"))
 
     def _refs_window_start(self) -> int:
         """Where the ledger is read for idempotency keys to restore, epoch ms."""

@@ -91,57 +91,60 @@ SELECT meter, period_id, used_micro FROM usage_counters
 WHERE user_id = $1 AND period_id = ANY($2::text[]);
 
 -- name: user_load_state --
--- Everything loading a user into Redis reads, in one statement (so one snapshot: the
--- credit balances and the payment changes they already hold agree) and one round trip:
--- the plan (code, version, start and expiry in epoch ms), credit balances, payment
+-- Everything loading users into Redis reads, in one statement (so one snapshot per user:
+-- the credit balances and the payment changes they already hold agree) and one round
+-- trip for all the users loaded at once (quota/loading.py gathers them): per user, one row
+-- with the plan (code, version, start and expiry in epoch ms), credit balances, payment
 -- changes not applied in Redis whose effect the balances hold (credits, and refunds whose
--- ledger events were flushed),
--- flushed usage of the periods $2 and of the plan's cycle (y:<plan version>), and the first page of debits
--- whose idempotency keys may still live (as user_recent_debits), and the user's holds: the
--- open ones and those reserved or closed since $3 (their refs and results are restored).
--- $1 user_id, $2 period
--- ids[], $3 the start of the ref window, $4 the page size.
-WITH plan AS (
-    SELECT plan_code, version,
-           floor(extract(epoch FROM started_at) * 1000)::bigint AS start_ms,
-           floor(extract(epoch FROM expires_at) * 1000)::bigint AS expires_ms
-    FROM user_plans WHERE user_id = $1
-)
-SELECT
-    (SELECT to_jsonb(plan) FROM plan) AS plan,
-    (SELECT coalesce(jsonb_agg(jsonb_build_array(meter, balance_micro)), '[]')
-     FROM credit_balances WHERE user_id = $1) AS credits,
-    (SELECT coalesce(jsonb_agg(o.id ORDER BY o.id), '[]') FROM redis_outbox o
-     WHERE o.user_id = $1 AND o.applied_at IS NULL
-       AND (o.op = 'credit'
-            OR (o.op = 'refund' AND EXISTS (
-                SELECT 1 FROM ledger l
-                WHERE l.user_id = $1 AND l.kind = 'refund'
-                  AND l.ref = o.payload ->> 'refund_id')))) AS included,
-    (SELECT coalesce(jsonb_agg(jsonb_build_array(meter, period_id, used_micro)), '[]')
-     FROM usage_counters
-     WHERE user_id = $1 AND (period_id = ANY($2::text[])
-                             OR period_id = 'y:' || (SELECT version FROM plan))) AS usage,
-    (SELECT coalesce(jsonb_agg(jsonb_build_array(
-                ref, tx_id, meter, amount_micro, reason, remaining_micro,
-                floor(extract(epoch FROM occurred_at) * 1000)::bigint, occurred_at)
-             ORDER BY occurred_at, tx_id), '[]')
-     FROM (SELECT ref, tx_id, meter, amount_micro, reason, remaining_micro, occurred_at
-           FROM ledger
-           WHERE user_id = $1 AND kind = 'debit' AND ref IS NOT NULL
-             AND (occurred_at, tx_id) > ($3::timestamptz, '00000000-0000-0000-0000-000000000000'::uuid)
-           ORDER BY occurred_at, tx_id LIMIT $4) AS page) AS refs,
-    (SELECT coalesce(jsonb_agg(jsonb_build_array(
-                hold_id, meter, units_micro, ref, coalesce(reason, ''), caller,
-                coalesce(action, ''), remaining_micro, expiry_tx, state,
-                floor(extract(epoch FROM created_at) * 1000)::bigint,
-                floor(extract(epoch FROM expires_at) * 1000)::bigint,
-                floor(extract(epoch FROM closed_at) * 1000)::bigint,
-                settled_micro, from_allowance_micro, from_credits_micro,
-                settle_remaining_micro, settle_tx) ORDER BY created_at, hold_id), '[]')
-     FROM holds
-     WHERE user_id = $1 AND (state = 'open' OR created_at > $3::timestamptz
-                             OR closed_at > $3::timestamptz)) AS holds;
+-- ledger events were flushed), flushed usage of the periods $2 and of the plan's cycle
+-- (y:<plan version>), the first page of debits whose idempotency keys may still live (as
+-- user_recent_debits), and the user's holds: the open ones and those reserved or closed
+-- since $3 (their refs and results are restored).
+-- $1 user_id[], $2 period ids[], $3 the start of the ref window, $4 the page size.
+SELECT u.user_id, s.* FROM unnest($1::text[]) AS u (user_id)
+CROSS JOIN LATERAL (
+    WITH plan AS (
+        SELECT plan_code, version,
+               floor(extract(epoch FROM started_at) * 1000)::bigint AS start_ms,
+               floor(extract(epoch FROM expires_at) * 1000)::bigint AS expires_ms
+        FROM user_plans WHERE user_id = u.user_id
+    )
+    SELECT
+        (SELECT to_jsonb(plan) FROM plan) AS plan,
+        (SELECT coalesce(jsonb_agg(jsonb_build_array(meter, balance_micro)), '[]')
+         FROM credit_balances WHERE user_id = u.user_id) AS credits,
+        (SELECT coalesce(jsonb_agg(o.id ORDER BY o.id), '[]') FROM redis_outbox o
+         WHERE o.user_id = u.user_id AND o.applied_at IS NULL
+           AND (o.op = 'credit'
+                OR (o.op = 'refund' AND EXISTS (
+                    SELECT 1 FROM ledger l
+                    WHERE l.user_id = u.user_id AND l.kind = 'refund'
+                      AND l.ref = o.payload ->> 'refund_id')))) AS included,
+        (SELECT coalesce(jsonb_agg(jsonb_build_array(meter, period_id, used_micro)), '[]')
+         FROM usage_counters
+         WHERE user_id = u.user_id AND (period_id = ANY($2::text[])
+                                 OR period_id = 'y:' || (SELECT version FROM plan))) AS usage,
+        (SELECT coalesce(jsonb_agg(jsonb_build_array(
+                    ref, tx_id, meter, amount_micro, reason, remaining_micro,
+                    floor(extract(epoch FROM occurred_at) * 1000)::bigint, occurred_at)
+                 ORDER BY occurred_at, tx_id), '[]')
+         FROM (SELECT ref, tx_id, meter, amount_micro, reason, remaining_micro, occurred_at
+               FROM ledger
+               WHERE user_id = u.user_id AND kind = 'debit' AND ref IS NOT NULL
+                 AND (occurred_at, tx_id) > ($3::timestamptz, '00000000-0000-0000-0000-000000000000'::uuid)
+               ORDER BY occurred_at, tx_id LIMIT $4) AS page) AS refs,
+        (SELECT coalesce(jsonb_agg(jsonb_build_array(
+                    hold_id, meter, units_micro, ref, coalesce(reason, ''), caller,
+                    coalesce(action, ''), remaining_micro, expiry_tx, state,
+                    floor(extract(epoch FROM created_at) * 1000)::bigint,
+                    floor(extract(epoch FROM expires_at) * 1000)::bigint,
+                    floor(extract(epoch FROM closed_at) * 1000)::bigint,
+                    settled_micro, from_allowance_micro, from_credits_micro,
+                    settle_remaining_micro, settle_tx) ORDER BY created_at, hold_id), '[]')
+         FROM holds
+         WHERE user_id = u.user_id AND (state = 'open' OR created_at > $3::timestamptz
+                                 OR closed_at > $3::timestamptz)) AS holds
+) AS s;
 
 -- name: user_recent_debits --
 -- One page, oldest first, of a user's debits whose idempotency keys may still live: what

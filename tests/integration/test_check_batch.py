@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
+from core.errors import DependencyUnavailable
 from quota.engine import Engine
 from tests.support import apply_plan, debit, new_user
 
@@ -29,3 +31,29 @@ async def test_concurrent_checks_of_many_users_answer_each_its_own(
     chat = {v.meter: v for v in answers[0].meters}["chat"]
     assert (answers[0].plan_code, chat.used) == ("pro_month", 1_000_000)
     assert {v.meter: v for v in answers[21].meters}["chat"].used == 0  # an unseen user
+
+
+async def test_users_loaded_together_fail_together_and_load_again(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loads of one moment share one read of PostgreSQL (Loader._read_states): when it
+    fails, every load waiting on it fails with it (503, nothing written), and the next
+    attempt reads again."""
+    users = [new_user() for _ in range(30)]
+    reads: list[int] = []
+    fetch = engine.db.fetch
+
+    async def failing(name: str, *args: object) -> object:
+        if name == "user_load_state":
+            reads.append(len(args[0]))  # type: ignore[arg-type]
+            raise DependencyUnavailable("postgres", "down for the test")
+        return await fetch(name, *args)
+
+    monkeypatch.setattr(engine.db, "fetch", failing)
+    answers = await asyncio.gather(*(engine.check(u, ["chat"]) for u in users),
+                                   return_exceptions=True)
+    assert all(isinstance(a, DependencyUnavailable) for a in answers), answers
+    assert reads and sum(reads) == len(users) and len(reads) < len(users)  # read together
+    monkeypatch.setattr(engine.db, "fetch", fetch)
+    again = await asyncio.gather(*(engine.check(u, ["chat"]) for u in users))
+    assert all(a.plan_code == "free" for a in again)
