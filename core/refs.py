@@ -74,11 +74,16 @@ def debit_tx(h: bytes, now_ms: int | None = None) -> tuple[str, bytes]:
 def record_id(h: bytes, tx_id: str) -> bytes:
     """The record id of a ledger tx id: 8 bytes when it is a debit tx of this (user, ref)
     (``debit_tx``), else its 16 bytes."""
-    raw = uuid.UUID(tx_id).bytes
-    short = raw[0:6] + raw[8:10]
-    if _tx_bytes(int.from_bytes(raw[0:6], "big"), int.from_bytes(raw[8:10], "big") & 0x3FFF,
-                 h) == raw:
-        return short
+    try:
+        raw = bytes.fromhex(tx_id.replace("-", ""))  # the ledger's text of a UUID
+    except ValueError:
+        raw = b""
+    if len(raw) != 16:
+        raw = uuid.UUID(tx_id).bytes  # another spelling of one: uuid's parsing, or its error
+    # A debit tx of this (user, ref) carries h's 64 bits where _tx_bytes puts them.
+    if raw[6:8] == (0x7000 | (int.from_bytes(h[12:14], "big") & 0xFFF)).to_bytes(2, "big") \
+            and raw[10:16] == h[14:20] and raw[8] & 0xC0 == 0x80:
+        return raw[0:6] + raw[8:10]
     return raw
 
 

@@ -350,3 +350,21 @@ def test_idempotency_records_give_back_the_tx_and_hold_ids() -> None:
     record = refs.hold_record("user-1", "ref-1", hold_id, "chat", 5, "")
     assert refs.hold_of(record[16:], "dXNlci0x") == hold_id
     assert refs.fingerprint("chat", 5, "") != refs.hold_fingerprint("chat", 5, "")
+
+
+def test_record_id_is_short_exactly_for_a_debit_tx_of_its_own_ref() -> None:
+    """record_id reads a ledger tx id by its bytes (no UUID parsing on the load path): 8
+    bytes exactly when _tx_bytes would rebuild the same UUID from (user, ref), else 16."""
+    import uuid as uuid_module
+
+    from core import refs
+
+    for i in range(2000):
+        h = refs.ref_hash(f"user-{i}", f"ref-{i}")
+        own, short = refs.debit_tx(h, now_ms=1_764_900_000_000 + i)
+        other = refs.debit_tx(refs.ref_hash(f"user-{i}", "another"))[0]
+        for spelled in (own, own.upper(), own.replace("-", ""), "{" + own + "}"):
+            assert refs.record_id(h, spelled) == short
+            assert refs.tx_of(h, short) == own
+        for foreign in (other, str(uuid_module.uuid4()), str(uuid_module.uuid1())):
+            assert refs.record_id(h, foreign) == uuid_module.UUID(foreign).bytes
