@@ -782,13 +782,15 @@ def markdown(rows: dict[str, Any], v: dict[str, dict[str, Any]], conns: int) -> 
                   f"{bg['others']:.0f}") if bg else "-"
         if bg and bg.get("waited_s"):
             bg_txt += f" (after {bg['waited_s']:.0f} s waiting)"
+        bg_txt += f"; during: {run['cpu_us_per_op']['others']:.0f}"
         return (f"| {n} | {what} | {cpu_cells(run)} | {run['rps']:,.0f} | "
                 f"{run['p50_ms']:.2f} / {run['p99_ms']:.2f} | {bg_txt} | {target} | {result} |")
 
     lines = [
         f"| # | what (wrk -t1 -c{conns}) | CPU µs per op, all in = workers + reconciler + "
-        "Redis + PostgreSQL | ops/s | p50 / p99 ms | other load just before, CPU ms/s: "
-        "Redis / PostgreSQL's other databases / other processes | target | result |",
+        "Redis + PostgreSQL | ops/s | p50 / p99 ms | other load: just before, CPU ms/s of "
+        "Redis / PostgreSQL's other databases / other processes; during, other processes' "
+        "µs per op | target | result |",
         "|---|---|---|---|---|---|---|---|",
     ]
     d = rows.get("deployed")
