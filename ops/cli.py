@@ -64,8 +64,9 @@ def create_worker_app() -> HotFront:
 
     from hotpath.app import create_app
 
-    if multiprocessing.parent_process() is not None:  # a worker of `serve --workers N`
-        follow_parent(signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None:  # a worker of `serve --workers N`
+        follow_parent(signal.SIGTERM, parent.pid)
     app = create_app()
     tune_gc()
     return app

@@ -44,11 +44,15 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
     return preexec
 
 
-def follow_parent(sig: int = signal.SIGTERM) -> None:
-    """The same, for a process that was started without it (a uvicorn worker)."""
+def follow_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> None:
+    """The same, for a process that was started without it (a uvicorn worker). A parent
+    that died before this call (while the worker was starting) sent no signal: with
+    ``parent_pid``, the worker sends it to itself."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
 
 
 class Supervised:
