@@ -253,6 +253,40 @@ def user_show(user_id: str) -> None:
     click.echo(orjson.dumps(asyncio.run(run()), option=orjson.OPT_INDENT_2).decode())
 
 
+# -- upgrades ------------------------------------------------------------------------------
+@click.group("refs")
+def refs_group() -> None:
+    """Idempotency records in Redis."""
+
+
+@refs_group.command("convert")
+def refs_convert() -> None:
+    """Put the debits that builds before the ref buckets remembered as `<user>:r:<ref>`
+    strings into their buckets (from their ledger rows) and delete the strings; run it
+    when upgrading from such a build, after its reconciler has flushed, and again until
+    nothing is left waiting (docs/operations.md, "Upgrade")."""
+    from lua.cluster import admin_client
+    from ops.upgrade import convert_legacy_refs
+    from quota.engine import make_engine
+
+    settings = with_servers("refs convert")
+
+    async def run() -> Any:
+        engine = make_engine(settings)
+        client = admin_client(settings.redis_url or "", decode_responses=True)
+        try:
+            return await convert_legacy_refs(engine, client)
+        finally:
+            await client.aclose()
+            await engine.close()
+
+    done = asyncio.run(run())
+    click.echo(f"converted {done.converted}, past their TTL {done.expired}, "
+               f"waiting for the reconciler {len(done.waiting)}")
+    if done.waiting:
+        raise SystemExit(1)
+
+
 # -- the ledger's partitions ---------------------------------------------------------------
 @click.group("ledger")
 def ledger() -> None:

@@ -627,3 +627,8 @@ WHERE (h.closed_at >= $1 AND h.closed_at < $2
        AND (l.closings <> 1 OR l.committed_micro <> coalesce(h.settled_micro, 0)))
    OR (h.state = 'open' AND h.expires_at < now() - $3::interval)
 ORDER BY h.hold_id;
+
+-- name: ledger_debits_by_tx --
+-- The debits of the tx ids $1 (ops/upgrade.py: the old ref keys' debits).
+SELECT tx_id, meter, amount_micro, reason, remaining_micro, occurred_at FROM ledger
+WHERE tx_id = ANY($1::uuid[]) AND kind = 'debit';
