@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import click
 
 from core.settings import Settings
-from ops.admin import dead_letters, ledger, poison, user
+from ops.admin import dead_letters, ledger, poison, refs_group, user
 from ops.config import settings_or_exit as _settings
 from ops.lifecycle import Supervised, follow_parent
 
@@ -275,6 +275,7 @@ main.add_command(dead_letters)
 main.add_command(poison)
 main.add_command(ledger)
 main.add_command(user)
+main.add_command(refs_group)
 
 
 if __name__ == "__main__":  # python -m ops.cli: after every command is defined
