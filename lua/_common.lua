@@ -270,3 +270,18 @@ local function meter_place(k_user, meter, period, since, start, version, expires
   end
   return counter, kind, period_id, end_ms, used
 end
+
+-- A batch script's answer is one flat array: per item the number of values of its reply,
+-- then the values, or 1 and an error reply when the item raised one (``pcall``'s ``ok`` and
+-- ``reply``). Appends one item at ``o`` (the values so far); returns the new count.
+local function batch_append(out, o, ok, reply)
+  if ok then
+    local m = #reply
+    out[o + 1] = m
+    for j = 1, m do out[o + 1 + j] = reply[j] end
+    return o + 1 + m
+  end
+  if type(reply) ~= 'table' or not reply.err then reply = {err = tostring(reply)} end
+  out[o + 1], out[o + 2] = 1, reply
+  return o + 2
+end

@@ -120,17 +120,7 @@ end
 
 local out, o = {}, 0
 for i = 1, n do
-  local ok, reply = pcall(check_one, KEYS[2 * i - 1], KEYS[2 * i], ARGV[HEADER + 2 * i - 1],
-                          ARGV[HEADER + 2 * i])
-  if ok then
-    local m = #reply
-    out[o + 1] = m
-    for j = 1, m do out[o + 1 + j] = reply[j] end
-    o = o + 1 + m
-  else
-    if type(reply) ~= 'table' or not reply.err then reply = {err = tostring(reply)} end
-    out[o + 1], out[o + 2] = 1, reply
-    o = o + 2
-  end
+  o = batch_append(out, o, pcall(check_one, KEYS[2 * i - 1], KEYS[2 * i],
+                                 ARGV[HEADER + 2 * i - 1], ARGV[HEADER + 2 * i]))
 end
 return out

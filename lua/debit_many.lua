@@ -237,18 +237,8 @@ end
 local out, o = {}, 0
 for i = 1, n do
   local k, a = 6 * (i - 1), HEADER + PER_DEBIT * (i - 1)
-  local ok, reply = pcall(debit_one, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
-    KEYS[k + 5], KEYS[k + 6], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
-  if ok then
-    local m = #reply
-    out[o + 1] = m
-    for j = 1, m do out[o + 1 + j] = reply[j] end
-    o = o + 1 + m
-  else
-    if type(reply) ~= 'table' or not reply.err then reply = {err = tostring(reply)} end
-    out[o + 1], out[o + 2] = 1, reply
-    o = o + 2
-  end
+  o = batch_append(out, o, pcall(debit_one, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3],
+    KEYS[k + 4], KEYS[k + 5], KEYS[k + 6], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]))
 end
 
 -- Refresh the TTL of the user hashes a debit found past half of it.
