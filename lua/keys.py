@@ -121,13 +121,16 @@ class Keys:
         return f"{self.prefix}:{{*}}:u:*:c:*"
 
     def user_pattern(self) -> str:
-        """A SCAN pattern matching every user key (SCAN with TYPE hash: the state hashes)."""
+        """A SCAN pattern matching every key of every user (``user_of`` tells the state
+        hashes among them from a user's other hashes: holds, ref buckets)."""
         return f"{self.prefix}:{{*}}:u:*"
 
     @staticmethod
-    def user_of(key: str) -> str:
-        """The user id of a user state hash key (user ids hold no ':')."""
-        return key.split("}:u:", 1)[1]
+    def user_of(key: str) -> str | None:
+        """The user id of a user state hash key; None for any other key of a user's (user
+        ids hold no ':', so the state hash's key is the only one without one after it)."""
+        user = key.split("}:u:", 1)[1]
+        return None if ":" in user else user
 
     @staticmethod
     def parse_counter(key: str) -> tuple[str, str, str] | None:

@@ -77,7 +77,7 @@ async def _redis_counters(redis: aioredis.Redis, engine: Engine, periods: set[st
             found[parsed] = int(value)
     async for key in redis.scan_iter(match=keys_of.user_pattern(), count=1000, _type="hash"):
         user = keys_of.user_of(key)
-        if ":" in user:  # a hash of the user's (holds, ref buckets), not its state hash
+        if user is None:  # a hash of the user's (holds, ref buckets), not its state hash
             continue
         state: dict[str, str] = await redis.hgetall(key)  # type: ignore[assignment]
         for name, value in state.items():

@@ -8,7 +8,6 @@ import asyncio
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
 import httpx
 import redis.asyncio as aioredis
 
@@ -262,8 +261,7 @@ async def test_without_overdraft_a_settle_takes_no_more_than_is_free(
 
 
 async def test_expiry_by_the_script_clock_frees_the_units_and_reaches_the_ledger(
-    client: httpx.AsyncClient, clock: FixedClock, engine: Engine, raw_redis: aioredis.Redis,
-    db_dsn: str
+    client: httpx.AsyncClient, clock: FixedClock, engine: Engine, raw_redis: aioredis.Redis
 ) -> None:
     user = new_user()
     hold_id = await hold(client, user, 30, ttl_s=5)
@@ -274,23 +272,19 @@ async def test_expiry_by_the_script_clock_frees_the_units_and_reaches_the_ledger
     assert (view["held"], view["remaining"]) == (0, 50)
     assert (await debit(client, user, 21)).status_code == 200  # the debit expires it first
     await Reconciler(engine, raw_redis, name="holds").drain()
-    conn = await asyncpg.connect(db_dsn)
-    try:
+    async with engine.db.connection() as conn:
         rows = await conn.fetch("SELECT kind, amount_micro, occurred_at FROM ledger "
                                 "WHERE user_id = $1 AND ref = $2 ORDER BY occurred_at",
                                 user, hold_id)
         state = await conn.fetchrow("SELECT state, closed_at, expires_at FROM holds "
                                     "WHERE hold_id = $1", hold_id)
-    finally:
-        await conn.close()
     assert [r["kind"] for r in rows] == ["hold", "expiry"]
     assert all(r["amount_micro"] == 0 for r in rows)
     assert state["state"] == "expired" and state["closed_at"] == state["expires_at"]
 
 
 async def test_the_reconciler_expires_the_holds_of_idle_users(
-    client: httpx.AsyncClient, clock: FixedClock, engine: Engine, raw_redis: aioredis.Redis,
-    db_dsn: str
+    client: httpx.AsyncClient, clock: FixedClock, engine: Engine, raw_redis: aioredis.Redis
 ) -> None:
     user = new_user()
     hold_id = await hold(client, user, 30, ttl_s=5)
@@ -298,12 +292,9 @@ async def test_the_reconciler_expires_the_holds_of_idle_users(
     assert await engine.holds.sweep() == 1
     assert await engine.holds.sweep() == 0  # once
     await Reconciler(engine, raw_redis, name="sweep").drain()
-    conn = await asyncpg.connect(db_dsn)
-    try:
+    async with engine.db.connection() as conn:
         state = await conn.fetchval("SELECT state FROM holds WHERE hold_id = $1", hold_id)
         kinds = await conn.fetch("SELECT kind FROM ledger WHERE ref = $1", hold_id)
-    finally:
-        await conn.close()
     assert state == "expired" and sorted(r["kind"] for r in kinds) == ["expiry", "hold"]
     view = await meter(client, user)
     assert (view["held"], view["remaining"]) == (0, 50)
@@ -317,7 +308,7 @@ async def _lose_redis(raw_redis: aioredis.Redis, prefix: str) -> None:
 
 async def test_a_redis_data_loss_brings_back_the_same_holds(
     client: httpx.AsyncClient, clock: FixedClock, engine: Engine, raw_redis: aioredis.Redis,
-    settings: Any, db_dsn: str
+    settings: Any
 ) -> None:
     user, ref = new_user(), new_ref()
     open_id = (await reserve(client, user, 20, ref=ref, ttl_s=120)).json()["hold_id"]
@@ -349,7 +340,7 @@ async def test_a_redis_data_loss_brings_back_the_same_holds(
 
 async def test_a_user_whose_state_left_redis_with_open_holds_gets_them_expired(
     client: httpx.AsyncClient, clock: FixedClock, engine: Engine, raw_redis: aioredis.Redis,
-    settings: Any, db_dsn: str
+    settings: Any
 ) -> None:
     """Redis lost the state of a user with an open hold and no request comes: the
     reconciler loads the user from PostgreSQL, and the hold expires with its event."""
@@ -361,11 +352,8 @@ async def test_a_user_whose_state_left_redis_with_open_holds_gets_them_expired(
     clock.advance(10 * 60_000)
     assert await reconciler.expire_holds() >= 1
     await reconciler.drain()
-    conn = await asyncpg.connect(db_dsn)
-    try:
+    async with engine.db.connection() as conn:
         state = await conn.fetchval("SELECT state FROM holds WHERE hold_id = $1", hold_id)
-    finally:
-        await conn.close()
     assert state == "expired"
 
 
