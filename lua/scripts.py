@@ -41,7 +41,8 @@ def parse_ledger_lag(reply: Sequence[Any]) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True, slots=True)
 class DebitLimits:
-    """The deployment's constants every debit_many call carries (ARGV[7..11])."""
+    """The deployment's constants every debit_many call carries (ARGV[7..11]), and the hold
+    scripts (reserve, settle, extend) those of them they need."""
 
     idempotency_ttl_ms: int
     grace_ms: int
@@ -58,18 +59,6 @@ class PaymentReply:
     status: Status
     result: str
     plan_code: str
-
-
-@dataclass(frozen=True, slots=True)
-class HoldLimits:
-    """The deployment's constants the hold scripts carry."""
-
-    idempotency_ttl_ms: int
-    grace_ms: int
-    state_ttl_ms: int
-    backlog_limit: int
-    default_plan: str
-    max_open: int
 
 
 class Scripts:
@@ -213,9 +202,9 @@ class Scripts:
     # -- reserve.lua -----------------------------------------------------------------------
     async def reserve(
         self, user_key: str, ref_key: str, plans_key: str, ledger_key: str, *, now: int,
-        windows: Windows, limits: HoldLimits, meter: str, units: int, ref_record: bytes,
-        hold_id: str, tx_id: str, expiry_tx: str, ttl_ms: int, ref: str, caller: str,
-        action: str, reason: str,
+        windows: Windows, limits: DebitLimits, meter: str, units: int, ref_record: bytes,
+        hold_id: str, tx_id: str, expiry_tx: str, ttl_ms: int, max_open: int, ref: str,
+        caller: str, action: str, reason: str,
     ) -> list[Any]:
         """Hold ``units`` of ``meter`` for ``ttl_ms`` once per ref (see reserve.lua)."""
         return list(await self._run(
@@ -223,12 +212,12 @@ class Scripts:
             (now, windows.day_id, windows.day_start_ms, windows.day_end_ms, windows.month_id,
              windows.month_end_ms, limits.idempotency_ttl_ms, limits.state_ttl_ms,
              limits.backlog_limit, limits.default_plan, meter, units, ref_record, hold_id,
-             tx_id, expiry_tx, ttl_ms, limits.max_open, ref, caller, action, reason)))
+             tx_id, expiry_tx, ttl_ms, max_open, ref, caller, action, reason)))
 
     # -- settle.lua ------------------------------------------------------------------------
     async def settle(
         self, user_key: str, plans_key: str, ledger_key: str, *, now: int, windows: Windows,
-        limits: HoldLimits, hold_id: str, op: str, units: int, partial: bool, tx_id: str,
+        limits: DebitLimits, hold_id: str, op: str, units: int, partial: bool, tx_id: str,
         caller: str,
     ) -> list[Any]:
         """Settle (``op`` 'settle', debiting ``units``) or release a hold (settle.lua)."""
@@ -239,7 +228,7 @@ class Scripts:
              limits.default_plan, hold_id, op, units, "1" if partial else "0", tx_id, caller)))
 
     # -- extend.lua ------------------------------------------------------------------------
-    async def extend(self, user_key: str, ledger_key: str, *, now: int, limits: HoldLimits,
+    async def extend(self, user_key: str, ledger_key: str, *, now: int, limits: DebitLimits,
                      hold_id: str, ttl_ms: int, tx_id: str, caller: str) -> list[Any]:
         """Push a hold's expiry to ``ttl_ms`` from now (extend.lua)."""
         return list(await self._run(

@@ -61,7 +61,7 @@ class Engine:
         self.loader = Loader(self.rt)
         self.outbox = Outbox(self.rt, self.loader)
         self.plans = Plans(self.rt, self.loader, self.outbox)
-        self.holds = Holds(self.rt, self.loader, self.backlog_total)
+        self.holds = Holds(self.rt, self.loader, self._debit_limits)
         # Each new Redis connection first proves that Redis is not older than it was.
         self.guard = InstanceGuard(settings.redis_url, self.keys)
         if isinstance(redis, ClusterRedis):  # per node: only a node's own shards

@@ -23,8 +23,7 @@ from core.errors import DependencyUnavailable, invariant
 from core.ids import user_id_problem
 from lua.periods import Windows
 from lua.replies import Status
-from lua.scripts import HoldLimits
-from quota.backlog import per_shard
+from lua.scripts import DebitLimits
 from quota.loading import Loader
 from quota.runtime import Runtime
 
@@ -93,20 +92,13 @@ class Extended:
 class Holds:
     """Runs the hold scripts for one process."""
 
-    def __init__(self, rt: Runtime, loader: Loader, backlog_total: Callable[[], int]) -> None:
+    def __init__(self, rt: Runtime, loader: Loader, limits: Callable[[], DebitLimits]
+                 ) -> None:
         self.rt = rt
         self.loader = loader
-        self.backlog_total = backlog_total  # sized from Redis's maxmemory once known
-
-    @property
-    def limits(self) -> HoldLimits:
-        """The constants every hold script call carries."""
-        s = self.rt.settings
-        return HoldLimits(
-            idempotency_ttl_ms=s.idempotency_ttl_seconds * 1000,
-            grace_ms=s.counter_grace_seconds * 1000, state_ttl_ms=self.rt.state_ttl_ms,
-            backlog_limit=per_shard(self.backlog_total(), s.n_shards),
-            default_plan=s.default_plan, max_open=s.hold_max_open)
+        #: The constants the scripts carry, as the engine's debits carry them (the backlog
+        #: limit sized from Redis's maxmemory once it is known).
+        self.limits = limits
 
     async def _call(self, user_id: str,
                     attempt: Callable[[Windows], Awaitable[list[Any]]]) -> tuple[Status, list[Any]]:
@@ -135,10 +127,11 @@ class Holds:
         status, reply = await self._call(user_id, lambda windows: rt.scripts.reserve(
             keys.user(user_id), keys.refs(user_id), keys.plans(shard),
             keys.ledger(shard), now=rt.clock.script_now(), windows=windows,
-            limits=self.limits, meter=meter, units=units,
+            limits=self.limits(), meter=meter, units=units,
             ref_record=refs.hold_record(user_id, ref, hold_id, meter, units, reason),
-            hold_id=hold_id, tx_id=tx_id, expiry_tx=expiry_tx, ttl_ms=ttl_ms, ref=ref,
-            caller=caller, action=action, reason=reason))
+            hold_id=hold_id, tx_id=tx_id, expiry_tx=expiry_tx, ttl_ms=ttl_ms,
+            max_open=rt.settings.hold_max_open, ref=ref, caller=caller, action=action,
+            reason=reason))
         if status is Status.OK:
             metrics.HOLDS.labels(meter, "created").inc()
             return Reserved(status, hold_id, reply[1], reply[2], reply[3])
@@ -164,7 +157,7 @@ class Holds:
         tx_id = rt.new_id(None)
         status, reply = await self._call(user_id, lambda windows: rt.scripts.settle(
             keys.user(user_id), keys.plans(shard), keys.ledger(shard),
-            now=rt.clock.script_now(), windows=windows, limits=self.limits, hold_id=hold_id,
+            now=rt.clock.script_now(), windows=windows, limits=self.limits(), hold_id=hold_id,
             op=op, units=units, partial=partial, tx_id=tx_id, caller=caller))
         if status is Status.OK:
             metrics.HOLDS.labels(reply[7], "settled" if op == "settle" else "released").inc()
@@ -185,7 +178,7 @@ class Holds:
         tx_id = rt.new_id(None)
         status, reply = await self._call(user_id, lambda _: rt.scripts.extend(
             keys.user(user_id), keys.ledger(keys.shard(user_id)), now=rt.clock.script_now(),
-            limits=self.limits, hold_id=hold_id, ttl_ms=ttl_ms, tx_id=tx_id, caller=caller))
+            limits=self.limits(), hold_id=hold_id, ttl_ms=ttl_ms, tx_id=tx_id, caller=caller))
         if status is Status.OK:
             return Extended(status, expires_ms=reply[1])
         if status is Status.HOLD_GONE:
@@ -196,7 +189,7 @@ class Holds:
         """Expire the due holds of every shard (the reconciler's chore): one short script
         call per shard, sent together; returns how many expired."""
         rt, keys = self.rt, self.rt.keys
-        now, ttl_ms = rt.clock.script_now(), self.limits.idempotency_ttl_ms
+        now, ttl_ms = rt.clock.script_now(), self.limits().idempotency_ttl_ms
         done = await asyncio.gather(*(
             rt.scripts.expire_holds(keys.holds(shard), keys.ledger(shard), now=now,
                                     limit=limit, idempotency_ttl_ms=ttl_ms)
