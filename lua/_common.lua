@@ -126,16 +126,42 @@ local function ref_take(cur, exists, b, field, head, now, w, r, remaining)
   end
 end
 
--- Put a record back (restore_refs.lua): a debit made at `t` on this clock; kept if its
--- bucket holds the field already. Returns 1 when written, 0 when not (or past its TTL).
-local function ref_restore(prefix, field, head, t, remaining, now, w, r)
-  if t + w <= now then return 0 end
-  local b = math.floor(t / w)
-  local key = prefix .. ':' .. istr(b)
-  local value = head .. struct.pack('>I2I7', math.ceil((t - b * w) / r), remaining)
-  local written = redis.call('HSETNX', key, field, value)
-  if redis.call('HSETNX', key, '', '1') == 1 then
-    redis.call('PEXPIRE', key, istr((b + 2) * w + 65536 - now))
+-- Records to put back (restore_refs.lua, load_user.lua): `n` triples of ARGV from `a`, each
+-- a field and head (as debit_many.lua's), remaining micro-units, and its debit's time (ms,
+-- on the script clock that stamped it). Validated before the first write; returns them and
+-- the index of the ARGV after them.
+local function ref_records(n, a)
+  local recs = {}
+  for k = 1, n do
+    local rec = {ARGV[a], int_arg(ARGV[a + 1], 'remaining'), int_arg(ARGV[a + 2], 'time')}
+    if #rec[1] < 17 then error('qg: a record needs a 12-byte field and a head') end
+    recs[k] = rec
+    a = a + 3
+  end
+  return recs, a
+end
+
+-- Put records back into the buckets under `prefix`: each in the bucket of its debit's
+-- time, kept if the bucket holds the field already (the same debit's, or a newer one's),
+-- skipped if past its TTL. A bucket this call creates gets its expiry (asked once a bucket:
+-- a user's recent refs share one or two). Returns how many were written.
+local function refs_restore(prefix, recs, now, w, r)
+  local written, seen = 0, {}
+  for _, rec in ipairs(recs) do
+    local t = rec[3]
+    if t + w > now then
+      local b = math.floor(t / w)
+      local key = prefix .. ':' .. istr(b)
+      local value = string.sub(rec[1], 13)
+          .. struct.pack('>I2I7', math.ceil((t - b * w) / r), rec[2])
+      written = written + redis.call('HSETNX', key, string.sub(rec[1], 1, 12), value)
+      if not seen[key] then
+        seen[key] = true
+        if redis.call('HSETNX', key, '', '1') == 1 then
+          redis.call('PEXPIRE', key, istr((b + 2) * w + 65536 - now))
+        end
+      end
+    end
   end
   return written
 end

@@ -15,10 +15,14 @@
 --             PostgreSQL already include though not applied in Redis yet, then o ids
 -- then        h = number of open holds (PostgreSQL's holds table), then h triples: hold id,
 --             record (_common.lua, hold_record), expires ms; a hold Redis has is kept
+-- then        the idempotency TTL ms, then r = number of idempotency records of the
+--             user's recent debits to put back (restore_refs.lua's), then r triples: field
+--             and head, remaining micro-units, the debit's time ms (the loader passes the
+--             ledger's first page here, and restores longer histories before this call)
 -- then        for each KEYS[1+i]: used micro-units, expire-at ms
 --
--- Reply: {1} loaded; {0} already loaded (nothing written); {-1} a write-through changed the
--- user since ARGV[1] was read: read PostgreSQL again and retry.
+-- Reply: {1, records written} loaded; {0} already loaded (nothing written); {-1} a
+-- write-through changed the user since ARGV[1] was read: read PostgreSQL again and retry.
 local state = redis.call('HMGET', KEYS[1], 'loaded', 'wg', 'pv')
 if state[1] then return {0} end
 if (state[2] or '0') ~= ARGV[1] then return {-1} end
@@ -59,6 +63,9 @@ for _ = 1, h do
   holds[#holds + 1] = {ARGV[i], ARGV[i + 1], int_arg(ARGV[i + 2], 'hold expiry')}
   i = i + 3
 end
+local ref_w, ref_r = ref_window(ARGV[i])
+local recs
+recs, i = ref_records(int_arg(ARGV[i + 1], 'record count'), i + 2)
 if #ARGV ~= i - 1 + 2 * (#KEYS - 1) then error('qg: load_user needs two values per counter') end
 
 -- Validate before the first write: Lua in Redis has no rollback.
@@ -66,6 +73,7 @@ for k = 2, #KEYS do
   int_arg(ARGV[i + 2 * (k - 2)], 'counter'); int_arg(ARGV[i + 2 * (k - 2) + 1], 'expire-at')
 end
 
+local restored = refs_restore(KEYS[1] .. ':r', recs, now, ref_w, ref_r)
 redis.call('HSET', KEYS[1], unpack(fields))
 for _, pair in ipairs(lifetime) do
   -- Usage in Redis may be ahead of PostgreSQL (events not flushed yet): keep the larger.
@@ -100,4 +108,4 @@ if h > 0 or redis.call('EXISTS', KEYS[1] .. ':h') == 1 then
   redis.call('PEXPIRE', k_holds, ttl)
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
-return {1}
+return {1, restored}

@@ -25,23 +25,13 @@ if #ARGV ~= 3 + 3 * n + 2 * (#KEYS - 1) then
 end
 local now = clock(ARGV[1])
 local w, r = ref_window(ARGV[2])
-local recs, ttls = {}, {}
-for i = 1, n do  -- validate before the first write
-  local a = 3 * i + 1
-  local rec = {ARGV[a], int_arg(ARGV[a + 1], 'remaining'), int_arg(ARGV[a + 2], 'time')}
-  if #rec[1] < 17 then error('qg: a record needs a 12-byte field and a head') end
-  recs[i] = rec
-end
-local base = 3 + 3 * n
+local recs, after = ref_records(n, 4)
+local base = after - 1  -- the markers follow the records
+local ttls = {}
 for j = 1, #KEYS - 1 do
   ttls[j] = int_arg(ARGV[base + 2 * j], 'expiry') - now
 end
-local written = 0
-for i = 1, n do
-  local rec = recs[i]
-  written = written + ref_restore(KEYS[1], string.sub(rec[1], 1, 12), string.sub(rec[1], 13),
-                                  rec[3], rec[2], now, w, r)
-end
+local written = refs_restore(KEYS[1], recs, now, w, r)
 for j = 1, #KEYS - 1 do
   if ttls[j] > 0 and redis.call('SET', KEYS[1 + j], ARGV[base + 2 * j - 1], 'PX',
                                 istr(ttls[j]), 'NX') then

@@ -126,12 +126,15 @@ class Scripts:
         plan_version: int, plan_start_ms: int, state_ttl_ms: int, now: int,
         credits: Sequence[tuple[str, int]], lifetime: Sequence[tuple[str, int]],
         included_outbox: Sequence[int], counters: Sequence[tuple[str, int, int]],
-        holds: Sequence[tuple[str, str, int]] = (),
-    ) -> int:
+        holds: Sequence[tuple[str, str, int]] = (), refs_ttl_ms: int = 1,
+        records: Sequence[tuple[bytes, int, int]] = (),
+    ) -> tuple[int, int]:
         """Write a user's PostgreSQL state where Redis lacks it. ``credits`` and
         ``lifetime`` are (meter, micro-units); ``counters`` (key, used, expire-at ms);
-        ``holds`` the open holds (id, record, expires ms).
-        Returns 1 loaded, 0 already loaded, -1 changed since ``generation`` (read again)."""
+        ``holds`` the open holds (id, record, expires ms); ``records`` idempotency records
+        to put back first, as ``restore_refs`` takes them, with their TTL.
+        Returns (1 loaded, records written), (0, 0) already loaded, or (-1, 0) changed
+        since ``generation`` (read again)."""
         reply = await self._run(
             SCRIPTS["load_user"], (user_key, *(key for key, _, _ in counters)),
             (generation, plan_code, expires_ms, plan_version, state_ttl_ms, now, plan_start_ms,
@@ -139,8 +142,9 @@ class Scripts:
              len(lifetime), *(v for pair in lifetime for v in pair),
              len(included_outbox), *included_outbox,
              len(holds), *(v for hold in holds for v in hold),
+             refs_ttl_ms, len(records), *(v for rec in records for v in rec),
              *(v for _, used, expire_at in counters for v in (used, expire_at))))
-        return int(reply[0])
+        return int(reply[0]), int(reply[1]) if len(reply) > 1 else 0
 
     # -- restore_refs.lua ------------------------------------------------------------------
     async def restore_refs(self, refs_key: str, *, now: int, ttl_ms: int,

@@ -44,6 +44,18 @@ def hold_record(row: Sequence[Any]) -> str:
                          action, reason))
 
 
+def debit_records(user_id: str, page: Sequence[Sequence[Any]]) -> list[tuple[bytes, int, int]]:
+    """Idempotency records of ledger debits (``user_load_state``'s or
+    ``user_recent_debits``' rows: ref, tx id, meter, amount, reason, remaining, ms, time),
+    as restore_refs.lua and load_user.lua put them back: field and head, remaining, ms."""
+    return [
+        # A debit flushed before migration 0004 has no remaining recorded: 0.
+        (refs.debit_record(user_id, ref, tx_id, meter, -amount, reason or ""),
+         max(0, remaining or 0), occurred_ms)
+        for ref, tx_id, meter, amount, reason, remaining, occurred_ms, _ in page
+    ]
+
+
 class Loader:
     """Brings users and the catalog from PostgreSQL into Redis."""
 
@@ -140,14 +152,20 @@ class Loader:
             if loaded:
                 return  # another process loaded it meanwhile
             state = await self._read_state(user_id, windows)
-            if state["refs"]:  # before the state: the user is not loaded until its keys are
+            if len(state["refs"]) >= RESTORE_PAGE:
+                # More than the first page may follow: every page is restored before the
+                # state (the user is not loaded until its keys are). One page goes in with
+                # the state's own script call.
                 await self.restore_refs(user_id, first_page=state["refs"])
+                state["refs"] = []
             if state["holds"]:  # the refs of recent reserves, the results of closed holds
                 await self._restore_hold_keys(user_id, state["holds"])
-            written = await self._write_state(user_id, user_key, generation or "0", windows,
-                                              state)
+            written, restored = await self._write_state(user_id, user_key, generation or "0",
+                                                        windows, state)
             if written == 1:
                 metrics.USER_LOADS.inc()
+                if restored:
+                    metrics.REFS_RESTORED.inc(restored)
             if written != -1:
                 return
         raise DependencyUnavailable("redis", f"user {user_id!r} kept changing while loading")
@@ -205,9 +223,10 @@ class Loader:
                 - RESTORE_CLOCK_MARGIN_MS)
 
     async def _write_state(self, user_id: str, user_key: str, generation: str,
-                           windows: Windows, state: dict[str, Any]) -> int:
-        """Run load_user.lua with the state read: 1 loaded, 0 loaded meanwhile, -1 a
-        write-through changed the user since ``generation`` was read (read again)."""
+                           windows: Windows, state: dict[str, Any]) -> tuple[int, int]:
+        """Run load_user.lua with the state read (and its refs, one page at most): 1
+        loaded, 0 loaded meanwhile, -1 a write-through changed the user since
+        ``generation`` was read (read again); and the idempotency records it wrote."""
         rt = self.rt
         plan, credits, included = state["plan"], state["credits"], state["included"]
         usage = state["usage"]
@@ -227,6 +246,8 @@ class Loader:
             credits=[(meter, max(0, balance)) for meter, balance in credits],
             lifetime=lifetime, included_outbox=included, counters=counters,
             holds=[(h[0], hold_record(h), h[11]) for h in state["holds"] if h[9] == "open"],
+            refs_ttl_ms=rt.settings.idempotency_ttl_seconds * 1000,
+            records=debit_records(user_id, state["refs"]),
         )
 
     async def _restore_hold_keys(self, user_id: str, holds: Sequence[list[Any]]) -> int:
@@ -292,15 +313,9 @@ class Loader:
                          r["remaining_micro"], to_ms(r["occurred_at"]), r["occurred_at"]]
                         for r in await rt.db.fetch("user_recent_debits", user_id, *after,
                                                    RESTORE_PAGE)]
-            records = [
-                # A debit flushed before migration 0004 has no remaining recorded: 0.
-                (refs.debit_record(user_id, ref, tx_id, meter, -amount, reason or ""),
-                 max(0, remaining or 0), occurred_ms)
-                for ref, tx_id, meter, amount, reason, remaining, occurred_ms, _ in page
-            ]
             written += await rt.scripts.restore_refs(
                 rt.keys.refs(user_id), now=rt.clock.script_now(), ttl_ms=ttl_ms,
-                records=records)
+                records=debit_records(user_id, page))
             if len(page) < RESTORE_PAGE:
                 break
             last_at = page[-1][7]

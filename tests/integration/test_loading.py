@@ -34,13 +34,13 @@ def hold_first_load(engine: Engine, monkeypatch: pytest.MonkeyPatch,
     scripts = engine.rt.scripts
     load_user = scripts.load_user
 
-    async def interleaved(user_key: str, **kwargs: Any) -> int:
+    async def interleaved(user_key: str, **kwargs: Any) -> tuple[int, int]:
         if not calls:
             await meanwhile()
         call = {name: kwargs[name] for name in ("generation", "plan_code", "plan_version")}
         call["credits"] = list(kwargs["credits"])
         answer = await load_user(user_key, **kwargs)
-        calls.append({**call, "answer": answer})
+        calls.append({**call, "answer": answer[0]})
         return answer
 
     monkeypatch.setattr(scripts, "load_user", interleaved)
