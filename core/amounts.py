@@ -7,6 +7,7 @@ ever involved. Out of the service they go as JSON numbers again, through ``Decim
 
 from __future__ import annotations
 
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, cast
@@ -123,8 +124,11 @@ def to_micro(value: Decimal | int, *, allow_zero: bool = False) -> int:
     return micro
 
 
+@functools.lru_cache(maxsize=16_384)
 def from_micro(micro: int) -> Decimal:
-    """Micro-units to an exact Decimal (encoded as a JSON number: 742, 742.5, 0.000001)."""
+    """Micro-units to an exact Decimal (encoded as a JSON number: 742, 742.5, 0.000001).
+    Remembered (a Decimal is immutable): a quota check turns eight meters' limits, usage,
+    credits and holds into Decimals, most of them the same few values (0, a plan's limits)."""
     if micro % SCALE == 0:
         return Decimal(micro // SCALE)
     return Decimal(format_micro(micro))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Status(IntEnum):
@@ -69,9 +69,9 @@ class DebitReply:
         return cls(status)
 
 
-@dataclass(frozen=True, slots=True)
-class MeterView:
-    """One meter of a check: its rule, usage and what remains (micro-units)."""
+class MeterView(NamedTuple):
+    """One meter of a check: its rule, usage and what remains (micro-units). A tuple: a
+    full check makes one a meter, and a frozen dataclass's constructor cost 8 times more."""
 
     meter: str
     period: str
