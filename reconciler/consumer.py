@@ -24,9 +24,10 @@ from lua.source import SCRIPTS
 GROUP = "reconciler"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
-    """One stream entry: where it is and what it holds."""
+    """One stream entry: where it is and what it holds (not frozen: one is made an entry
+    read, see LedgerEvent)."""
 
     shard: int
     stream_id: str
