@@ -11,6 +11,7 @@ import contextlib
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
@@ -121,6 +122,7 @@ class Api:
         self.calendar = engine.calendar
         self.chat_meter = engine.action_meters.get("chat_tokens", "chat")
         self.tpl_meter = engine.action_meters.get("tpl_run", "template")
+        self._debit_counters: dict[tuple[str, Status], Any] = {}
 
     async def body(self, request: Request) -> bytes:
         """The raw JSON body, within the size limit."""
@@ -139,8 +141,11 @@ class Api:
 
     def _debit_outcome(self, meter: str, reply: DebitReply, balance_field: str) -> None:
         """Raise the error a non-OK debit reply means; count every outcome."""
-        result = reply.status.name.lower()
-        metrics.DEBITS.labels(meter, result).inc()
+        counter = self._debit_counters.get((meter, reply.status))
+        if counter is None:  # labels() cost as much as the inc: once a (meter, status)
+            counter = self._debit_counters[(meter, reply.status)] = metrics.DEBITS.labels(
+                meter, reply.status.name.lower())
+        counter.inc()
         if reply.status is Status.OK:
             return
         if reply.status is Status.DUPLICATE:
