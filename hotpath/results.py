@@ -51,6 +51,8 @@ class QuotaCheckOut(msgspec.Struct):
     plan_status: str
     assigned_plan: str
     expires_at: str | None
+    #: chat, template, the balance meter and the actions' meters, then every other meter
+    #: of the user's plan (in the plan's order)
     meters: dict[str, MeterOut]
 
 

@@ -81,7 +81,7 @@ def _quota(api: Api) -> list[Operation]:
     hold_refused = ((403, HoldErrorOut), (409, HoldErrorOut))
     return [
         Operation("GET", f"{q}/check/{{user_id}}", "quota_check",
-                  "Remaining quota of every meter (seed 000)", "read", api.quota_check,
+                  "Remaining quota of the user's meters (seed 000)", "read", api.quota_check,
                   None, QuotaCheckOut, (401, 403, 422, 503),
                   params=(Param("user_id", "path", UserIdInPath),)),
         Operation("POST", f"{q}/debit", "quota_debit",

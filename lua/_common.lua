@@ -2,8 +2,9 @@
 -- It defines functions and constants only; it never touches a key by itself.
 --
 -- Reply status codes (mirrored by lua.Status in Python):
+-- (8 and 9 are retired: 9 was check_many's "plan names meters not asked for")
 local OK, DUPLICATE, REF_REUSED, INSUFFICIENT, NOT_LOADED, STALE_WINDOW, BACKLOG,
-  NEED_METERS, HOLD_GONE, TOO_MANY_HOLDS = 1, 2, 3, 4, 5, 6, 7, 9, 10, 11
+  HOLD_GONE, TOO_MANY_HOLDS = 1, 2, 3, 4, 5, 6, 7, 10, 11
 
 -- Integers travel as decimal strings; Lua numbers are doubles, exact below 2^53.
 local EXACT = 9007199254740992

@@ -10,7 +10,8 @@
 -- ARGV[2]  day period id     ARGV[3] day start ms     ARGV[4] day end ms
 -- ARGV[5]  month period id   ARGV[6] month start ms   ARGV[7] month end ms
 -- ARGV[8]  default plan code
--- ARGV[9 + 2(i-1)]   check i: '1' when every meter of the plan must be among the ones asked
+-- ARGV[9 + 2(i-1)]   check i: '1' to answer every meter of the plan too (after the ones
+--                    asked, those the plan names that were not asked, in the plan's order)
 -- ARGV[10 + 2(i-1)]  check i: the meters asked for, joined by ','
 --
 -- Reply: one flat array; per check, the number of values of its reply, then the values
@@ -23,7 +24,6 @@
 --   script that writes expires; remaining is what is left after them)
 --   NOT_LOADED, 'user'|'catalog'
 --   STALE_WINDOW, now
---   NEED_METERS, 'a,b,c'   the plan names meters that were not asked for
 local HEADER = 8
 local n = #KEYS / 2
 if n < 1 or n ~= math.floor(n) or #ARGV ~= HEADER + 2 * n then
@@ -59,8 +59,12 @@ local function check_one(k_user, k_plans, every, asked)
     local wanted = {}
     for i = 1, n do wanted[meters[i]] = true end
     for meter in string.gmatch(plan_meters, '[^,]+') do
-      if not wanted[meter] then return {NEED_METERS, plan_meters} end
+      if not wanted[meter] then
+        wanted[meter] = true
+        meters[#meters + 1] = meter
+      end
     end
+    n = #meters
   end
 
   -- Three reads for all the meters (a call into Redis costs more than the values it

@@ -17,7 +17,6 @@ class Status(IntEnum):
     NOT_LOADED = 5
     STALE_WINDOW = 6
     BACKLOG = 7
-    NEED_METERS = 9
     HOLD_GONE = 10
     TOO_MANY_HOLDS = 11
 
@@ -106,7 +105,7 @@ class CheckReply:
             assert len(rows) == 8 * n, "check_many.lua answers eight values per meter"
             meters = tuple(MeterView(*rows[i : i + 8]) for i in range(0, len(rows), 8))
             return cls(status, code, pstatus, assigned, exp, meters)
-        if status in (Status.NOT_LOADED, Status.NEED_METERS):
+        if status is Status.NOT_LOADED:
             return cls(status, detail=reply[1])
         if status is Status.STALE_WINDOW:
             return cls(status, now_ms=reply[1])

@@ -111,7 +111,7 @@ class Scripts:
                     every: bool, meters: Sequence[str]) -> CheckReply:
         """The user's plan and what remains of ``meters``, sent as an item of a batch with
         the other checks the connection has queued under the same header. With ``every``,
-        a plan naming other meters answers NEED_METERS."""
+        the plan's other meters are answered too, after ``meters``."""
         try:
             reply: Any = await self.redis.run_batched(
                 _CHECK_MANY, header, (user_key, plans_key),

@@ -34,7 +34,7 @@ from quota.runtime import Runtime
 
 #: The user id /ready checks: it proves a script runs by EVALSHA end to end.
 READY_PROBE_USER = "~ready-probe"
-_RETRYABLE = (Status.NOT_LOADED, Status.STALE_WINDOW, Status.NEED_METERS)
+_RETRYABLE = (Status.NOT_LOADED, Status.STALE_WINDOW)
 
 
 class Engine:
@@ -56,6 +56,10 @@ class Engine:
         self.keys = Keys(settings.key_prefix, settings.n_shards)
         self.calendar = Calendar(settings.timezone)
         self.action_meters = dict(settings.action_meters)
+        #: The meters a full check answers besides the plan's: the seed's two, the balance
+        #: meter and the actions' (a meter holding credits outside the plan shows them).
+        self.check_meters: tuple[str, ...] = tuple(sorted(
+            {"chat", "template", settings.balance_meter, *self.action_meters.values()}))
         self.rt = Runtime(settings, redis, db, clock, new_id, self.keys, Scripts(redis),
                           self.calendar)
         self.loader = Loader(self.rt)
@@ -135,12 +139,13 @@ class Engine:
         raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")
 
     async def check(self, user_id: str, meters: Sequence[str] | None = None) -> CheckReply:
-        """Remaining amounts of ``meters`` (or of every meter of the user's plan)."""
+        """Remaining amounts of ``meters``; by default of ``check_meters`` and every other
+        meter of the user's plan (the same meters whichever worker answers)."""
         keys = self.keys
         windows = self.rt.windows()
         every = meters is None
-        asked = list(self.loader.known_meters if meters is None else meters)
-        for _ in range(self.settings.load_retries + 3):
+        asked = self.check_meters if meters is None else meters
+        for _ in range(self.settings.load_retries + 2):
             reply = await self.rt.scripts.check(
                 keys.user(user_id), keys.plans(keys.shard(user_id)),
                 header=Scripts.check_header(now=self.clock.script_now(), windows=windows,
@@ -150,10 +155,6 @@ class Engine:
                 return reply
             if reply.status is Status.STALE_WINDOW:
                 windows = self.calendar.windows(reply.now_ms)
-            elif reply.status is Status.NEED_METERS:
-                wanted = set(reply.detail.split(",")) | set(asked)
-                self.loader.learn_meters(wanted)
-                asked = sorted(wanted)
             else:
                 await self.loader.load(reply.detail, user_id, windows)
         raise DependencyUnavailable("redis", f"user state of {user_id!r} could not be loaded")

@@ -61,19 +61,10 @@ class Loader:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        s = rt.settings
-        # Meters a full check asks for; grows when a plan names more (NEED_METERS).
-        self.known_meters: tuple[str, ...] = tuple(
-            sorted({"chat", "template", s.balance_meter, *(m for _, m in s.action_meters)})
-        )
         self._loading: dict[str, asyncio.Task[None]] = {}  # user loads in flight
         # Users whose state is to be read, by the read's arguments: the loads of one tick
         # share one statement (``_read_states``).
         self._wanted: dict[tuple[tuple[str, ...], int], dict[str, asyncio.Future[Any]]] = {}
-
-    def learn_meters(self, meters: Sequence[str] | set[str]) -> None:
-        """Ask for these meters too in every full check from now on."""
-        self.known_meters = tuple(sorted(set(self.known_meters) | set(meters)))
 
     async def load(self, what: str, user_id: str, windows: Windows) -> None:
         """Load what a NOT_LOADED answer named: 'catalog' (the user's shard) or the user."""
@@ -92,7 +83,6 @@ class Loader:
                 f"the default plan {rt.settings.default_plan!r} is not in the catalog: "
                 "run `quota-gateway migrate`"
             )
-        self.learn_meters({m for p in plans for m in p.meters})
         version = max(p.version for p in plans)
         fields = catalog_fields(plans)
         targets = range(rt.settings.n_shards) if shards is None else shards

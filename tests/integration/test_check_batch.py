@@ -8,9 +8,11 @@ import asyncio
 import httpx
 import pytest
 
+from core.clock import FixedClock
 from core.errors import DependencyUnavailable
+from core.settings import Settings
 from quota.engine import Engine
-from tests.support import apply_plan, debit, new_user
+from tests.support import apply_plan, app_client, debit, new_user, put_plan, unique_plan
 
 
 async def test_concurrent_checks_of_many_users_answer_each_its_own(
@@ -31,6 +33,34 @@ async def test_concurrent_checks_of_many_users_answer_each_its_own(
     chat = {v.meter: v for v in answers[0].meters}["chat"]
     assert (answers[0].plan_code, chat.used) == ("pro_month", 1_000_000)
     assert {v.meter: v for v in answers[21].meters}["chat"].used == 0  # an unseen user
+
+
+async def test_a_full_check_answers_the_same_meters_whichever_worker_answers(
+    client: httpx.AsyncClient, engine: Engine, settings: Settings, clock: FixedClock
+) -> None:
+    """GET /quota/check answers the engine's check meters and every other meter of the
+    user's plan, after them in the plan's order; not the meters of plans the worker has
+    seen (a worker that had copied the catalog once answered every meter of every plan,
+    another worker fewer)."""
+    plan, extra = unique_plan(), f"m{unique_plan()}"
+    await put_plan(client, plan, {"chat": {"limit": 5, "period": "day"},
+                                  extra: {"limit": 3, "period": "month"}})
+    paid, free = new_user(), new_user()
+    await apply_plan(client, paid, plan)
+    await engine.loader.sync_catalog()  # this worker has seen every plan's meters
+    defaults = list(engine.check_meters)
+    free_plan = (await client.get(f"/internal/billing/plans/{settings.default_plan}")
+                 ).json()["meters"]
+    assert extra not in defaults and "chat" in defaults
+    async with app_client(settings, clock) as other:  # a worker that has not
+        for worker in (client, other):
+            paid_meters = (await worker.get(f"/internal/billing/quota/check/{paid}")).json()
+            assert list(paid_meters["meters"]) == [*defaults, extra]
+            assert paid_meters["meters"][extra]["limit"] == 3
+            free_meters = list((await worker.get(
+                f"/internal/billing/quota/check/{free}")).json()["meters"])
+            assert free_meters[:len(defaults)] == defaults and extra not in free_meters
+            assert set(free_meters) == set(defaults) | set(free_plan)
 
 
 async def test_users_loaded_together_fail_together_and_load_again(
