@@ -12,7 +12,7 @@ from core.clock import FixedClock
 from core.errors import DependencyUnavailable
 from core.settings import Settings
 from quota.engine import Engine
-from tests.support import apply_plan, app_client, debit, new_user, put_plan, unique_plan
+from tests.support import app_client, apply_plan, debit, new_user, put_plan, unique_plan
 
 
 async def test_concurrent_checks_of_many_users_answer_each_its_own(
