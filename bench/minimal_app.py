@@ -5,7 +5,7 @@ the body parsed by orjson, its four fields checked (ids' type and length, ``acti
 of the two, ``units`` a positive number), and a small JSON answer. No metrics, no
 validation framework, no engine: what any Python service on Starlette and uvicorn pays per
 request before it does anything. Served as ``quota-gateway serve`` serves the app
-(``ops.cli.run_uvicorn``: uvloop, httptools, no access log)::
+(``ops.workers.run_uvicorn``: uvloop, httptools, no access log)::
 
     python -m bench.minimal_app --port 8004 --workers 2
 """
@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ops.cli import run_uvicorn
+from ops.workers import run_uvicorn
 
 TOKEN = os.environ.get("SERVICE_TOKEN", "super-secret-dev")
 ACTIONS = frozenset(("chat_tokens", "tpl_run"))

@@ -36,7 +36,8 @@ from core.settings import load_settings
 from hotpath.app import build_app
 from lua.replies import DebitReply, Status
 from lua.source import SCRIPTS
-from ops.cli import run_uvicorn, tune_gc
+from ops.cli import tune_gc
+from ops.workers import run_uvicorn
 from quota.engine import Engine
 
 #: A reply of the same shape and sizes as a real one (a UUIDv7 tx id, a large remainder).

@@ -39,7 +39,7 @@ from core.errors import QuotaError
 from core.settings import load_settings
 from hotpath.auth import Authenticator
 from hotpath.schemas import ENCODER, QuotaDebitIn, decode, micro
-from ops.cli import run_uvicorn
+from ops.workers import run_uvicorn
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/qg_bench"
 LIMIT_MICRO = 10**15  # effectively unlimited, like the `bench` plan of the real service

@@ -22,6 +22,7 @@ from core.settings import Settings
 from ops.admin import dead_letters, ledger, poison, refs_group, user
 from ops.config import settings_or_exit as _settings
 from ops.lifecycle import Supervised, follow_parent
+from ops.workers import run_uvicorn
 
 if TYPE_CHECKING:
     from hotpath.front import HotFront
@@ -42,20 +43,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
-
-
-def run_uvicorn(factory: str, host: str, port: int, workers: int) -> None:
-    """uvicorn as ``serve`` runs it (the benchmark's baselines are served the same way)."""
-    import uvicorn
-
-    from hotpath.http import EnvelopeHttpToolsProtocol
-
-    # proxy_headers off: the payment webhook reads X-Forwarded-For itself, believing only
-    # TRUSTED_PROXIES (payments/verifiers.py); uvicorn's own rewriting (which believes
-    # 127.0.0.1 by default) would apply a second rule, and costs every request a middleware.
-    uvicorn.run(factory, factory=True, host=host, port=port, workers=workers, loop="uvloop",
-                http=EnvelopeHttpToolsProtocol, access_log=False, log_level="warning",
-                timeout_graceful_shutdown=10, proxy_headers=False, server_header=False)
 
 
 def create_worker_app() -> HotFront:
@@ -141,6 +128,17 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     # A stop that was asked for and done (uvicorn has drained its requests): status 0, as
     # with several workers, where uvicorn's supervisor returns after stopping them.
     raise SystemExit(0)
+
+
+@main.command("serve-worker", hidden=True)
+@click.option("--factory", required=True, help="the uvicorn factory, module:function")
+@click.option("--host", required=True)
+@click.option("--port", type=int, required=True)
+def serve_worker_command(factory: str, host: str, port: int) -> None:
+    """One worker of `serve --workers N` (it starts them; ops/workers.py)."""
+    from ops.workers import serve_worker
+
+    serve_worker(factory, host, port)
 
 
 @main.command()

@@ -105,14 +105,27 @@ class Supervised:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop restarting, then terminate the child (SIGKILL after ``timeout``)."""
+        stop_all([self], timeout)
+
+    def _terminate(self) -> subprocess.Popen[bytes] | None:
+        """Stop restarting and send the child SIGTERM; the child, if it is running."""
         with self._lock:
             self._stopping.set()
             process = self.process
         if process is None or process.poll() is not None:
-            return
+            return None
         process.terminate()
+        return process
+
+
+def stop_all(children: Sequence[Supervised], timeout: float = 15.0) -> None:
+    """Stop several ``Supervised`` children at once: SIGTERM to each, then each is waited
+    for (SIGKILL to one still running ``timeout`` seconds after the signals)."""
+    running = [p for p in (child._terminate() for child in children) if p is not None]
+    deadline = time.monotonic() + timeout
+    for process in running:
         try:
-            process.wait(timeout)
+            process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

@@ -8,6 +8,7 @@ exactly once, and nothing else).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -208,3 +209,74 @@ async def test_metrics_page_reads_the_backlog_as_of_the_scrape(
     page = (await client.get("/metrics")).text
     assert metric_value(page, "quota_ledger_backlog_entries") == before + 1
     assert metric_value(page, "quota_ledger_backlog_limit_entries") > 0
+
+
+def per_process_requests(directory: Path, route: str) -> dict[str, float]:
+    """Requests of ``route`` each process of a PROMETHEUS_MULTIPROC_DIR timed (file name ->
+    its quota_http_request_duration_seconds count)."""
+    counted = {}
+    for path in sorted(directory.glob("histogram_*.db")):
+        counted[path.name] = sum(
+            s.value for family in MultiProcessCollector.merge([str(path)], accumulate=True)
+            for s in family.samples
+            if s.name == "quota_http_request_duration_seconds_count"
+            and s.labels.get("route") == route)
+    return counted
+
+
+def listening_sockets(port: int) -> list[str]:
+    """The IPv4 sockets listening on ``port`` (/proc/net/tcp lines in state 0A)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return [line for line in lines
+            if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"]
+
+
+@pytest.mark.timeout(120)
+async def test_connections_opened_at_once_are_spread_over_the_workers(
+    settings: Settings, tmp_path: Path,
+) -> None:
+    """``serve --workers 2`` gives each worker a listening socket of its own on the port
+    (SO_REUSEPORT: two LISTEN entries in /proc/net/tcp, where uvicorn's shared socket is
+    one), and 64 keep-alive connections opened at once are answered by both workers (with
+    one shared socket, whichever worker woke first took most of a burst: wrk's 64 once split
+    60/4, ``ss -tnp``). SIGTERM then stops both workers and the service exits 0."""
+    assert settings.redis_url and settings.db_dsn
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "DB_DSN": settings.db_dsn,
+           "KEY_PREFIX": settings.key_prefix, "N_SHARDS": str(settings.n_shards),
+           "ENV": "test", "HOST": "127.0.0.1", "PORT": str(port),
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    env.pop("METRICS_PORT", None)
+    log = tmp_path / "serve.log"
+    service = spawn(["serve", "--workers", "2"], env, log)
+    try:
+        async def requests(n: int) -> list[bytes]:
+            """``n`` connections opened at once, one GET /health on each: status lines."""
+            opened = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port)
+                                            for _ in range(n)))
+            for _, writer in opened:
+                writer.write(b"GET /health HTTP/1.1\r\nHost: qg\r\n\r\n")
+            replies = [await reader.readuntil(b"\r\n\r\n") for reader, _ in opened]
+            for _, writer in opened:
+                writer.close()
+            return [reply.split(b"\r\n", 1)[0] for reply in replies]
+
+        async def both_up() -> bool:  # one connection at a time until both have answered
+            with contextlib.suppress(OSError):
+                await requests(1)
+            return len([n for n in per_process_requests(metrics_dir, "health").values()
+                        if n]) == 2
+
+        await eventually(both_up, 60, "both workers answering", 0.05)
+        assert len(listening_sockets(port)) == 2, listening_sockets(port)  # one each
+        before = per_process_requests(metrics_dir, "health")
+        assert set(await requests(64)) == {b"HTTP/1.1 200 OK"}
+        after = per_process_requests(metrics_dir, "health")
+        served = {name: n - before.get(name, 0) for name, n in after.items()}
+        assert sum(served.values()) == 64 and all(n > 0 for n in served.values()), served
+        service.send_signal(signal.SIGTERM)
+        assert await wait_exit(service, 30, "service after SIGTERM") == 0, log_tail(log)
+    finally:
+        stop_process(service)
