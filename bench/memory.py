@@ -46,6 +46,7 @@ from core.amounts import decode_hook
 from core.settings import load_settings
 from lua.source import SCRIPTS
 from ops.devservers import free_port
+from ops.lifecycle import stop_processes
 from persistence.plans import PlanBody, validate_plan
 from quota.engine import make_engine
 
@@ -99,12 +100,7 @@ def private_redis_process(
             time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0", proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc], 10)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

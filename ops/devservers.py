@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ops.lifecycle import die_with_parent
+from ops.lifecycle import die_with_parent, stop_processes
 
 _PG_USER = "pgserver"  # PostgreSQL refuses to run as root; this system user runs it instead
 
@@ -137,13 +137,7 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Stop the server (data on disk is kept when persisting)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process], 10)
         self.process = None
 
     def kill(self) -> None:
@@ -246,12 +240,7 @@ class EmbeddedPostgres:
         """A fast, clean shutdown (idempotent)."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_processes([process], 60, signal.SIGINT)
         elif (self.pgdata / "postmaster.pid").exists():
             with contextlib.suppress(ToolFailed, subprocess.TimeoutExpired):
                 self._pg("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "stop")

@@ -55,6 +55,22 @@ def follow_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> N
         os.kill(os.getpid(), sig)
 
 
+def stop_processes(processes: Sequence[subprocess.Popen[bytes] | None], timeout: float,
+                   sig: int = signal.SIGTERM) -> None:
+    """Stop processes at once: ``sig`` to each one still running, then each is waited for,
+    and SIGKILLed if it is still running ``timeout`` seconds after the signals."""
+    running = [p for p in processes if p is not None and p.poll() is None]
+    for process in running:
+        process.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class Supervised:
     """A child process kept running: restarted after it exits, with a growing wait (1 s to
     30 s; from 1 s again after a run of a minute), each exit logged, until ``stop``."""
@@ -107,25 +123,14 @@ class Supervised:
         """Stop restarting, then terminate the child (SIGKILL after ``timeout``)."""
         stop_all([self], timeout)
 
-    def _terminate(self) -> subprocess.Popen[bytes] | None:
-        """Stop restarting and send the child SIGTERM; the child, if it is running."""
+    def _stop_restarting(self) -> subprocess.Popen[bytes] | None:
+        """No restart from now on; the child (None: never started)."""
         with self._lock:
             self._stopping.set()
-            process = self.process
-        if process is None or process.poll() is not None:
-            return None
-        process.terminate()
-        return process
+            return self.process
 
 
 def stop_all(children: Sequence[Supervised], timeout: float = 15.0) -> None:
-    """Stop several ``Supervised`` children at once: SIGTERM to each, then each is waited
-    for (SIGKILL to one still running ``timeout`` seconds after the signals)."""
-    running = [p for p in (child._terminate() for child in children) if p is not None]
-    deadline = time.monotonic() + timeout
-    for process in running:
-        try:
-            process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """Stop several ``Supervised`` children at once: no more restarts, then
+    ``stop_processes`` (SIGTERM to each, SIGKILL after ``timeout``)."""
+    stop_processes([child._stop_restarting() for child in children], timeout)

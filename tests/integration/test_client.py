@@ -49,6 +49,7 @@ from quota_gateway_client import (
 )
 
 from ops.devservers import free_port
+from ops.lifecycle import stop_processes
 from tests.conftest import Servers, _with_database
 from tests.support import KEY, new_ref, new_user
 
@@ -104,12 +105,7 @@ async def service(servers: Servers, template_database: str,
         await asyncio.to_thread(_wait_ready, url, process, log, 60)
         yield Service(url, port, dsn)
     finally:
-        process.terminate()
-        try:
-            await asyncio.to_thread(process.wait, 30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
+        await asyncio.to_thread(stop_processes, [process], 30)
         await admin.execute(f'DROP DATABASE IF EXISTS "{tag}" WITH (FORCE)')
         await admin.close()
         r = redis.Redis.from_url(servers.redis_url)

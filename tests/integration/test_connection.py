@@ -33,6 +33,7 @@ from core.clock import FixedClock
 from core.settings import Settings
 from lua.keys import Keys
 from ops.devservers import free_port
+from ops.lifecycle import stop_processes
 from quota.engine import Engine
 from tests.support import app_client, debit, new_ref, new_user
 
@@ -251,12 +252,7 @@ def redis_server(directory: Path, *args: str) -> Iterator[subprocess.Popen[bytes
     try:
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_processes([process], 10)
 
 
 async def debit_through(settings: Settings, clock: FixedClock, url: str) -> tuple[str, int]:
