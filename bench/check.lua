@@ -7,6 +7,8 @@
 --   THINK_MS  as in debit.lua: an exponential think time per request (a paced run)
 -- The summary is printed as one line "WRKJSON {...}", as debit.lua prints it.
 
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "wrk_common.lua")
+
 local counter, id = 0, 0
 local mode, users, think = "billing", 1000, 0
 local threads = {}
@@ -40,20 +42,5 @@ function request()
 end
 
 function delay()
-  local u = math.random()
-  if u < 1e-9 then u = 1e-9 end
-  return math.floor(-math.log(u) * think + 0.5)
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"latency_us":{"mean":%.1f,"stdev":%.1f,"max":%d,"p50":%d,"p90":%d,"p99":%d,"p999":%d}}\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency.mean, latency.stdev, latency.max,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency:percentile(99.9)))
+  return think_time(think)
 end

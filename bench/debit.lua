@@ -10,6 +10,8 @@
 -- WRK_PATH selects the route (default the seed 000 debit).
 -- The summary is printed as one line "WRKJSON {...}" for the driver.
 
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "wrk_common.lua")
+
 local threads = {}
 local counter = 0
 local tag, users, think, id = "t", 1000, 0, 0
@@ -46,21 +48,5 @@ function request()
 end
 
 function delay()
-  -- exponential think time, ms (wrk's timer resolution is 1 ms)
-  local u = math.random()
-  if u < 1e-9 then u = 1e-9 end
-  return math.floor(-math.log(u) * think + 0.5)
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"latency_us":{"mean":%.1f,"stdev":%.1f,"max":%d,"p50":%d,"p90":%d,"p99":%d,"p999":%d}}\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency.mean, latency.stdev, latency.max,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency:percentile(99.9)))
+  return think_time(think)
 end
