@@ -24,7 +24,8 @@ from quota.runtime import Runtime
 #: How far this process's clock may run ahead of Redis's without an idempotency key being
 #: left out when a user's keys are restored from the ledger (``Loader.restore_refs``).
 RESTORE_CLOCK_MARGIN_MS = 3_600_000
-#: Ledger rows read, and idempotency keys restored, per page (one restore_refs call each).
+#: Ledger rows read, and idempotency keys restored, per page: a history of one page goes
+#: with load_user.lua's call, a longer one is restored a restore_refs call a page first.
 RESTORE_PAGE = 500
 #: The most users whose state one statement reads.
 LOAD_BATCH = 100
